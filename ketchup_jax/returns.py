@@ -1,0 +1,359 @@
+"""Teacher Q-values, induced rewards and K-step returns (SPEC §1, §2, §5).
+
+Pure functions, batch-first, arrays in and arrays out. Every `mask` is a prefix
+mask `[B, T]`: 1 from position 0 up to and including the last real token `T_b`
+of row `b`, then 0. Rows may have different lengths; a row of zeros is an empty
+sequence and gets zeros everywhere.
+
+    Q_t(a)  = f_t(a) - mean_v f_t(v)                    (teacher logits f)
+    V_t     = max_a Q_t(a)  or  sum_a softmax(Q_t)(a) Q_t(a)
+    r_t     = Q_t(a_t) - V_{t+1},   V_{T+1} = 0
+    G_t     = sum_{i=t..T} r_i                          (full return, K = 1)
+    Ĝ_t     = Q_t(a_t) - V_{n(t)} + Ĝ_{n(t)},  n(t) = min(t + K, T),  Ĝ_T = Q_T(a_T)
+
+Each function validates shapes, dtypes and options at trace time and raises
+`ValueError` naming the bad argument; value checks (prefix masks, token ids in
+range) run when the inputs are concrete. All functions jit.
+"""
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ketchup_jax import _checks
+
+Array = jax.Array
+ArrayLike = Any
+
+VALUES = ("max", "expected")
+
+
+# --------------------------------------------------------------------------
+# Q-values
+# --------------------------------------------------------------------------
+
+
+def teacher_q_values(
+    teacher_logits: ArrayLike,
+    actions: ArrayLike,
+    mask: ArrayLike,
+    *,
+    center: bool = True,
+    value: str = "max",
+) -> tuple[Array, Array]:
+  """Q-values of the taken actions and state values from teacher logits.
+
+  `Q_t(a) = f_t(a) - mean_v f_t(v)` (or `f_t(a)` with `center=False`);
+  `V_t = max_a Q_t(a)` (`value="max"`) or `sum_a softmax(Q_t)(a) Q_t(a)`
+  (`value="expected"`).
+
+  The logits may be bfloat16; everything is computed in float32, and at most
+  one float32 `[B, T, V]` tensor exists at a time (XLA fuses the rest into the
+  reductions).
+
+  Args:
+    teacher_logits: [B, T, V] float, teacher-forced logits on the rollout;
+      position t scores a_t given the source and a_<t.
+    actions: [B, T] int, the rollout tokens a_t.
+    mask: [B, T] prefix mask of real tokens.
+    center: subtract the per-position mean logit (SPEC default on).
+    value: "max" (Bellman optimality) or "expected" (softmax-weighted).
+
+  Returns:
+    (q_taken, values), both [B, T] float32 and zero where `mask` is 0:
+    `q_taken[b, t] = Q_t(a_t)` and `values[b, t] = V_t`.
+  """
+  _checks.check_choice("value", value, VALUES)
+  _checks.check_rank("teacher_logits", teacher_logits, 3, "[B, T, V]")
+  _checks.check_float("teacher_logits", teacher_logits)
+  _checks.check_int("actions", actions)
+  _checks.check_same_shape({
+      "teacher_logits[..., 0]": jax.ShapeDtypeStruct(
+          jnp.shape(teacher_logits)[:2], jnp.float32),
+      "actions": actions,
+      "mask": mask,
+  })
+  _checks.check_prefix_mask("mask", mask)
+  _check_token_ids("actions", actions, mask, jnp.shape(teacher_logits)[-1])
+  return _teacher_q_values(
+      teacher_logits, actions, mask, center=center, value=value)
+
+
+@functools.partial(jax.jit, static_argnames=("center", "value"))
+def _teacher_q_values(teacher_logits, actions, mask, *, center, value):
+  f = teacher_logits.astype(jnp.float32)  # [B, T, V], the one float32 copy
+  q_taken = jnp.take_along_axis(
+      f, actions[..., None].astype(jnp.int32), axis=-1)[..., 0]  # [B, T]
+  if value == "max":
+    v = jnp.max(f, axis=-1)  # [B, T]
+  else:
+    # softmax(Q) = softmax(f), and sum_a p(a) Q(a) = sum_a p(a) f(a) - mean f.
+    lse = jax.nn.logsumexp(f, axis=-1, keepdims=True)  # [B, T, 1]
+    v = jnp.sum(jnp.exp(f - lse) * f, axis=-1)  # [B, T]
+  if center:
+    mean = jnp.mean(f, axis=-1)  # [B, T]
+    q_taken = q_taken - mean
+    v = v - mean
+  m = _bool_mask(mask)
+  return jnp.where(m, q_taken, 0.0), jnp.where(m, v, 0.0)
+
+
+def _check_token_ids(name: str, ids: ArrayLike, mask: ArrayLike,
+                     vocab_size: int) -> None:
+  """Raises if concrete token ids at real positions are outside [0, V)."""
+  if isinstance(ids, jax.core.Tracer) or isinstance(mask, jax.core.Tracer):
+    return
+  ids_np, real = np.asarray(ids), np.asarray(mask) != 0
+  bad = real & ((ids_np < 0) | (ids_np >= vocab_size))
+  if bad.any():
+    row, col = np.argwhere(bad)[0]
+    raise ValueError(
+        f"{name} must be token ids in [0, {vocab_size}) at real positions, "
+        f"got {ids_np[row, col]} at row {row}, position {col}")
+
+
+# --------------------------------------------------------------------------
+# Rewards and returns
+# --------------------------------------------------------------------------
+
+
+def _check_q_v_mask(q_taken, values, mask) -> None:
+  _checks.check_rank("q_taken", q_taken, 2, "[B, T]")
+  _checks.check_float("q_taken", q_taken)
+  _checks.check_float("values", values)
+  _checks.check_same_shape(
+      {"q_taken": q_taken, "values": values, "mask": mask})
+  _checks.check_prefix_mask("mask", mask)
+
+
+def one_step_rewards(q_taken: ArrayLike, values: ArrayLike,
+                     mask: ArrayLike) -> Array:
+  """The induced one-step reward `r_t = Q_t(a_t) - V_{t+1}`, `V_{T+1} = 0`.
+
+  Args:
+    q_taken: [B, T] `Q_t(a_t)`, from `teacher_q_values`.
+    values: [B, T] `V_t`, from `teacher_q_values`.
+    mask: [B, T] prefix mask.
+
+  Returns:
+    [B, T] float32 rewards, zero after each row's terminal position.
+  """
+  _check_q_v_mask(q_taken, values, mask)
+  return _one_step_rewards(q_taken, values, mask)
+
+
+@jax.jit
+def _one_step_rewards(q_taken, values, mask):
+  m = _bool_mask(mask)
+  q = jnp.where(m, q_taken.astype(jnp.float32), 0.0)
+  v = jnp.where(m, values.astype(jnp.float32), 0.0)
+  # V_{t+1}; it is 0 past the terminal because v is masked there.
+  v_next = jnp.pad(v[:, 1:], ((0, 0), (0, 1)))  # [B, T]
+  return jnp.where(m, q - v_next, 0.0)
+
+
+def full_returns(rewards: ArrayLike, mask: ArrayLike) -> Array:
+  """The full (LLMR) return `G_t = sum_{i=t..T} r_i`, a reverse cumsum.
+
+  Args:
+    rewards: [B, T] float, e.g. from `one_step_rewards`.
+    mask: [B, T] prefix mask.
+
+  Returns:
+    [B, T] float32 returns, zero after each row's terminal position.
+  """
+  _checks.check_rank("rewards", rewards, 2, "[B, T]")
+  _checks.check_float("rewards", rewards)
+  _checks.check_same_shape({"rewards": rewards, "mask": mask})
+  _checks.check_prefix_mask("mask", mask)
+  return _full_returns(rewards, mask)
+
+
+@jax.jit
+def _full_returns(rewards, mask):
+  m = _bool_mask(mask)
+  r = jnp.where(m, rewards.astype(jnp.float32), 0.0)
+  return jnp.where(m, _strided_suffix_sum(r, 1), 0.0)
+
+
+def k_step_returns(q_taken: ArrayLike, values: ArrayLike, mask: ArrayLike,
+                   k: int) -> Array:
+  """KETCHUP K-step returns (SPEC §2), O(T) per sequence.
+
+      n(t) = min(t + K, T),  Ĝ_T = Q_T(a_T),
+      Ĝ_t  = Q_t(a_t) - V_{n(t)} + Ĝ_{n(t)}   for t < T.
+
+  K = 1 gives the full return `G_t`; K >= T - t gives the single jump
+  `Q_t(a_t) - V_T + Q_T(a_T)`.
+
+  How: unrolling the chain t = p_0, p_1 = n(t), ..., p_m = T gives
+  `Ĝ_t = V_t + sum_j D_{p_j}` with `D_p = Q_p(a_p) - V_p`, and the chain visits
+  t, t + K, t + 2K, ... below T, then T. So `Ĝ_t = V_t + S_t + D_T` for t < T,
+  where `S_t` is the K-strided suffix sum of D over positions below T: one
+  reverse `lax.scan` over the T/K blocks of K positions, carrying K partial
+  sums. Work is O(B T) for every K.
+
+  Args:
+    q_taken: [B, T] `Q_t(a_t)`.
+    values: [B, T] `V_t`.
+    mask: [B, T] prefix mask; row b's terminal T_b is its last 1.
+    k: Python int >= 1, the jump length.
+
+  Returns:
+    [B, T] float32 returns, zero after each row's terminal position.
+  """
+  _checks.check_positive_int("k", k)
+  _check_q_v_mask(q_taken, values, mask)
+  return _k_step_returns(q_taken, values, mask, k=int(k))
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _k_step_returns(q_taken, values, mask, *, k):
+  _, length = q_taken.shape
+  # From any t < T a jump of K >= length lands on T, so K = length is the same.
+  k = min(k, length)
+  m = _bool_mask(mask)
+  q = jnp.where(m, q_taken.astype(jnp.float32), 0.0)
+  v = jnp.where(m, values.astype(jnp.float32), 0.0)
+  terminal = _terminal_index(m)  # [B], -1 for an empty row
+  pos = jnp.arange(length)[None, :]  # [1, T]
+  before_terminal = pos < terminal[:, None]  # [B, T]
+  at_terminal = pos == terminal[:, None]  # [B, T]
+  d = q - v  # [B, T], D_p = Q_p(a_p) - V_p
+  d_terminal = jnp.sum(jnp.where(at_terminal, d, 0.0), axis=1)  # [B]
+  s = _strided_suffix_sum(jnp.where(before_terminal, d, 0.0), k)  # [B, T]
+  returns = jnp.where(before_terminal, v + s + d_terminal[:, None], 0.0)
+  return jnp.where(at_terminal, q, returns)
+
+
+def _strided_suffix_sum(x: Array, k: int) -> Array:
+  """`out[:, t] = sum_{j >= 0} x[:, t + j k]` for x [B, T], O(B T).
+
+  The positions are laid out as blocks [T/K, B, K] (zero-padded) and a reverse
+  `lax.scan` over blocks carries the K running sums, one per residue t mod K.
+  """
+  batch, length = x.shape
+  n_blocks = -(-length // k)
+  padded = jnp.pad(x, ((0, 0), (0, n_blocks * k - length)))
+  blocks = padded.reshape(batch, n_blocks, k).transpose(1, 0, 2)  # [N, B, K]
+
+  def step(carry, block):  # carry, block: [B, K]
+    carry = carry + block
+    return carry, carry
+
+  _, sums = jax.lax.scan(
+      step, jnp.zeros((batch, k), x.dtype), blocks, reverse=True)
+  return sums.transpose(1, 0, 2).reshape(batch, n_blocks * k)[:, :length]
+
+
+def _bool_mask(mask: Array) -> Array:
+  return jnp.asarray(mask) != 0
+
+
+def _terminal_index(m: Array) -> Array:
+  """Index of the last True in each row of m [B, T]; -1 for an all-False row."""
+  length = m.shape[1]
+  last = length - 1 - jnp.argmax(m[:, ::-1], axis=1)
+  return jnp.where(m.any(axis=1), last, -1)
+
+
+# --------------------------------------------------------------------------
+# Diagnostics (SPEC §5)
+# --------------------------------------------------------------------------
+
+
+def k_step_bias(q_taken: ArrayLike, values: ArrayLike, mask: ArrayLike,
+                k: int) -> Array:
+  """Per-position bias of the K-step return, `Ĝ_t - G_t` (SPEC §2).
+
+  Equals `sum_{i skipped by t's chain} (V_i - Q_i(a_i))`: >= 0 with
+  `value="max"`, and 0 where every skipped action is the teacher's argmax.
+
+  Returns:
+    [B, T] float32, zero after each row's terminal position.
+  """
+  _checks.check_positive_int("k", k)
+  _check_q_v_mask(q_taken, values, mask)
+  return _k_step_bias(q_taken, values, mask, k=int(k))
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _k_step_bias(q_taken, values, mask, *, k):
+  g_k = _k_step_returns(q_taken, values, mask, k=k)
+  g_1 = _full_returns(_one_step_rewards(q_taken, values, mask), mask)
+  return g_k - g_1
+
+
+def return_variance(returns: ArrayLike, mask: ArrayLike) -> Array:
+  """Batch variance of returns, averaged over positions (SPEC §5).
+
+  For each position t, the population variance of `returns[:, t]` over the rows
+  that are real at t; then the mean over positions where at least two rows are
+  real (a single row has no spread to measure). 0 if there is no such position.
+
+  Args:
+    returns: [B, T] float.
+    mask: [B, T] prefix mask.
+
+  Returns:
+    float32 scalar.
+  """
+  _checks.check_rank("returns", returns, 2, "[B, T]")
+  _checks.check_float("returns", returns)
+  _checks.check_same_shape({"returns": returns, "mask": mask})
+  return _return_variance(returns, mask)
+
+
+@jax.jit
+def _return_variance(returns, mask):
+  m = _bool_mask(mask)
+  x = jnp.where(m, returns.astype(jnp.float32), 0.0)
+  count = jnp.sum(m, axis=0).astype(jnp.float32)  # [T]
+  mean = jnp.sum(x, axis=0) / jnp.maximum(count, 1.0)  # [T]
+  var = jnp.sum(jnp.where(m, (x - mean) ** 2, 0.0), axis=0) / jnp.maximum(
+      count, 1.0)  # [T]
+  usable = count >= 2
+  n_usable = jnp.sum(usable)
+  return jnp.where(
+      n_usable > 0,
+      jnp.sum(jnp.where(usable, var, 0.0)) / jnp.maximum(n_usable, 1), 0.0)
+
+
+def return_diagnostics(q_taken: ArrayLike, values: ArrayLike, mask: ArrayLike,
+                       k: int) -> dict[str, Array]:
+  """Scalar diagnostics of the K-step return from one teacher pass (SPEC §5).
+
+  Returns:
+    A dict of float32 scalars:
+      `return_mean`: mean of Ĝ_t over real tokens (K in use);
+      `return_var`: `return_variance` of Ĝ (K in use);
+      `return_var_k1`: `return_variance` of the full return G (K = 1);
+      `bias_mean`, `bias_std`, `bias_max`: mean, standard deviation and maximum
+        of `Ĝ_t - G_t` over real tokens.
+  """
+  _checks.check_positive_int("k", k)
+  _check_q_v_mask(q_taken, values, mask)
+  return _return_diagnostics(q_taken, values, mask, k=int(k))
+
+
+@functools.partial(jax.jit, static_argnames=("k",))
+def _return_diagnostics(q_taken, values, mask, *, k):
+  m = _bool_mask(mask)
+  n = jnp.maximum(jnp.sum(m), 1).astype(jnp.float32)
+  g_k = _k_step_returns(q_taken, values, mask, k=k)
+  g_1 = _full_returns(_one_step_rewards(q_taken, values, mask), mask)
+  bias = g_k - g_1
+  bias_mean = jnp.sum(bias) / n
+  bias_var = jnp.sum(jnp.where(m, (bias - bias_mean) ** 2, 0.0)) / n
+  return {
+      "return_mean": jnp.sum(g_k) / n,
+      "return_var": _return_variance(g_k, mask),
+      "return_var_k1": _return_variance(g_1, mask),
+      "bias_mean": bias_mean,
+      "bias_std": jnp.sqrt(bias_var),
+      "bias_max": jnp.where(
+          jnp.any(m), jnp.max(jnp.where(m, bias, -jnp.inf)), 0.0),
+  }
