@@ -1,0 +1,301 @@
+"""Tokenisation, truncation, bucketed padding and a resumable, deterministic batch iterator.
+
+A batch is a dict of numpy arrays (T5X feature names)::
+
+    input_ids               [B, S] int32  source ids + EOS, 0-padded
+    attention_mask          [B, S] int32  1 on real source tokens (a prefix mask)
+    decoder_input_ids       [B, T] int32  targets shifted right, start id = pad id (T5)
+    decoder_target_ids      [B, T] int32  target ids + EOS, 0-padded
+    decoder_attention_mask  [B, T] int32  1 on real target tokens (a prefix mask)
+    example_mask            [B]    int32  1 for real examples, 0 for filler rows
+
+``S`` and ``T`` are bucketed: the smallest configured bucket that holds the longest row
+in the batch (default buckets: powers of two from 8, then the maximum length), so a jitted
+step compiles once per bucket pair rather than once per batch.
+
+The order is a pure function of ``(seed, epoch)`` (:func:`_hashing.permutation`), and the
+iterator's position is one integer, the global step: an iterator started at
+``start_step=s`` yields exactly the batches a fresh one yields after its first ``s``.
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterator, Mapping, Sequence
+
+import numpy as np
+
+from ketchup_jax.data import _hashing
+from ketchup_jax.data.tokenizers import Tokenizer
+
+Batch = dict[str, np.ndarray]
+
+
+@dataclasses.dataclass(frozen=True)
+class TokenizedExamples:
+  """Token ids of a split, each row ending in EOS and at most the max length.
+
+  Attributes:
+    sources: Per example, source ids + EOS, int32.
+    targets: Per example, target ids + EOS, int32.
+    max_source_len: Length cap the sources were truncated to (EOS included).
+    max_target_len: Length cap the targets were truncated to (EOS included).
+    pad_id: The tokenizer's pad id.
+    stats: Counts: ``num_examples``, ``truncated_sources``, ``truncated_targets``,
+      ``empty_sources``, ``empty_targets`` (text that encoded to no tokens).
+  """
+  sources: list[np.ndarray]
+  targets: list[np.ndarray]
+  max_source_len: int
+  max_target_len: int
+  pad_id: int
+  stats: dict[str, int]
+
+  def __len__(self) -> int:
+    return len(self.sources)
+
+
+def _encode_capped(ids: list[int], *, max_len: int, eos_id: int) -> tuple[np.ndarray,
+                                                                          bool]:
+  truncated = len(ids) + 1 > max_len
+  ids = ids[:max_len - 1] + [eos_id]
+  return np.asarray(ids, dtype=np.int32), truncated
+
+
+def tokenize(examples: Sequence[Mapping[str, str]], tokenizer: Tokenizer, *,
+             max_source_len: int, max_target_len: int,
+             prefix: str = "") -> TokenizedExamples:
+  """Encodes ``prefix + source`` and ``target``, appends EOS, truncates to the caps.
+
+  A sequence longer than its cap keeps its first ``cap − 1`` tokens and then EOS (the
+  model always sees an end). Empty texts become just ``[EOS]`` and are counted.
+
+  Args:
+    examples: ``{"source", "target"}`` dicts.
+    tokenizer: Any :class:`Tokenizer`.
+    max_source_len: Source cap, EOS included (>= 1).
+    max_target_len: Target cap, EOS included (>= 1).
+    prefix: Prompt prefix prepended to every source.
+
+  Returns:
+    The token ids and truncation/empty counts.
+  """
+  for name, value in (("max_source_len", max_source_len),
+                      ("max_target_len", max_target_len)):
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"{name} must be a positive int, got {value!r}")
+  src_ids = tokenizer.encode_batch([prefix + ex["source"] for ex in examples])
+  tgt_ids = tokenizer.encode_batch([ex["target"] for ex in examples])
+  stats = {"num_examples": len(examples), "truncated_sources": 0,
+           "truncated_targets": 0, "empty_sources": 0, "empty_targets": 0}
+  sources, targets = [], []
+  for s, t in zip(src_ids, tgt_ids):
+    stats["empty_sources"] += not s
+    stats["empty_targets"] += not t
+    s, s_cut = _encode_capped(s, max_len=max_source_len, eos_id=tokenizer.eos_id)
+    t, t_cut = _encode_capped(t, max_len=max_target_len, eos_id=tokenizer.eos_id)
+    stats["truncated_sources"] += s_cut
+    stats["truncated_targets"] += t_cut
+    sources.append(s)
+    targets.append(t)
+  return TokenizedExamples(sources, targets, max_source_len, max_target_len,
+                           tokenizer.pad_id, stats)
+
+
+def default_buckets(max_len: int, *, min_len: int = 8) -> tuple[int, ...]:
+  """Powers of two from ``min_len`` below ``max_len``, then ``max_len`` itself."""
+  if max_len < 1:
+    raise ValueError(f"max_len must be >= 1, got {max_len}")
+  buckets = []
+  b = min_len
+  while b < max_len:
+    buckets.append(b)
+    b *= 2
+  return tuple(buckets) + (max_len,)
+
+
+def _check_buckets(buckets: Sequence[int], max_len: int, name: str) -> tuple[int, ...]:
+  buckets = tuple(buckets)
+  if (not buckets or any(not isinstance(b, int) or b < 1 for b in buckets)
+      or list(buckets) != sorted(set(buckets)) or buckets[-1] < max_len):
+    raise ValueError(f"{name} must be strictly increasing positive ints ending at >= "
+                     f"the max length {max_len}, got {buckets!r}")
+  return buckets
+
+
+def bucket_length(length: int, buckets: Sequence[int]) -> int:
+  """The smallest bucket >= ``length``."""
+  for b in buckets:
+    if b >= length:
+      return b
+  raise ValueError(f"length {length} exceeds the largest bucket {buckets[-1]}")
+
+
+def _pad_rows(rows: Sequence[np.ndarray], *, num_rows: int, length: int,
+              pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+  ids = np.full((num_rows, length), pad_id, dtype=np.int32)
+  mask = np.zeros((num_rows, length), dtype=np.int32)
+  for i, row in enumerate(rows):
+    ids[i, :len(row)] = row
+    mask[i, :len(row)] = 1
+  return ids, mask
+
+
+def collate(sources: Sequence[np.ndarray], targets: Sequence[np.ndarray], *,
+            pad_id: int, source_buckets: Sequence[int], target_buckets: Sequence[int],
+            num_rows: int | None = None) -> Batch:
+  """Pads a list of examples into one batch (see the module docstring for the keys).
+
+  Args:
+    sources: Source ids (EOS included) per example.
+    targets: Target ids (EOS included) per example.
+    pad_id: Pad id (also the decoder start id).
+    source_buckets: Allowed source lengths ``S``.
+    target_buckets: Allowed target lengths ``T``.
+    num_rows: Batch rows ``B`` (>= number of examples; filler rows are all pad with
+      ``example_mask`` 0). Defaults to the number of examples.
+
+  Returns:
+    The batch.
+  """
+  n = len(sources)
+  num_rows = n if num_rows is None else num_rows
+  if num_rows < n or len(targets) != n:
+    raise ValueError(f"need len(targets) == len(sources) <= num_rows, got "
+                     f"{len(sources)}, {len(targets)}, {num_rows}")
+  s_len = bucket_length(max((len(r) for r in sources), default=1), source_buckets)
+  t_len = bucket_length(max((len(r) for r in targets), default=1), target_buckets)
+  input_ids, attention_mask = _pad_rows(sources, num_rows=num_rows, length=s_len,
+                                        pad_id=pad_id)
+  target_ids, target_mask = _pad_rows(targets, num_rows=num_rows, length=t_len,
+                                      pad_id=pad_id)
+  decoder_input_ids = np.full_like(target_ids, pad_id)
+  decoder_input_ids[:, 1:] = target_ids[:, :-1]
+  decoder_input_ids[:, 1:][target_mask[:, 1:] == 0] = pad_id
+  example_mask = np.zeros((num_rows,), dtype=np.int32)
+  example_mask[:n] = 1
+  return {
+      "input_ids": input_ids,  # [B, S]
+      "attention_mask": attention_mask,  # [B, S]
+      "decoder_input_ids": decoder_input_ids,  # [B, T]
+      "decoder_target_ids": target_ids,  # [B, T]
+      "decoder_attention_mask": target_mask,  # [B, T]
+      "example_mask": example_mask,  # [B]
+  }
+
+
+class BatchIterator:
+  """Deterministic, resumable batches over :class:`TokenizedExamples`.
+
+  Global step ``g`` is batch ``g % steps_per_epoch`` of epoch ``g // steps_per_epoch``;
+  epoch ``e``'s order is ``permutation(n, seed, e)`` (or the data order when
+  ``shuffle=False``). With several processes each yields its contiguous slice of
+  every global batch (rows ``[p·B/P, (p+1)·B/P)``), so all processes agree on the
+  global batch.
+
+  Args:
+    data: Tokenised examples.
+    batch_size: Global batch size; must be a multiple of ``batch_multiple`` and of
+      ``process_count``.
+    batch_multiple: The number of data shards (devices on the data axes).
+    shuffle: Shuffle each epoch by ``(seed, epoch)``.
+    seed: Shuffle seed.
+    drop_remainder: Drop the last partial batch of each epoch (training); otherwise
+      it is filled with pad rows whose ``example_mask`` is 0 (evaluation).
+    num_epochs: Stop after this many epochs; None repeats forever.
+    start_step: Global step to start from (resume).
+    source_buckets: Allowed source lengths; default :func:`default_buckets`.
+    target_buckets: Allowed target lengths; default :func:`default_buckets`.
+    process_index: This process's index.
+    process_count: Number of processes.
+  """
+
+  def __init__(self, data: TokenizedExamples, *, batch_size: int,
+               batch_multiple: int = 1, shuffle: bool = True, seed: int = 0,
+               drop_remainder: bool = True, num_epochs: int | None = None,
+               start_step: int = 0, source_buckets: Sequence[int] | None = None,
+               target_buckets: Sequence[int] | None = None, process_index: int = 0,
+               process_count: int = 1):
+    if not isinstance(batch_size, int) or batch_size < 1:
+      raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if not isinstance(batch_multiple, int) or batch_multiple < 1:
+      raise ValueError(f"batch_multiple must be a positive int, got {batch_multiple!r}")
+    if batch_size % batch_multiple:
+      raise ValueError(f"batch_size must be divisible by batch_multiple (the number of "
+                       f"data shards), got batch_size={batch_size}, "
+                       f"batch_multiple={batch_multiple}")
+    if process_count < 1 or not 0 <= process_index < process_count:
+      raise ValueError(f"need 0 <= process_index < process_count, got "
+                       f"{process_index}, {process_count}")
+    if batch_size % process_count:
+      raise ValueError(f"batch_size must be divisible by process_count, got "
+                       f"batch_size={batch_size}, process_count={process_count}")
+    if num_epochs is not None and (not isinstance(num_epochs, int) or num_epochs < 1):
+      raise ValueError(f"num_epochs must be None or a positive int, got {num_epochs!r}")
+    n = len(data)
+    steps = n // batch_size if drop_remainder else -(-n // batch_size)
+    if steps == 0:
+      raise ValueError(f"no batches: {n} examples with batch_size={batch_size} and "
+                       f"drop_remainder={drop_remainder}")
+    if not isinstance(start_step, int) or start_step < 0:
+      raise ValueError(f"start_step must be a non-negative int, got {start_step!r}")
+    self._data = data
+    self._batch_size = batch_size
+    self._shuffle = shuffle
+    self._seed = seed
+    self._num_epochs = num_epochs
+    self._steps_per_epoch = steps
+    self._step = start_step
+    self._source_buckets = _check_buckets(
+        source_buckets or default_buckets(data.max_source_len), data.max_source_len,
+        "source_buckets")
+    self._target_buckets = _check_buckets(
+        target_buckets or default_buckets(data.max_target_len), data.max_target_len,
+        "target_buckets")
+    local = batch_size // process_count
+    self._rows = slice(process_index * local, (process_index + 1) * local)
+    self._order_epoch = -1
+    self._order = np.arange(n)
+
+  @property
+  def steps_per_epoch(self) -> int:
+    """Batches per epoch."""
+    return self._steps_per_epoch
+
+  @property
+  def step(self) -> int:
+    """Global step of the next batch; pass it as ``start_step`` to resume."""
+    return self._step
+
+  @property
+  def epoch(self) -> int:
+    """Epoch of the next batch."""
+    return self._step // self._steps_per_epoch
+
+  def _epoch_order(self, epoch: int) -> np.ndarray:
+    if epoch != self._order_epoch:
+      n = len(self._data)
+      self._order = (_hashing.permutation(n, seed=self._seed, epoch=epoch)
+                     if self._shuffle else np.arange(n))
+      self._order_epoch = epoch
+    return self._order
+
+  def __iter__(self) -> Iterator[Batch]:
+    return self
+
+  def __next__(self) -> Batch:
+    epoch, index = divmod(self._step, self._steps_per_epoch)
+    if self._num_epochs is not None and epoch >= self._num_epochs:
+      raise StopIteration
+    order = self._epoch_order(epoch)
+    global_rows = order[index * self._batch_size:(index + 1) * self._batch_size]
+    # The bucket is chosen from the global batch so every process pads alike.
+    s_len = bucket_length(max(len(self._data.sources[i]) for i in global_rows),
+                          self._source_buckets)
+    t_len = bucket_length(max(len(self._data.targets[i]) for i in global_rows),
+                          self._target_buckets)
+    rows = global_rows[self._rows]
+    self._step += 1
+    return collate([self._data.sources[i] for i in rows],
+                   [self._data.targets[i] for i in rows], pad_id=self._data.pad_id,
+                   source_buckets=(s_len,), target_buckets=(t_len,),
+                   num_rows=self._rows.stop - self._rows.start)
