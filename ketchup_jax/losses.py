@@ -1,0 +1,347 @@
+"""Policy-gradient, cross-entropy and word-level distillation losses (SPEC §3).
+
+Every loss returns `(loss_sum, token_count)`, not a mean, so micro-batches and
+devices reduce exactly: sum both over the pieces, then divide once. Masks are
+prefix masks `[B, T]` over the target/rollout positions.
+
+    A_t  = clip(w_t (Ĝ_t - b_t) / denom, -c, +c)           (no gradient)
+    L    = -(1/N) sum_t m_t A_t log pi(a_t)  -  beta (1/N) sum_t m_t H_t(pi)
+"""
+
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from ketchup_jax import _checks
+
+Array = jax.Array
+ArrayLike = Any
+
+BASELINES = ("none", "batch_mean", "teacher_expected")
+WEIGHTS = ("none", "importance", "reference_compat")
+DIVERGENCES = ("kl", "rkl", "js", "tvd")
+
+
+def _check_logits_and_ids(logits_name, logits, ids_name, ids, mask) -> None:
+  _checks.check_rank(logits_name, logits, 3, "[B, T, V]")
+  _checks.check_float(logits_name, logits)
+  _checks.check_int(ids_name, ids)
+  _checks.check_same_shape({
+      f"{logits_name}[..., 0]": jax.ShapeDtypeStruct(
+          jnp.shape(logits)[:2], jnp.float32),
+      ids_name: ids,
+      "mask": mask,
+  })
+  _checks.check_prefix_mask("mask", mask)
+
+
+def _check_optional_like(name: str, x: ArrayLike | None, like: ArrayLike,
+                         needed_for: str) -> None:
+  if x is None:
+    raise ValueError(f"{name} is required for {needed_for}, got None")
+  _checks.check_float(name, x)
+  _checks.check_same_shape({name: x, "returns": like})
+
+
+def _log_softmax_f32(logits: Array) -> Array:
+  return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+
+
+def _taken(logp: Array, ids: Array) -> Array:
+  """logp [B, T, V], ids [B, T] -> logp[b, t, ids[b, t]] as [B, T]."""
+  return jnp.take_along_axis(
+      logp, ids[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+# --------------------------------------------------------------------------
+# Policy gradient
+# --------------------------------------------------------------------------
+
+
+def _check_advantage_options(returns, mask, *, logprobs, baseline,
+                             teacher_values, weight, behavior_logprobs, denom,
+                             reward_clip) -> None:
+  _checks.check_choice("baseline", baseline, BASELINES)
+  _checks.check_choice("weight", weight, WEIGHTS)
+  _checks.check_rank("returns", returns, 2, "[B, T]")
+  _checks.check_float("returns", returns)
+  _checks.check_same_shape({"returns": returns, "mask": mask})
+  if not denom > 0:
+    raise ValueError(f"denom must be > 0, got {denom!r}")
+  if reward_clip is not None and not reward_clip > 0:
+    raise ValueError(f"reward_clip must be > 0 or None, got {reward_clip!r}")
+  if baseline == "teacher_expected":
+    _check_optional_like("teacher_values", teacher_values, returns,
+                         'baseline="teacher_expected"')
+  if weight != "none":
+    _check_optional_like("logprobs", logprobs, returns, f"weight={weight!r}")
+  if weight == "importance":
+    _check_optional_like("behavior_logprobs", behavior_logprobs, returns,
+                         'weight="importance"')
+
+
+def pg_advantages(
+    returns: ArrayLike,
+    mask: ArrayLike,
+    *,
+    logprobs: ArrayLike | None = None,
+    baseline: str = "none",
+    teacher_values: ArrayLike | None = None,
+    weight: str = "none",
+    behavior_logprobs: ArrayLike | None = None,
+    denom: float = 1.0,
+    reward_clip: float | None = 50.0,
+) -> Array:
+  """The clipped, weighted advantage `A_t` of SPEC §3 (gradient stopped).
+
+  Args:
+    returns: [B, T] Ĝ_t, e.g. from `returns.k_step_returns`.
+    mask: [B, T] prefix mask.
+    logprobs: [B, T] `log pi_theta(a_t)` of the current student; needed by
+      `weight` "importance" and "reference_compat".
+    baseline: "none" (b = 0), "batch_mean" (b = the mean of Ĝ over the real
+      tokens of this batch), or "teacher_expected" (b_t = `teacher_values`).
+    teacher_values: [B, T] `sum_a softmax(Q_t)(a) Q_t(a)`, i.e. the `values`
+      of `teacher_q_values(..., value="expected")`.
+    weight: "none" (w = 1), "importance" (w = pi/mu with mu =
+      exp(`behavior_logprobs`)), or "reference_compat" (w = pi, as the
+      authors' code multiplies by).
+    behavior_logprobs: [B, T] `log mu(a_t)` of the policy that sampled.
+    denom: divisor of the advantage, > 0.
+    reward_clip: c > 0, or None for no clipping.
+
+  Returns:
+    [B, T] float32 advantages, zero where `mask` is 0, with no gradient.
+  """
+  _check_advantage_options(
+      returns, mask, logprobs=logprobs, baseline=baseline,
+      teacher_values=teacher_values, weight=weight,
+      behavior_logprobs=behavior_logprobs, denom=denom,
+      reward_clip=reward_clip)
+  return _pg_advantages(
+      returns, mask, logprobs, teacher_values, behavior_logprobs,
+      baseline=baseline, weight=weight, denom=float(denom),
+      reward_clip=None if reward_clip is None else float(reward_clip))
+
+
+@functools.partial(
+    jax.jit, static_argnames=("baseline", "weight", "denom", "reward_clip"))
+def _pg_advantages(returns, mask, logprobs, teacher_values, behavior_logprobs,
+                   *, baseline, weight, denom, reward_clip):
+  m = jnp.asarray(mask) != 0
+  g = jnp.where(m, returns.astype(jnp.float32), 0.0)  # [B, T]
+  if baseline == "batch_mean":
+    b = jnp.sum(g) / jnp.maximum(jnp.sum(m), 1)
+  elif baseline == "teacher_expected":
+    b = teacher_values.astype(jnp.float32)
+  else:
+    b = 0.0
+  adv = g - b
+  if weight == "importance":
+    adv = adv * jnp.exp(logprobs.astype(jnp.float32)
+                        - behavior_logprobs.astype(jnp.float32))
+  elif weight == "reference_compat":
+    adv = adv * jnp.exp(logprobs.astype(jnp.float32))
+  adv = adv / denom
+  if reward_clip is not None:
+    adv = jnp.clip(adv, -reward_clip, reward_clip)
+  return jax.lax.stop_gradient(jnp.where(m, adv, 0.0))
+
+
+def policy_gradient_loss(
+    student_logits: ArrayLike,
+    actions: ArrayLike,
+    returns: ArrayLike,
+    mask: ArrayLike,
+    *,
+    baseline: str = "none",
+    teacher_values: ArrayLike | None = None,
+    weight: str = "none",
+    behavior_logprobs: ArrayLike | None = None,
+    denom: float = 1.0,
+    reward_clip: float | None = 50.0,
+    entropy_coef: float = 0.0,
+) -> tuple[Array, Array]:
+  """REINFORCE loss on K-step returns (SPEC §3), as a sum and a token count.
+
+      loss_sum = sum_t m_t (-A_t log pi(a_t) - beta H_t(pi)),   count = sum_t m_t
+
+  so `loss_sum / count` is the SPEC loss. `A_t` is `pg_advantages(...)`; the
+  gradient flows only through `log pi` and the entropy.
+
+  Args:
+    student_logits: [B, T, V] float, the student's teacher-forced logits on
+      the rollout (recomputed, not the sampler's: temperature and top-k change
+      those probabilities).
+    actions: [B, T] int, the rollout tokens.
+    returns: [B, T] Ĝ_t.
+    mask: [B, T] prefix mask of the positions that count.
+    baseline, teacher_values, weight, behavior_logprobs, denom, reward_clip:
+      as in `pg_advantages`.
+    entropy_coef: beta >= 0, weight of the entropy bonus.
+
+  Returns:
+    (loss_sum, count): float32 scalars.
+  """
+  _check_logits_and_ids("student_logits", student_logits, "actions", actions,
+                        mask)
+  _checks.check_same_shape({"returns": returns, "actions": actions})
+  if not entropy_coef >= 0:
+    raise ValueError(f"entropy_coef must be >= 0, got {entropy_coef!r}")
+  # The student's own log-probs stand in for `logprobs`: same shape, and the
+  # loss computes them itself.
+  _check_advantage_options(
+      returns, mask, logprobs=returns, baseline=baseline,
+      teacher_values=teacher_values, weight=weight,
+      behavior_logprobs=behavior_logprobs, denom=denom,
+      reward_clip=reward_clip)
+  return _policy_gradient_loss(
+      student_logits, actions, returns, mask, teacher_values,
+      behavior_logprobs, baseline=baseline, weight=weight, denom=float(denom),
+      reward_clip=None if reward_clip is None else float(reward_clip),
+      entropy_coef=float(entropy_coef))
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=("baseline", "weight", "denom", "reward_clip",
+                     "entropy_coef"))
+def _policy_gradient_loss(student_logits, actions, returns, mask,
+                          teacher_values, behavior_logprobs, *, baseline,
+                          weight, denom, reward_clip, entropy_coef):
+  logp_all = _log_softmax_f32(student_logits)  # [B, T, V]
+  logp = _taken(logp_all, actions)  # [B, T]
+  adv = _pg_advantages(
+      returns, mask, jax.lax.stop_gradient(logp), teacher_values,
+      behavior_logprobs, baseline=baseline, weight=weight, denom=denom,
+      reward_clip=reward_clip)  # [B, T]
+  m = jnp.asarray(mask) != 0
+  per_token = -adv * logp
+  if entropy_coef:
+    entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)  # [B, T]
+    per_token = per_token - entropy_coef * entropy
+  loss_sum = jnp.sum(jnp.where(m, per_token, 0.0))
+  return loss_sum, jnp.sum(m).astype(jnp.float32)
+
+
+# --------------------------------------------------------------------------
+# Supervised and word-level distillation losses
+# --------------------------------------------------------------------------
+
+
+def cross_entropy_loss(
+    logits: ArrayLike,
+    targets: ArrayLike,
+    mask: ArrayLike,
+    *,
+    label_smoothing: float = 0.0,
+) -> tuple[Array, Array]:
+  """Token-level cross-entropy `-sum_t m_t log p(y_t)`, as a sum and a count.
+
+  With label smoothing eps the target distribution is
+  `(1 - eps) onehot(y_t) + eps / V`.
+
+  Args:
+    logits: [B, T, V] float.
+    targets: [B, T] int.
+    mask: [B, T] prefix mask.
+    label_smoothing: eps in [0, 1).
+
+  Returns:
+    (loss_sum, count): float32 scalars.
+  """
+  _check_logits_and_ids("logits", logits, "targets", targets, mask)
+  if not 0.0 <= label_smoothing < 1.0:
+    raise ValueError(
+        f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+  return _cross_entropy_loss(logits, targets, mask,
+                             label_smoothing=float(label_smoothing))
+
+
+@functools.partial(jax.jit, static_argnames=("label_smoothing",))
+def _cross_entropy_loss(logits, targets, mask, *, label_smoothing):
+  logp_all = _log_softmax_f32(logits)  # [B, T, V]
+  nll = -_taken(logp_all, targets)  # [B, T]
+  if label_smoothing:
+    nll = ((1.0 - label_smoothing) * nll
+           - label_smoothing * jnp.mean(logp_all, axis=-1))
+  m = jnp.asarray(mask) != 0
+  return jnp.sum(jnp.where(m, nll, 0.0)), jnp.sum(m).astype(jnp.float32)
+
+
+def distillation_loss(
+    student_logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    mask: ArrayLike,
+    *,
+    divergence: str = "kl",
+    temperature: float = 1.0,
+) -> tuple[Array, Array]:
+  """Word-level distillation: a divergence between teacher p and student q.
+
+  Per position, with p = softmax(teacher / tau) (no gradient) and
+  q = softmax(student / tau):
+    "kl":  KL(p || q)  = sum p (log p - log q)      (forward KL)
+    "rkl": KL(q || p)  = sum q (log q - log p)      (reverse KL)
+    "js":  (KL(p || M) + KL(q || M)) / 2,  M = (p + q) / 2
+    "tvd": sum |p - q| / 2
+
+  Args:
+    student_logits: [B, T, V] float.
+    teacher_logits: [B, T, V] float (bf16 is fine), same vocabulary.
+    mask: [B, T] prefix mask.
+    divergence: one of "kl", "rkl", "js", "tvd".
+    temperature: tau > 0.
+
+  Returns:
+    (loss_sum, count): float32 scalars.
+  """
+  _checks.check_choice("divergence", divergence, DIVERGENCES)
+  _checks.check_rank("student_logits", student_logits, 3, "[B, T, V]")
+  _checks.check_rank("teacher_logits", teacher_logits, 3, "[B, T, V]")
+  _checks.check_float("student_logits", student_logits)
+  _checks.check_float("teacher_logits", teacher_logits)
+  s_shape, t_shape = jnp.shape(student_logits), jnp.shape(teacher_logits)
+  if s_shape[-1] != t_shape[-1]:
+    raise ValueError(
+        f"teacher and student vocabularies differ: teacher_logits has "
+        f"{t_shape[-1]} entries, student_logits {s_shape[-1]}; they must share "
+        f"one tokenizer")
+  _checks.check_same_shape({"student_logits": student_logits,
+                            "teacher_logits": teacher_logits})
+  _checks.check_same_shape({
+      "student_logits[..., 0]": jax.ShapeDtypeStruct(s_shape[:2], jnp.float32),
+      "mask": mask})
+  _checks.check_prefix_mask("mask", mask)
+  if not temperature > 0:
+    raise ValueError(f"temperature must be > 0, got {temperature!r}")
+  return _distillation_loss(student_logits, teacher_logits, mask,
+                            divergence=divergence,
+                            temperature=float(temperature))
+
+
+def _xlogy_ratio(p: Array, logp: Array, logr: Array) -> Array:
+  """sum_v p (log p - log r), with 0 log 0 = 0."""
+  return jnp.sum(jnp.where(p > 0, p * (logp - logr), 0.0), axis=-1)
+
+
+@functools.partial(jax.jit, static_argnames=("divergence", "temperature"))
+def _distillation_loss(student_logits, teacher_logits, mask, *, divergence,
+                       temperature):
+  logq = _log_softmax_f32(student_logits / temperature)  # [B, T, V]
+  logp = jax.lax.stop_gradient(
+      _log_softmax_f32(teacher_logits.astype(jnp.float32) / temperature))
+  p, q = jnp.exp(logp), jnp.exp(logq)
+  if divergence == "kl":
+    per_token = _xlogy_ratio(p, logp, logq)
+  elif divergence == "rkl":
+    per_token = _xlogy_ratio(q, logq, logp)
+  elif divergence == "js":
+    logm = jnp.logaddexp(logp, logq) - jnp.log(2.0)
+    per_token = 0.5 * (_xlogy_ratio(p, logp, logm) + _xlogy_ratio(q, logq, logm))
+  else:
+    per_token = 0.5 * jnp.sum(jnp.abs(p - q), axis=-1)
+  m = jnp.asarray(mask) != 0
+  return jnp.sum(jnp.where(m, per_token, 0.0)), jnp.sum(m).astype(jnp.float32)
