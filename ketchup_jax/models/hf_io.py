@@ -1,0 +1,410 @@
+"""Hugging Face T5 checkpoints <-> our parameter tree, through one rules table.
+
+`RULES` lists, once, how each HF tensor name maps to a path in our tree and
+how its layout changes (transpose / reshape). Import matches HF keys against
+the HF side, export matches our paths against our side, so both directions use
+the same table. Every tensor is shape-checked against the model's expected
+parameter shapes; unmatched or missing names fail with one error naming them.
+
+Supported inputs: a directory with `config.json` and `model.safetensors`, or
+sharded `model-0000x-of-0000y.safetensors` with `model.safetensors.index.json`,
+or `pytorch_model.bin` (and its sharded index) when torch is installed; or a
+hub name, fetched with `huggingface_hub.snapshot_download` when online.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+import dataclasses
+import json
+import os
+import re
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from ketchup_jax.models import t5
+from ketchup_jax.models.config import T5Config
+
+Params = Any
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+  """One mapping `HF key <-> our path`, `{i}` standing for a layer index.
+
+  Attributes:
+    hf: HF state-dict key template, e.g. `encoder.block.{i}.layer.1...`.
+    ours: Our `/`-joined parameter path template, or None for HF tensors that
+      are dropped on import (aliases of the shared embedding, unused biases).
+    layout: How the tensor is rearranged: `copy`, `transpose` (`[out, in]` ->
+      `[in, out]`), `qkv` (`[heads*kv, embed]` -> `[embed, heads, kv]`) or
+      `out` (`[embed, heads*kv]` -> `[heads, kv, embed]`).
+  """
+  hf: str
+  ours: str | None
+  layout: str = "copy"
+
+  @staticmethod
+  def _regex(template: str) -> re.Pattern[str]:
+    parts = [re.escape(p) for p in template.split("{i}")]
+    return re.compile("^" + r"(\d+)".join(parts) + "$")
+
+  def match_hf(self, key: str) -> str | None | bool:
+    """Our path for HF `key`, None if dropped, False if no match."""
+    m = self._regex(self.hf).match(key)
+    if not m:
+      return False
+    if self.ours is None:
+      return None
+    return self.ours.replace("{i}", m.group(1)) if m.groups() else self.ours
+
+  def match_ours(self, path: str) -> str | bool:
+    """HF key for our `path`, False if no match."""
+    if self.ours is None:
+      return False
+    m = self._regex(self.ours).match(path)
+    if not m:
+      return False
+    return self.hf.replace("{i}", m.group(1)) if m.groups() else self.hf
+
+
+_ATTN = ("q", "k", "v", "o")
+
+
+def _attention_rules(hf_prefix: str, ours_prefix: str) -> list[Rule]:
+  return [Rule(f"{hf_prefix}.{n}.weight", f"{ours_prefix}/{n}",
+               "out" if n == "o" else "qkv") for n in _ATTN]
+
+
+def _mlp_rules(hf_prefix: str, ours_prefix: str) -> list[Rule]:
+  return [Rule(f"{hf_prefix}.DenseReluDense.{n}.weight", f"{ours_prefix}/{n}",
+               "transpose") for n in ("wi", "wi_0", "wi_1", "wo")]
+
+
+def _build_rules() -> tuple[Rule, ...]:
+  enc, dec = "encoder.block.{i}.layer", "decoder.block.{i}.layer"
+  eo, do = "encoder/layers_{i}", "decoder/layers_{i}"
+  rules = [
+      Rule("shared.weight", "shared/embedding"),
+      Rule("encoder.embed_tokens.weight", None),  # Alias of shared.
+      Rule("decoder.embed_tokens.weight", None),  # Alias of shared.
+      Rule("lm_head.weight", "lm_head/kernel", "transpose"),
+      Rule("encoder.block.0.layer.0.SelfAttention.relative_attention_bias"
+           ".weight", "encoder/relpos_bias/embedding"),
+      Rule("decoder.block.0.layer.0.SelfAttention.relative_attention_bias"
+           ".weight", "decoder/relpos_bias/embedding"),
+      # Present in some old checkpoints, never used by T5.
+      Rule("decoder.block.0.layer.1.EncDecAttention.relative_attention_bias"
+           ".weight", None),
+      Rule("encoder.final_layer_norm.weight", "encoder/final_norm/scale"),
+      Rule("decoder.final_layer_norm.weight", "decoder/final_norm/scale"),
+      Rule(f"{enc}.0.layer_norm.weight", f"{eo}/self_attention_norm/scale"),
+      Rule(f"{enc}.1.layer_norm.weight", f"{eo}/mlp_norm/scale"),
+      Rule(f"{dec}.0.layer_norm.weight", f"{do}/self_attention_norm/scale"),
+      Rule(f"{dec}.1.layer_norm.weight", f"{do}/cross_attention_norm/scale"),
+      Rule(f"{dec}.2.layer_norm.weight", f"{do}/mlp_norm/scale"),
+  ]
+  rules += _attention_rules(f"{enc}.0.SelfAttention", f"{eo}/self_attention")
+  rules += _attention_rules(f"{dec}.0.SelfAttention", f"{do}/self_attention")
+  rules += _attention_rules(f"{dec}.1.EncDecAttention",
+                            f"{do}/cross_attention")
+  rules += _mlp_rules(f"{enc}.1", f"{eo}/mlp")
+  rules += _mlp_rules(f"{dec}.2", f"{do}/mlp")
+  return tuple(rules)
+
+
+RULES: tuple[Rule, ...] = _build_rules()
+
+
+def _to_ours(x: np.ndarray, layout: str, config: T5Config) -> np.ndarray:
+  h, d, e = config.num_heads, config.d_kv, config.d_model
+  if layout == "copy":
+    return x
+  if layout == "transpose":
+    return x.T
+  if layout == "qkv":  # [heads*kv, embed] -> [embed, heads, kv]
+    return x.T.reshape(e, h, d) if x.shape == (h * d, e) else x
+  if layout == "out":  # [embed, heads*kv] -> [heads, kv, embed]
+    return x.T.reshape(h, d, e) if x.shape == (e, h * d) else x
+  raise ValueError(f"unknown layout {layout!r}")
+
+
+def _to_hf(x: np.ndarray, layout: str, config: T5Config) -> np.ndarray:
+  h, d, e = config.num_heads, config.d_kv, config.d_model
+  if layout == "copy":
+    return x
+  if layout == "transpose":
+    return x.T
+  if layout == "qkv":
+    return x.reshape(e, h * d).T
+  if layout == "out":
+    return x.reshape(h * d, e).T
+  raise ValueError(f"unknown layout {layout!r}")
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+  out = {}
+  for k, v in tree.items():
+    path = f"{prefix}/{k}" if prefix else k
+    if isinstance(v, Mapping):
+      out.update(_flatten(v, path))
+    else:
+      out[path] = v
+  return out
+
+
+def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
+  tree: dict[str, Any] = {}
+  for path, v in flat.items():
+    node = tree
+    *parents, leaf = path.split("/")
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = v
+  return tree
+
+
+def resolve_tied(state: Mapping[str, np.ndarray], config: T5Config) -> T5Config:
+  """Decides `tie_word_embeddings` from the tensors, as transformers 5 does.
+
+  transformers 5 writes `tie_word_embeddings: true` into every T5 config and
+  ties `lm_head` to `shared` unless the checkpoint holds an `lm_head.weight`
+  that differs from `shared.weight`. We follow the tensors: untied iff such an
+  `lm_head.weight` is present.
+  """
+  head = state.get("lm_head.weight")
+  shared = state.get("shared.weight")
+  tied = head is None or (shared is not None and head.shape == shared.shape
+                          and np.array_equal(head, shared))
+  return config.replace(tie_word_embeddings=bool(tied))
+
+
+def hf_to_params(
+    state: Mapping[str, np.ndarray],
+    config: T5Config,
+) -> Params:
+  """Converts an HF T5 state dict to our parameter tree (numpy leaves).
+
+  Args:
+    state: HF key -> array (torch layout), e.g. from `read_state_dict`.
+    config: Model config; `tie_word_embeddings` must already agree with the
+      tensors (see `resolve_tied`).
+
+  Returns:
+    The parameter tree, leaves cast to `config.param_dtype` (numpy arrays).
+
+  Raises:
+    ValueError: naming every unexpected HF key, every missing parameter and
+      every shape mismatch.
+  """
+  expected = _flatten(t5.param_shapes(config))
+  params: dict[str, np.ndarray] = {}
+  unexpected, bad_shapes = [], []
+  for key, value in state.items():
+    if config.tie_word_embeddings and key == "lm_head.weight":
+      continue  # Equal to shared.weight (checked by resolve_tied).
+    for rule in RULES:
+      path = rule.match_hf(key)
+      if path is not False:
+        break
+    else:
+      unexpected.append(key)
+      continue
+    if path is None:
+      continue
+    if path not in expected:
+      unexpected.append(key)
+      continue
+    value = _to_ours(np.asarray(value), rule.layout, config)
+    want = expected[path].shape
+    if value.shape != want:
+      bad_shapes.append(f"{key}: got {value.shape} after layout"
+                        f" {rule.layout!r}, expected {want} for {path}")
+      continue
+    params[path] = value.astype(config.param_dtype)
+  missing = sorted(set(expected) - set(params))
+  problems = []
+  if unexpected:
+    problems.append(f"unexpected HF keys {sorted(unexpected)}")
+  if missing:
+    problems.append(f"missing parameters {missing}")
+  if bad_shapes:
+    problems.append("shape mismatches: " + "; ".join(bad_shapes))
+  if problems:
+    raise ValueError(
+        "HF checkpoint does not match the T5 config (d_model="
+        f"{config.d_model}, layers={config.num_layers}/"
+        f"{config.num_decoder_layers}, gated={config.is_gated_act}, "
+        f"tied={config.tie_word_embeddings}): " + "; ".join(problems))
+  return _unflatten(params)
+
+
+def params_to_hf(params: Params, config: T5Config) -> dict[str, np.ndarray]:
+  """Converts our parameter tree to an HF T5 state dict (float32, torch layout).
+
+  Raises:
+    ValueError: if a parameter path matches no rule.
+  """
+  out, unknown = {}, []
+  for path, value in _flatten(params).items():
+    for rule in RULES:
+      key = rule.match_ours(path)
+      if key is not False:
+        break
+    else:
+      unknown.append(path)
+      continue
+    array = np.asarray(jax.device_get(value), dtype=np.float32)
+    out[key] = np.ascontiguousarray(_to_hf(array, rule.layout, config))
+  if unknown:
+    raise ValueError(f"parameters with no HF name: {sorted(unknown)}")
+  return out
+
+
+# ---------------------------------------------------------------------------
+# Files.
+# ---------------------------------------------------------------------------
+
+_SAFE = "model.safetensors"
+_SAFE_INDEX = "model.safetensors.index.json"
+_BIN = "pytorch_model.bin"
+_BIN_INDEX = "pytorch_model.bin.index.json"
+
+
+def _read_safetensors(path: str) -> dict[str, np.ndarray]:
+  import safetensors  # pylint: disable=g-import-not-at-top
+  out = {}
+  with safetensors.safe_open(path, framework="flax") as f:
+    for key in f.keys():
+      out[key] = np.asarray(f.get_tensor(key).astype("float32"))
+  return out
+
+
+def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError(
+        f"{path} is a PyTorch pickle; reading it needs torch installed, or"
+        " convert the checkpoint to model.safetensors") from e
+  state = torch.load(path, map_location="cpu", weights_only=True)
+  return {k: v.float().numpy() for k, v in state.items()}
+
+
+def _read_index(directory: str, index_name: str,
+                reader: Callable[[str], dict[str, np.ndarray]]
+                ) -> dict[str, np.ndarray]:
+  with open(os.path.join(directory, index_name)) as f:
+    weight_map = json.load(f)["weight_map"]
+  out = {}
+  for shard in sorted(set(weight_map.values())):
+    out.update(reader(os.path.join(directory, shard)))
+  return out
+
+
+def read_state_dict(directory: str) -> dict[str, np.ndarray]:
+  """Reads all tensors of an HF checkpoint directory as float32 numpy arrays.
+
+  Looks for, in order: `model.safetensors`, `model.safetensors.index.json`,
+  `pytorch_model.bin`, `pytorch_model.bin.index.json`.
+
+  Raises:
+    FileNotFoundError: if the directory holds none of them.
+  """
+  if os.path.exists(os.path.join(directory, _SAFE)):
+    return _read_safetensors(os.path.join(directory, _SAFE))
+  if os.path.exists(os.path.join(directory, _SAFE_INDEX)):
+    return _read_index(directory, _SAFE_INDEX, _read_safetensors)
+  if os.path.exists(os.path.join(directory, _BIN)):
+    return _read_torch_bin(os.path.join(directory, _BIN))
+  if os.path.exists(os.path.join(directory, _BIN_INDEX)):
+    return _read_index(directory, _BIN_INDEX, _read_torch_bin)
+  raise FileNotFoundError(
+      f"no weights in {directory!r}: expected one of {_SAFE}, {_SAFE_INDEX},"
+      f" {_BIN}, {_BIN_INDEX}")
+
+
+def resolve_path(path_or_name: str | os.PathLike[str], *,
+                 revision: str | None = None,
+                 local_files_only: bool = False) -> str:
+  """A local checkpoint directory for a directory or an HF hub name.
+
+  Args:
+    path_or_name: A directory, or a hub repo id such as `google/flan-t5-small`.
+    revision: Hub revision (branch, tag or commit).
+    local_files_only: Use only the local hub cache, never the network.
+
+  Returns:
+    The directory.
+
+  Raises:
+    FileNotFoundError: if it is neither an existing directory nor a hub repo
+      that could be fetched (offline, unknown name, gated repo).
+  """
+  path = os.fspath(path_or_name)
+  if os.path.isdir(path):
+    return path
+  if os.path.exists(path) or path.count("/") > 1 or path.startswith("."):
+    raise FileNotFoundError(f"{path!r} is not a checkpoint directory")
+  try:
+    import huggingface_hub  # pylint: disable=g-import-not-at-top
+    return huggingface_hub.snapshot_download(
+        path, revision=revision, local_files_only=local_files_only,
+        allow_patterns=["*.json", "*.safetensors", "pytorch_model*.bin"])
+  except Exception as e:  # pylint: disable=broad-except
+    raise FileNotFoundError(
+        f"{path!r} is not a local directory and could not be fetched from the"
+        f" Hugging Face hub ({type(e).__name__}: {e}). Offline, pass the path"
+        " of a directory holding config.json and model.safetensors.") from e
+
+
+def load_checkpoint(path_or_name: str | os.PathLike[str], *,
+                    revision: str | None = None,
+                    local_files_only: bool = False,
+                    **config_overrides: Any) -> tuple[T5Config, Params]:
+  """Reads config and parameters (numpy leaves) of an HF T5 checkpoint.
+
+  Args:
+    path_or_name: Directory or hub name (see `resolve_path`).
+    revision: Hub revision.
+    local_files_only: Do not use the network.
+    **config_overrides: T5Config fields to override (`dtype`, `param_dtype`).
+
+  Returns:
+    `(config, params)`.
+  """
+  directory = resolve_path(path_or_name, revision=revision,
+                           local_files_only=local_files_only)
+  config_path = os.path.join(directory, "config.json")
+  if not os.path.exists(config_path):
+    raise FileNotFoundError(f"no config.json in {directory!r}")
+  config = T5Config.from_json_file(config_path, **config_overrides)
+  state = read_state_dict(directory)
+  config = resolve_tied(state, config)
+  return config, hf_to_params(state, config)
+
+
+def save_checkpoint(params: Params, config: T5Config,
+                    path: str | os.PathLike[str]) -> None:
+  """Writes `config.json`, `generation_config.json` and `model.safetensors`.
+
+  The directory loads with
+  `transformers.T5ForConditionalGeneration.from_pretrained(path)`.
+  """
+  import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  path = os.fspath(path)
+  os.makedirs(path, exist_ok=True)
+  state = params_to_hf(params, config)
+  safetensors.numpy.save_file(state, os.path.join(path, _SAFE),
+                              metadata={"format": "pt"})
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump(config.to_hf_dict(), f, indent=2, sort_keys=True)
+  generation = {
+      "decoder_start_token_id": config.decoder_start_token_id,
+      "eos_token_id": config.eos_token_id,
+      "pad_token_id": config.pad_token_id,
+  }
+  with open(os.path.join(path, "generation_config.json"), "w") as f:
+    json.dump(generation, f, indent=2, sort_keys=True)

@@ -1,0 +1,658 @@
+"""The T5 / FLAN-T5 encoder-decoder in Flax (linen), plus pure functions over params.
+
+The modules only declare parameters (with logical axis names) and compute; the
+pure functions at the bottom (`forward`, `encode`, `init_decode_cache`,
+`decode_step`, `init_params`, `logical_axes`) take the parameters as a plain
+nested-dict pytree so that a training step can differentiate, shard
+(`in_shardings`) and donate them inside its own `jax.jit`.
+
+Parameter tree (`params`, one entry per HF tensor; kernels are `[in, out]`,
+attention kernels keep heads as their own axis):
+
+    shared/embedding                              [vocab, embed]
+    encoder/relpos_bias/embedding                 [relpos_buckets, heads]
+    encoder/layers_{i}/self_attention_norm/scale  [embed]
+    encoder/layers_{i}/self_attention/{q,k,v}     [embed, heads, kv]
+    encoder/layers_{i}/self_attention/o           [heads, kv, embed]
+    encoder/layers_{i}/mlp_norm/scale             [embed]
+    encoder/layers_{i}/mlp/{wi | wi_0, wi_1}      [embed, mlp]
+    encoder/layers_{i}/mlp/wo                     [mlp, embed]
+    encoder/final_norm/scale                      [embed]
+    decoder/...                                   as encoder, plus per layer
+    decoder/layers_{i}/cross_attention_norm/scale and cross_attention/{q,k,v,o}
+    lm_head/kernel                                [embed, vocab]  (untied only)
+
+Decoder inputs follow HF: `decoder_input_ids` are the targets shifted right by
+one with `decoder_start_token_id` (= pad = 0 for T5) in front, so the logits at
+position t predict target token t:
+
+    targets            = [y0, y1, y2, EOS]
+    decoder_input_ids  = [0,  y0, y1, y2 ]
+    decoder_attention_mask marks the real positions (1) and padding (0).
+
+Precision: parameters are stored in `config.param_dtype` (float32 master
+weights) and cast to `config.dtype` (bf16 on TPU) at use; RMS norm statistics,
+attention softmax and output logits are float32.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+import numpy as np
+
+from ketchup_jax import partitioning
+from ketchup_jax.models.config import T5Config
+
+Params = Any  # Nested dict of arrays (the linen 'params' collection).
+LogicalRules = partitioning.LogicalRules
+
+_NEG_INF = -1e10  # Additive attention mask value (finite: no NaN rows).
+
+_BATCH, _LENGTH = "activation_batch", "activation_length"
+_EMBED, _HEADS, _KV = "activation_embed", "activation_heads", "activation_kv"
+_MLP, _VOCAB = "activation_mlp", "activation_vocab"
+
+
+# ---------------------------------------------------------------------------
+# Relative position buckets.
+# ---------------------------------------------------------------------------
+
+
+def relative_position_bucket(
+    relative_position: np.ndarray,
+    *,
+    bidirectional: bool,
+    num_buckets: int,
+    max_distance: int,
+) -> np.ndarray:
+  """T5's relative position buckets (Mesh TensorFlow), computed on the host.
+
+  Half of the buckets (per direction) are exact small distances; the rest
+  grow logarithmically up to `max_distance`, beyond which all positions share
+  the last bucket. The log is evaluated in float32 as PyTorch does, so bucket
+  boundaries agree with transformers exactly.
+
+  Args:
+    relative_position: int array, `key_position - query_position`.
+    bidirectional: Encoder (True) or causal decoder (False; positive
+      distances, i.e. future keys, fall in bucket 0).
+    num_buckets: Total number of buckets.
+    max_distance: Distance from which on the last bucket is used.
+
+  Returns:
+    int32 array of buckets in `[0, num_buckets)`, same shape as the input.
+  """
+  n = np.asarray(relative_position, dtype=np.int64)
+  buckets = np.zeros_like(n)
+  if bidirectional:
+    num_buckets //= 2
+    buckets += (n > 0).astype(np.int64) * num_buckets
+    n = np.abs(n)
+  else:
+    n = -np.minimum(n, 0)
+  max_exact = num_buckets // 2
+  is_small = n < max_exact
+  with np.errstate(divide="ignore"):
+    scaled = (np.log(n.astype(np.float32) / np.float32(max_exact)) /
+              np.float32(math.log(max_distance / max_exact)) *
+              np.float32(num_buckets - max_exact))
+  scaled = np.where(is_small, 0.0, scaled)  # Drop log(0) before the cast.
+  large = np.minimum(max_exact + scaled.astype(np.int64), num_buckets - 1)
+  return (buckets + np.where(is_small, n, large)).astype(np.int32)
+
+
+# ---------------------------------------------------------------------------
+# Modules.
+# ---------------------------------------------------------------------------
+
+
+def _normal(stddev: float) -> nn.initializers.Initializer:
+  return nn.initializers.normal(stddev=stddev)
+
+
+class _Base(nn.Module):
+  """Shared fields: config and the optional mesh for activation constraints."""
+  config: T5Config
+  mesh: Mesh | None = None
+  rules: LogicalRules = partitioning.DEFAULT_RULES
+
+  def _param(self, name: str, init: Any, shape: tuple[int, ...],
+             axes: tuple[str, ...]) -> jax.Array:
+    return self.param(name, nn.with_logical_partitioning(init, axes), shape,
+                      self.config.param_dtype)
+
+  def _constrain(self, x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+    return partitioning.with_logical_constraint(
+        x, axes, mesh=self.mesh, rules=self.rules)
+
+
+class RMSNorm(_Base):
+  """T5 layer norm: scale only, no mean subtraction, statistics in float32."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    scale = self._param("scale", nn.initializers.ones, (self.config.d_model,),
+                        ("embed",))
+    x32 = x.astype(jnp.float32)  # [batch, length, embed]
+    var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
+    y = x32 * jax.lax.rsqrt(var + self.config.layer_norm_epsilon)
+    return (y * scale.astype(jnp.float32)).astype(self.config.dtype)
+
+
+class Embed(_Base):
+  """The shared token embedding; `attend` is the tied output projection."""
+
+  def setup(self):
+    cfg = self.config
+    self.embedding = self._param("embedding", _normal(1.0),
+                                 (cfg.vocab_size, cfg.d_model),
+                                 ("vocab", "embed"))
+
+  def __call__(self, ids: jax.Array) -> jax.Array:
+    x = jnp.take(self.embedding.astype(self.config.dtype), ids, axis=0)
+    return self._constrain(x, (_BATCH, _LENGTH, _EMBED))  # [b, l, embed]
+
+  def attend(self, x: jax.Array) -> jax.Array:
+    logits = jnp.einsum("ble,ve->blv", x,
+                        self.embedding.astype(self.config.dtype),
+                        preferred_element_type=jnp.float32)
+    return self._constrain(logits, (_BATCH, _LENGTH, _VOCAB))
+
+
+class Attention(_Base):
+  """Multi-head attention without 1/sqrt(d) scaling (folded into T5's init)."""
+
+  def setup(self):
+    cfg = self.config
+    h, d, e = cfg.num_heads, cfg.d_kv, cfg.d_model
+    in_axes, out_axes = ("embed", "heads", "kv"), ("heads", "kv", "embed")
+    self.q = self._param("q", _normal((e * d) ** -0.5), (e, h, d), in_axes)
+    self.k = self._param("k", _normal(e ** -0.5), (e, h, d), in_axes)
+    self.v = self._param("v", _normal(e ** -0.5), (e, h, d), in_axes)
+    self.o = self._param("o", _normal((h * d) ** -0.5), (h, d, e), out_axes)
+
+  def _project(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
+    y = jnp.einsum("ble,ehd->blhd", x, kernel.astype(self.config.dtype))
+    return self._constrain(y, (_BATCH, _LENGTH, _HEADS, _KV))
+
+  def key_value(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Keys and values, each `[batch, length, heads, kv]`."""
+    return self._project(x, self.k), self._project(x, self.v)
+
+  def __call__(self, x: jax.Array, key: jax.Array, value: jax.Array,
+               bias: jax.Array) -> jax.Array:
+    """Attends from `x` to precomputed keys / values.
+
+    Args:
+      x: Queries' inputs `[batch, q_len, embed]`.
+      key: `[batch, k_len, heads, kv]`.
+      value: `[batch, k_len, heads, kv]`.
+      bias: float32 additive bias (relative positions + mask), broadcastable
+        to `[batch, heads, q_len, k_len]`.
+
+    Returns:
+      `[batch, q_len, embed]` in the compute dtype.
+    """
+    dtype = self.config.dtype
+    q = self._project(x, self.q)  # [batch, q_len, heads, kv]
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, key.astype(dtype),
+                        preferred_element_type=jnp.float32)
+    probs = jax.nn.softmax(scores + bias, axis=-1).astype(dtype)
+    out = jnp.einsum("bhqk,bkhd->bqhd", probs, value.astype(dtype))
+    out = self._constrain(out, (_BATCH, _LENGTH, _HEADS, _KV))
+    y = jnp.einsum("bqhd,hde->bqe", out, self.o.astype(dtype))
+    return self._constrain(y, (_BATCH, _LENGTH, _EMBED))
+
+
+_ACTIVATIONS = {
+    "relu": jax.nn.relu,
+    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
+    "gelu": functools.partial(jax.nn.gelu, approximate=False),
+    "silu": jax.nn.silu,
+}
+
+
+class MLP(_Base):
+  """Feed-forward block: `wo(act(wi x))` or gated `wo(act(wi_0 x) * wi_1 x)`."""
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cfg = self.config
+    e, f = cfg.d_model, cfg.d_ff
+    act = _ACTIVATIONS[cfg.dense_act_fn]
+
+    def proj(name: str) -> jax.Array:
+      w = self._param(name, _normal(e ** -0.5), (e, f), ("embed", "mlp"))
+      h = jnp.einsum("ble,ef->blf", x, w.astype(cfg.dtype))
+      return self._constrain(h, (_BATCH, _LENGTH, _MLP))  # [b, l, mlp]
+
+    if cfg.is_gated_act:
+      h = act(proj("wi_0")) * proj("wi_1")
+    else:
+      h = act(proj("wi"))
+    wo = self._param("wo", _normal(f ** -0.5), (f, e), ("mlp", "embed"))
+    y = jnp.einsum("blf,fe->ble", h, wo.astype(cfg.dtype))
+    return self._constrain(y, (_BATCH, _LENGTH, _EMBED))
+
+
+class EncoderLayer(_Base):
+  """Pre-norm self-attention + feed-forward, residual around each."""
+
+  def setup(self):
+    kw = dict(config=self.config, mesh=self.mesh, rules=self.rules)
+    self.self_attention_norm = RMSNorm(**kw)
+    self.self_attention = Attention(**kw)
+    self.mlp_norm = RMSNorm(**kw)
+    self.mlp = MLP(**kw)
+
+  def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
+    h = self.self_attention_norm(x)
+    k, v = self.self_attention.key_value(h)
+    x = x + self.self_attention(h, k, v, bias)
+    return x + self.mlp(self.mlp_norm(x))
+
+
+class DecoderLayer(_Base):
+  """Causal self-attention, cross-attention and feed-forward (pre-norm)."""
+
+  def setup(self):
+    kw = dict(config=self.config, mesh=self.mesh, rules=self.rules)
+    self.self_attention_norm = RMSNorm(**kw)
+    self.self_attention = Attention(**kw)
+    self.cross_attention_norm = RMSNorm(**kw)
+    self.cross_attention = Attention(**kw)
+    self.mlp_norm = RMSNorm(**kw)
+    self.mlp = MLP(**kw)
+
+  def cross_key_value(self, encoded: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Cross-attention keys / values of the encoder output, computed once."""
+    return self.cross_attention.key_value(encoded)
+
+  def __call__(
+      self,
+      x: jax.Array,
+      self_bias: jax.Array,
+      cross_kv: tuple[jax.Array, jax.Array],
+      cross_bias: jax.Array,
+      cache: tuple[jax.Array, jax.Array] | None = None,
+      index: jax.Array | None = None,
+  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array] | None]:
+    """One decoder layer.
+
+    Args:
+      x: `[batch, length, embed]` (length 1 when decoding with a cache).
+      self_bias: float32 bias `[batch|1, heads|1, length, k_len]`.
+      cross_kv: Encoder keys and values, each `[batch, src_len, heads, kv]`.
+      cross_bias: float32 bias `[batch, 1, 1, src_len]`.
+      cache: Self-attention keys / values `[batch, max_len, heads, kv]`; the
+        new ones are written at `index`.
+      index: Scalar int32 position of `x` in the cache.
+
+    Returns:
+      The output `[batch, length, embed]` and the updated cache (or None).
+    """
+    h = self.self_attention_norm(x)
+    k, v = self.self_attention.key_value(h)  # [batch, length, heads, kv]
+    if cache is not None:
+      start = (0, index, 0, 0)
+      k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype),
+                                       start)
+      v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype),
+                                       start)
+      cache = (k, v)
+    x = x + self.self_attention(h, k, v, self_bias)
+    h = self.cross_attention_norm(x)
+    x = x + self.cross_attention(h, cross_kv[0], cross_kv[1], cross_bias)
+    x = x + self.mlp(self.mlp_norm(x))
+    return x, cache
+
+
+def _mask_bias(mask: jax.Array) -> jax.Array:
+  """`[batch, k_len]` 0/1 mask -> float32 bias `[batch, 1, 1, k_len]`."""
+  return jnp.where(mask[:, None, None, :] > 0, 0.0, _NEG_INF).astype(
+      jnp.float32)
+
+
+class RelativePositionBias(_Base):
+  """Learned per-head bias of the bucketed relative position, one per stack."""
+  bidirectional: bool = True
+
+  def setup(self):
+    cfg = self.config
+    self.embedding = self._param(
+        "embedding", _normal(cfg.d_model ** -0.5),
+        (cfg.relative_attention_num_buckets, cfg.num_heads),
+        ("relpos_buckets", "heads"))
+
+  def _buckets(self, relative: np.ndarray) -> np.ndarray:
+    cfg = self.config
+    return relative_position_bucket(
+        relative, bidirectional=self.bidirectional,
+        num_buckets=cfg.relative_attention_num_buckets,
+        max_distance=cfg.relative_attention_max_distance)
+
+  def __call__(self, q_len: int, k_len: int) -> jax.Array:
+    """Bias `[1, heads, q_len, k_len]` (float32) for queries at 0..q_len-1."""
+    relative = np.arange(k_len)[None, :] - np.arange(q_len)[:, None]
+    values = jnp.take(self.embedding.astype(jnp.float32),
+                      self._buckets(relative), axis=0)  # [q, k, heads]
+    return jnp.transpose(values, (2, 0, 1))[None]
+
+  def at(self, index: jax.Array, k_len: int) -> jax.Array:
+    """Bias `[1, heads, 1, k_len]` for one query at (traced) `index`."""
+    table = self._buckets(np.arange(-k_len, k_len + 1))  # Static lookup.
+    buckets = jnp.take(jnp.asarray(table), jnp.arange(k_len) - index + k_len)
+    values = jnp.take(self.embedding.astype(jnp.float32), buckets, axis=0)
+    return jnp.transpose(values, (1, 0))[None, :, None, :]
+
+
+class Encoder(_Base):
+  """T5 encoder stack (token embeddings are passed in)."""
+
+  def setup(self):
+    kw = dict(config=self.config, mesh=self.mesh, rules=self.rules)
+    self.relpos_bias = RelativePositionBias(bidirectional=True, **kw)
+    self.layers = [EncoderLayer(**kw) for _ in range(self.config.num_layers)]
+    self.final_norm = RMSNorm(**kw)
+
+  def __call__(self, x: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    length = x.shape[1]
+    bias = self.relpos_bias(length, length) + _mask_bias(attention_mask)
+    for layer in self.layers:
+      x = layer(x, bias)
+    return self.final_norm(x)  # [batch, src_len, embed]
+
+
+class Decoder(_Base):
+  """T5 decoder stack; teacher-forced `__call__` and cached `step`."""
+
+  def setup(self):
+    kw = dict(config=self.config, mesh=self.mesh, rules=self.rules)
+    self.relpos_bias = RelativePositionBias(bidirectional=False, **kw)
+    self.layers = [
+        DecoderLayer(**kw) for _ in range(self.config.num_decoder_layers)
+    ]
+    self.final_norm = RMSNorm(**kw)
+
+  def cross_key_value(self, encoded: jax.Array) -> tuple[Any, ...]:
+    return tuple(layer.cross_key_value(encoded) for layer in self.layers)
+
+  def __call__(self, x: jax.Array, mask: jax.Array, cross_kv: tuple[Any, ...],
+               cross_bias: jax.Array) -> jax.Array:
+    length = x.shape[1]
+    causal = np.tril(np.ones((length, length), dtype=bool))
+    allowed = jnp.logical_and(causal[None, None], mask[:, None, None, :] > 0)
+    bias = self.relpos_bias(length, length) + jnp.where(allowed, 0.0, _NEG_INF)
+    for layer, kv in zip(self.layers, cross_kv):
+      x, _ = layer(x, bias, kv, cross_bias)
+    return self.final_norm(x)
+
+  def step(self, x: jax.Array, index: jax.Array, cache: tuple[Any, ...],
+           cross_kv: tuple[Any, ...], cross_bias: jax.Array
+           ) -> tuple[jax.Array, tuple[Any, ...]]:
+    max_len = cache[0][0].shape[1]
+    allowed = jnp.arange(max_len) <= index  # Keys written so far.
+    bias = (self.relpos_bias.at(index, max_len) +
+            jnp.where(allowed, 0.0, _NEG_INF)[None, None, None, :])
+    new_cache = []
+    for layer, kv, c in zip(self.layers, cross_kv, cache):
+      x, c = layer(x, bias, kv, cross_bias, cache=c, index=index)
+      new_cache.append(c)
+    return self.final_norm(x), tuple(new_cache)
+
+
+class LMHead(_Base):
+  """Untied output projection `[embed, vocab]` (T5 v1.1 / FLAN-T5)."""
+
+  def setup(self):
+    cfg = self.config
+    self.kernel = self._param("kernel", _normal(1.0),
+                              (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
+
+  def __call__(self, x: jax.Array) -> jax.Array:
+    logits = jnp.einsum("ble,ev->blv", x, self.kernel.astype(self.config.dtype),
+                        preferred_element_type=jnp.float32)
+    return self._constrain(logits, (_BATCH, _LENGTH, _VOCAB))
+
+
+class T5(_Base):
+  """T5 encoder-decoder with an LM head (tied or untied)."""
+
+  def setup(self):
+    kw = dict(config=self.config, mesh=self.mesh, rules=self.rules)
+    self.shared = Embed(**kw)
+    self.encoder = Encoder(**kw)
+    self.decoder = Decoder(**kw)
+    if not self.config.tie_word_embeddings:
+      self.lm_head = LMHead(**kw)
+
+  def _logits(self, x: jax.Array) -> jax.Array:
+    cfg = self.config
+    if cfg.scale_decoder_outputs:
+      x = x * (cfg.d_model ** -0.5)
+    if cfg.tie_word_embeddings:
+      return self.shared.attend(x)
+    return self.lm_head(x)
+
+  def encode(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+    return self.encoder(self.shared(input_ids), attention_mask)
+
+  def cross_key_value(self, encoded: jax.Array) -> tuple[Any, ...]:
+    return self.decoder.cross_key_value(encoded)
+
+  def decode(self, decoder_input_ids: jax.Array,
+             decoder_attention_mask: jax.Array, encoded: jax.Array,
+             attention_mask: jax.Array) -> jax.Array:
+    x = self.shared(decoder_input_ids)
+    cross_kv = self.decoder.cross_key_value(encoded)
+    x = self.decoder(x, decoder_attention_mask, cross_kv,
+                     _mask_bias(attention_mask))
+    return self._logits(x)
+
+  def decode_step(self, tokens: jax.Array, index: jax.Array,
+                  cache: tuple[Any, ...], cross_kv: tuple[Any, ...],
+                  attention_mask: jax.Array) -> tuple[jax.Array, Any]:
+    x = self.shared(tokens[:, None])  # [batch, 1, embed]
+    x, cache = self.decoder.step(x, index, cache, cross_kv,
+                                 _mask_bias(attention_mask))
+    return self._logits(x)[:, 0], cache
+
+  def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
+               decoder_input_ids: jax.Array,
+               decoder_attention_mask: jax.Array) -> jax.Array:
+    encoded = self.encode(input_ids, attention_mask)
+    return self.decode(decoder_input_ids, decoder_attention_mask, encoded,
+                       attention_mask)
+
+
+# ---------------------------------------------------------------------------
+# Pure functions over params.
+# ---------------------------------------------------------------------------
+
+
+class DecodeCache(NamedTuple):
+  """State of incremental decoding, a pytree.
+
+  Attributes:
+    self_kv: Per decoder layer, `(keys, values)` of the decoder's
+      self-attention, each `[batch, max_len, heads, kv]`, preallocated.
+    cross_kv: Per decoder layer, `(keys, values)` of the cross-attention over
+      the encoder output, each `[batch, src_len, heads, kv]`, computed once.
+    attention_mask: Encoder padding mask `[batch, src_len]`.
+    index: Scalar int32, the position the next `decode_step` writes.
+  """
+  self_kv: tuple[tuple[jax.Array, jax.Array], ...]
+  cross_kv: tuple[tuple[jax.Array, jax.Array], ...]
+  attention_mask: jax.Array
+  index: jax.Array
+
+
+def _model(config: T5Config, mesh: Mesh | None,
+           rules: LogicalRules) -> T5:
+  return T5(config=config, mesh=mesh, rules=rules)
+
+
+def _check_ids(name: str, ids: jax.Array, mask: jax.Array | None) -> None:
+  if ids.ndim != 2:
+    raise ValueError(f"{name} must be [batch, length], got shape {ids.shape}")
+  if mask is not None and mask.shape != ids.shape:
+    raise ValueError(f"the mask of {name} must have shape {ids.shape}, got"
+                     f" {mask.shape}")
+
+
+def forward(
+    params: Params,
+    config: T5Config,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    decoder_input_ids: jax.Array,
+    decoder_attention_mask: jax.Array | None = None,
+    *,
+    mesh: Mesh | None = None,
+    rules: LogicalRules = partitioning.DEFAULT_RULES,
+) -> jax.Array:
+  """Teacher-forced logits, `logits[b, t]` = distribution of target token t.
+
+  Args:
+    params: The parameter pytree.
+    config: Model hyperparameters (static under jit).
+    input_ids: Encoder ids `[batch, src_len]`.
+    attention_mask: Encoder mask `[batch, src_len]`, 1 = real token.
+    decoder_input_ids: `[batch, tgt_len]`, targets shifted right with
+      `config.decoder_start_token_id` first (see module docstring).
+    decoder_attention_mask: `[batch, tgt_len]`, 1 = real; all ones if None.
+    mesh: Optional mesh for activation sharding constraints.
+    rules: Logical axis rules.
+
+  Returns:
+    float32 logits `[batch, tgt_len, vocab]`.
+  """
+  _check_ids("input_ids", input_ids, attention_mask)
+  _check_ids("decoder_input_ids", decoder_input_ids, decoder_attention_mask)
+  if decoder_attention_mask is None:
+    decoder_attention_mask = jnp.ones_like(decoder_input_ids)
+  return _model(config, mesh, rules).apply(
+      {"params": params}, input_ids, attention_mask, decoder_input_ids,
+      decoder_attention_mask)
+
+
+def encode(
+    params: Params,
+    config: T5Config,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    *,
+    mesh: Mesh | None = None,
+    rules: LogicalRules = partitioning.DEFAULT_RULES,
+) -> jax.Array:
+  """Encoder output `[batch, src_len, embed]` in the compute dtype."""
+  _check_ids("input_ids", input_ids, attention_mask)
+  return _model(config, mesh, rules).apply(
+      {"params": params}, input_ids, attention_mask, method=T5.encode)
+
+
+def init_decode_cache(
+    params: Params,
+    config: T5Config,
+    encoded: jax.Array,
+    attention_mask: jax.Array,
+    *,
+    max_len: int,
+    mesh: Mesh | None = None,
+    rules: LogicalRules = partitioning.DEFAULT_RULES,
+) -> DecodeCache:
+  """Preallocates the self-attention cache and computes cross keys / values.
+
+  Args:
+    params: The parameter pytree.
+    config: Model hyperparameters.
+    encoded: Encoder output `[batch, src_len, embed]`.
+    attention_mask: Encoder mask `[batch, src_len]`.
+    max_len: Number of decoder positions the cache holds.
+    mesh: Optional mesh for activation sharding constraints.
+    rules: Logical axis rules.
+
+  Returns:
+    A `DecodeCache` at index 0.
+  """
+  if max_len < 1:
+    raise ValueError(f"max_len must be >= 1, got {max_len}")
+  batch = encoded.shape[0]
+  cross_kv = _model(config, mesh, rules).apply(
+      {"params": params}, encoded, method=T5.cross_key_value)
+  shape = (batch, max_len, config.num_heads, config.d_kv)
+
+  def zeros() -> jax.Array:
+    z = jnp.zeros(shape, config.dtype)  # [batch, max_len, heads, kv]
+    return partitioning.with_logical_constraint(
+        z, (_BATCH, _LENGTH, _HEADS, _KV), mesh=mesh, rules=rules)
+
+  self_kv = tuple((zeros(), zeros()) for _ in range(config.num_decoder_layers))
+  return DecodeCache(self_kv=self_kv, cross_kv=cross_kv,
+                     attention_mask=attention_mask,
+                     index=jnp.zeros((), jnp.int32))
+
+
+def decode_step(
+    params: Params,
+    config: T5Config,
+    tokens: jax.Array,
+    cache: DecodeCache,
+    *,
+    mesh: Mesh | None = None,
+    rules: LogicalRules = partitioning.DEFAULT_RULES,
+) -> tuple[jax.Array, DecodeCache]:
+  """One decoder position with the KV cache.
+
+  Args:
+    params: The parameter pytree.
+    config: Model hyperparameters.
+    tokens: `[batch]` decoder input ids at position `cache.index`.
+    cache: The decoding state.
+    mesh: Optional mesh for activation sharding constraints.
+    rules: Logical axis rules.
+
+  Returns:
+    float32 logits `[batch, vocab]` for the next token, and the cache with
+    this position written and `index + 1`.
+  """
+  logits, self_kv = _model(config, mesh, rules).apply(
+      {"params": params}, tokens, cache.index, cache.self_kv, cache.cross_kv,
+      cache.attention_mask, method=T5.decode_step)
+  return logits, cache._replace(self_kv=self_kv, index=cache.index + 1)
+
+
+def _dummy_inputs() -> tuple[jax.Array, ...]:
+  ids = jnp.zeros((1, 2), jnp.int32)
+  return ids, jnp.ones_like(ids), ids, jnp.ones_like(ids)
+
+
+def _boxed_init(config: T5Config, rng: jax.Array) -> Any:
+  return _model(config, None, partitioning.DEFAULT_RULES).init(
+      rng, *_dummy_inputs())["params"]
+
+
+def init_params(config: T5Config, rng: jax.Array) -> Params:
+  """Random parameters (HF T5's initialisation scales), in `param_dtype`."""
+  return nn.unbox(jax.jit(_boxed_init, static_argnums=0)(config, rng))
+
+
+def param_shapes(config: T5Config) -> Params:
+  """`jax.ShapeDtypeStruct` tree of the parameters, without allocating."""
+  return nn.unbox(jax.eval_shape(
+      functools.partial(_boxed_init, config), jax.random.key(0)))
+
+
+def logical_axes(config: T5Config) -> Any:
+  """Tree of logical axis-name tuples, one per parameter (same structure)."""
+  boxed = jax.eval_shape(functools.partial(_boxed_init, config),
+                         jax.random.key(0))
+  return jax.tree.map(lambda b: tuple(b.names), boxed,
+                      is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
