@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 
 $(STAMP): requirements.txt requirements-test.txt constraints.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet pip==26.3
 	$(PY) -m pip install --quiet -c constraints.txt -r requirements-test.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
@@ -21,10 +21,10 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(PY) -m ketchup_jax.demo
+	$(PY) examples/k_step_returns.py
 
 bench: $(STAMP)
-	$(PY) -m benchmarks.run
+	$(PY) -m benchmarks.returns
 
 clean:
 	rm -rf $(VENV) .pytest_cache
