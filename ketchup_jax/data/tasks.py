@@ -16,7 +16,6 @@ fractions cut that interval, so splits never share a key and are the same everyw
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect
 import json
 import os
@@ -49,22 +48,21 @@ class Task:
   metric_names: tuple[str, ...]
   load_split: Callable[[str], list[Example]] = dataclasses.field(repr=False)
   splits: tuple[str, ...] = SPLITS
+  _cache: dict[str, tuple[Example, ...]] = dataclasses.field(
+      default_factory=dict, init=False, repr=False, compare=False)
 
   def examples(self, split: str) -> list[Example]:
-    """All examples of ``split`` (a new list; the examples are shared dicts)."""
+    """All examples of ``split``, loaded once per task object, as fresh dicts."""
     if split not in self.splits:
       raise ValueError(f"split must be one of {self.splits} for task {self.name!r}, "
                        f"got {split!r}")
-    return list(_cached_load(self, split))
+    if split not in self._cache:
+      self._cache[split] = tuple(self.load_split(split))
+    return [dict(ex) for ex in self._cache[split]]
 
   def model_input(self, example: Mapping[str, str]) -> str:
     """The text the model reads: prefix + source."""
     return self.prefix + example["source"]
-
-
-@functools.lru_cache(maxsize=32)
-def _cached_load(task: Task, split: str) -> tuple[Example, ...]:
-  return tuple(task.load_split(split))
 
 
 def split_of(key: str, *, seed: int,
