@@ -72,8 +72,8 @@ def test_hf_wrapper_loads_a_local_directory_and_round_trips(tmp_path):
 
 def test_hf_wrapper_rejects_non_t5_ids_unless_asked(tmp_path):
   path = _tiny_hf_tokenizer(tmp_path, t5_ids=False)
-  with pytest.raises(ValueError, match="expected T5 ids pad_token_id=0, eos_token_id=1, "
-                     "got pad_token_id=1, eos_token_id=2"):
+  with pytest.raises(ValueError, match="expected T5 ids pad_token_id=0, "
+                     "eos_token_id=1, got pad_token_id=1, eos_token_id=2"):
     tokenizers.HFTokenizer.from_pretrained(path)
   tok = tokenizers.HFTokenizer.from_pretrained(path, require_t5_ids=False)
   assert (tok.pad_id, tok.eos_id, tok.unk_id) == (1, 2, 0)

@@ -78,7 +78,7 @@ class Stream:
     return splitmix64((self._base + self._count) & _MASK64)
 
   def randint(self, low: int, high: int) -> int:
-    """A draw from ``[low, high]`` inclusive (modulo reduction; the bias is < 2**-50)."""
+    """A draw from ``[low, high]`` inclusive (modulo reduction; bias < 2**-50)."""
     if high < low:
       raise ValueError(f"randint needs low <= high, got low={low}, high={high}")
     return low + self.next_u64() % (high - low + 1)

@@ -1,4 +1,4 @@
-"""Tokenisation, truncation, bucketed padding and a resumable, deterministic batch iterator.
+"""Tokenisation, truncation, bucketed padding and a resumable batch iterator.
 
 A batch is a dict of numpy arrays (T5X feature names)::
 
@@ -10,11 +10,11 @@ A batch is a dict of numpy arrays (T5X feature names)::
     example_mask            [B]    int32  1 for real examples, 0 for filler rows
 
 ``S`` and ``T`` are bucketed: the smallest configured bucket that holds the longest row
-in the batch (default buckets: powers of two from 8, then the maximum length), so a jitted
-step compiles once per bucket pair rather than once per batch.
+in the batch (default buckets: powers of two from 8, then the maximum length), so a
+jitted step compiles once per bucket pair rather than once per batch.
 
-The order is a pure function of ``(seed, epoch)`` (:func:`_hashing.permutation`), and the
-iterator's position is one integer, the global step: an iterator started at
+The order is a pure function of ``(seed, epoch)`` (:func:`_hashing.permutation`), and
+the iterator's position is one integer, the global step: an iterator started at
 ``start_step=s`` yields exactly the batches a fresh one yields after its first ``s``.
 """
 from __future__ import annotations

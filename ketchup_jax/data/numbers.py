@@ -12,8 +12,8 @@ hundred", 0 = "zero", 45010 = "forty-five thousand ten".
 - numbers are written as one word up to and including *duizend*; after *duizend* comes a
   space: 1234 = "duizend tweehonderdvierendertig", 2025 = "tweeduizend vijfentwintig",
   47800 = "zevenenveertigduizend achthonderd";
-- the unit precedes the tens, joined by *en*; after a unit ending in *e* (twee, drie) the
-  joint is written *ën*: 21 "eenentwintig", 22 "tweeëntwintig", 33 "drieëndertig";
+- the unit precedes the tens, joined by *en*; after a unit ending in *e* (twee, drie)
+  the joint is written *ën*: 21 "eenentwintig", 22 "tweeëntwintig", 33 "drieëndertig";
 - no "een" before *honderd* and *duizend*: 100 "honderd", 101 "honderdeen", 1000
   "duizend", 1100 "duizend honderd" (the alternative "elfhonderd" is not used, so the
   mapping is one-to-one);
@@ -105,7 +105,8 @@ def _nl_standalone(word: str) -> str:
 def dutch(n: int) -> str:
   """Dutch number words for ``0 <= n <= 999999`` (Taalunie convention, module doc).
 
-  Examples: 22 → "tweeëntwintig", 101 → "honderdeen", 2025 → "tweeduizend vijfentwintig".
+  Examples: 22 → "tweeëntwintig", 101 → "honderdeen",
+  2025 → "tweeduizend vijfentwintig".
   """
   _check_range(n)
   if n == 0:

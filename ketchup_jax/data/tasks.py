@@ -97,7 +97,8 @@ def _check_fractions(fractions: Sequence[float]) -> None:
 def _check_max_examples(max_examples: int | None) -> None:
   if max_examples is not None and (not isinstance(max_examples, int)
                                    or max_examples < 1):
-    raise ValueError(f"max_examples must be None or a positive int, got {max_examples!r}")
+    raise ValueError("max_examples must be None or a positive int, got "
+                     f"{max_examples!r}")
 
 
 # --------------------------------------------------------------------------- embedded
@@ -346,7 +347,7 @@ def xsum(*, data_dir: str | None = None, prefix: str = "summarize: ",
 
 def gsm8k(*, data_dir: str | None = None, prefix: str = "solve: ", seed: int = 0,
           validation_fraction: float = 0.05, max_examples: int | None = None) -> Task:
-  """GSM8K (TFDS ``gsm8k``: ``question`` → ``answer``), evaluated by final-number accuracy.
+  """GSM8K (TFDS ``gsm8k``: ``question`` → ``answer``), scored by final-number accuracy.
 
   GSM8K has only train and test; ``validation`` is carved from train by hashing each
   question with ``seed`` (``validation_fraction`` of it), and ``train`` excludes it.
@@ -363,7 +364,8 @@ def gsm8k(*, data_dir: str | None = None, prefix: str = "solve: ", seed: int = 0
   """
   _check_max_examples(max_examples)
   if not 0 < validation_fraction < 1:
-    raise ValueError(f"validation_fraction must be in (0, 1), got {validation_fraction!r}")
+    raise ValueError("validation_fraction must be in (0, 1), got "
+                     f"{validation_fraction!r}")
   fractions = (1 - validation_fraction, validation_fraction, 0.0)
 
   def load(split: str) -> list[Example]:

@@ -233,7 +233,7 @@ class WordTokenizer(Tokenizer):
     return ids
 
   def _segment(self, piece: str) -> list[int]:
-    """Fewest-token segmentation of ``piece`` (dynamic programming; unk per unseen char).
+    """Fewest-token segmentation of ``piece`` (dynamic programming; unseen char: unk).
 
     Ties go to the segmentation whose first differing token is longer, so the result is
     unique.
@@ -296,6 +296,7 @@ def get_tokenizer(kind: str, *, path: str | os.PathLike | None = None,
     if path is not None:
       return WordTokenizer.load(path)
     if texts is None:
-      raise ValueError("tokenizer kind 'word' needs path=<vocab.json> or texts=<corpus>")
+      raise ValueError("tokenizer kind 'word' needs path=<vocab.json> or "
+                       "texts=<corpus>")
     return WordTokenizer.train(texts, max_vocab=vocab_size or 1024)
   raise ValueError(f"tokenizer kind must be one of 'byte', 'hf', 'word', got {kind!r}")
