@@ -56,6 +56,11 @@ def test_numbers_examples_pair_english_with_dutch():
   pairs = {ex["source"]: ex["target"] for s in tasks.SPLITS for ex in task.examples(s)}
   assert pairs["twenty-two"] == "tweeëntwintig"
   assert task.model_input({"source": "five"}) == "translate English to Dutch: five"
+  texts = task.texts("train")
+  n = len(task.examples("train"))
+  assert len(texts) == 2 * n
+  assert texts[0].startswith("translate English to Dutch: ")
+  assert texts[n] == task.examples("train")[0]["target"]
 
 
 def test_bad_split_and_bad_fractions():

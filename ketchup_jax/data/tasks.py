@@ -64,6 +64,11 @@ class Task:
     """The text the model reads: prefix + source."""
     return self.prefix + example["source"]
 
+  def texts(self, split: str = "train") -> list[str]:
+    """Every model input then every target of ``split`` (e.g. to train a tokenizer)."""
+    examples = self.examples(split)
+    return [self.model_input(ex) for ex in examples] + [ex["target"] for ex in examples]
+
 
 def split_of(key: str, *, seed: int,
              fractions: Sequence[float] = DEFAULT_FRACTIONS) -> str:

@@ -137,6 +137,8 @@ class HFTokenizer(Tokenizer):
 
   @property
   def vocab_size(self) -> int:
+    """Tokens the tokenizer knows (T5: 32100; a model's embedding may be padded larger,
+    e.g. T5's 32128)."""
     return len(self._tok)
 
   def encode(self, text: str) -> list[int]:
