@@ -113,8 +113,28 @@ def relative_position_bucket(
 # ---------------------------------------------------------------------------
 
 
-def _normal(stddev: float) -> nn.initializers.Initializer:
-  return nn.initializers.normal(stddev=stddev)
+def init_stddev(path: tuple[str, ...], config: T5Config) -> float | None:
+  """Initial standard deviation of the parameter at `path` (None: ones).
+
+  HF T5's initialisation (`initializer_factor` 1): attention `q` by
+  `(d_model * d_kv) ** -0.5`, `k` / `v` by `d_model ** -0.5`, `o` by
+  `(heads * d_kv) ** -0.5`, feed-forward `wi*` by `d_model ** -0.5` and `wo`
+  by `d_ff ** -0.5`, embeddings and `lm_head` by 1, relative position biases
+  by `d_model ** -0.5`, norm scales 1. Used by the modules' own initialisers
+  and by the fast `init_params`, so there is one table.
+  """
+  e, d, h, f = config.d_model, config.d_kv, config.num_heads, config.d_ff
+  name, parent = path[-1], path[-2] if len(path) > 1 else ""
+  if name == "scale":
+    return None
+  if name == "embedding":
+    return e ** -0.5 if parent == "relpos_bias" else 1.0
+  table = {"kernel": 1.0, "q": (e * d) ** -0.5, "k": e ** -0.5,
+           "v": e ** -0.5, "o": (h * d) ** -0.5, "wi": e ** -0.5,
+           "wi_0": e ** -0.5, "wi_1": e ** -0.5, "wo": f ** -0.5}
+  if name not in table:
+    raise ValueError(f"no initialiser for parameter {'/'.join(path)!r}")
+  return table[name]
 
 
 class _Base(nn.Module):
@@ -123,8 +143,11 @@ class _Base(nn.Module):
   mesh: Mesh | None = None
   rules: LogicalRules = partitioning.DEFAULT_RULES
 
-  def _param(self, name: str, init: Any, shape: tuple[int, ...],
+  def _param(self, name: str, shape: tuple[int, ...],
              axes: tuple[str, ...]) -> jax.Array:
+    std = init_stddev(tuple(self.scope.path) + (name,), self.config)
+    init = (nn.initializers.ones if std is None else
+            nn.initializers.normal(stddev=std))
     return self.param(name, nn.with_logical_partitioning(init, axes), shape,
                       self.config.param_dtype)
 
@@ -138,7 +161,7 @@ class RMSNorm(_Base):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    scale = self._param("scale", nn.initializers.ones, (self.config.d_model,),
+    scale = self._param("scale", (self.config.d_model,),
                         ("embed",))
     x32 = x.astype(jnp.float32)  # [batch, length, embed]
     var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
@@ -151,8 +174,7 @@ class Embed(_Base):
 
   def setup(self):
     cfg = self.config
-    self.embedding = self._param("embedding", _normal(1.0),
-                                 (cfg.vocab_size, cfg.d_model),
+    self.embedding = self._param("embedding", (cfg.vocab_size, cfg.d_model),
                                  ("vocab", "embed"))
 
   def __call__(self, ids: jax.Array) -> jax.Array:
@@ -173,10 +195,10 @@ class Attention(_Base):
     cfg = self.config
     h, d, e = cfg.num_heads, cfg.d_kv, cfg.d_model
     in_axes, out_axes = ("embed", "heads", "kv"), ("heads", "kv", "embed")
-    self.q = self._param("q", _normal((e * d) ** -0.5), (e, h, d), in_axes)
-    self.k = self._param("k", _normal(e ** -0.5), (e, h, d), in_axes)
-    self.v = self._param("v", _normal(e ** -0.5), (e, h, d), in_axes)
-    self.o = self._param("o", _normal((h * d) ** -0.5), (h, d, e), out_axes)
+    self.q = self._param("q", (e, h, d), in_axes)
+    self.k = self._param("k", (e, h, d), in_axes)
+    self.v = self._param("v", (e, h, d), in_axes)
+    self.o = self._param("o", (h, d, e), out_axes)
 
   def _project(self, x: jax.Array, kernel: jax.Array) -> jax.Array:
     y = jnp.einsum("ble,ehd->blhd", x, kernel.astype(self.config.dtype))
@@ -229,7 +251,7 @@ class MLP(_Base):
     act = _ACTIVATIONS[cfg.dense_act_fn]
 
     def proj(name: str) -> jax.Array:
-      w = self._param(name, _normal(e ** -0.5), (e, f), ("embed", "mlp"))
+      w = self._param(name, (e, f), ("embed", "mlp"))
       h = jnp.einsum("ble,ef->blf", x, w.astype(cfg.dtype))
       return self._constrain(h, (_BATCH, _LENGTH, _MLP))  # [b, l, mlp]
 
@@ -237,7 +259,7 @@ class MLP(_Base):
       h = act(proj("wi_0")) * proj("wi_1")
     else:
       h = act(proj("wi"))
-    wo = self._param("wo", _normal(f ** -0.5), (f, e), ("mlp", "embed"))
+    wo = self._param("wo", (f, e), ("mlp", "embed"))
     y = jnp.einsum("blf,fe->ble", h, wo.astype(cfg.dtype))
     return self._constrain(y, (_BATCH, _LENGTH, _EMBED))
 
@@ -327,8 +349,7 @@ class RelativePositionBias(_Base):
   def setup(self):
     cfg = self.config
     self.embedding = self._param(
-        "embedding", _normal(cfg.d_model ** -0.5),
-        (cfg.relative_attention_num_buckets, cfg.num_heads),
+        "embedding", (cfg.relative_attention_num_buckets, cfg.num_heads),
         ("relpos_buckets", "heads"))
 
   def _buckets(self, relative: np.ndarray) -> np.ndarray:
@@ -413,8 +434,8 @@ class LMHead(_Base):
 
   def setup(self):
     cfg = self.config
-    self.kernel = self._param("kernel", _normal(1.0),
-                              (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
+    self.kernel = self._param("kernel", (cfg.d_model, cfg.vocab_size),
+                              ("embed", "vocab"))
 
   def __call__(self, x: jax.Array) -> jax.Array:
     logits = jnp.einsum("ble,ev->blv", x, self.kernel.astype(self.config.dtype),
@@ -639,9 +660,43 @@ def _boxed_init(config: T5Config, rng: jax.Array) -> Any:
       rng, *_dummy_inputs())["params"]
 
 
+_INIT_CHUNK = 1 << 24  # Elements per random draw in `init_params`.
+
+
+@functools.partial(jax.jit, static_argnums=1)
+def _standard_normal(rng: jax.Array, size: int) -> jax.Array:
+  return jax.random.normal(rng, (size,), jnp.float32)
+
+
 def init_params(config: T5Config, rng: jax.Array) -> Params:
-  """Random parameters (HF T5's initialisation scales), in `param_dtype`."""
-  return nn.unbox(jax.jit(_boxed_init, static_argnums=0)(config, rng))
+  """Random parameters with HF T5's scales (`init_stddev`), as numpy arrays.
+
+  All parameters are cut from one stream of standard normals drawn in
+  fixed-size chunks (one compiled random kernel, bounded device memory), then
+  scaled on the host; norm scales are ones. Leaves are `param_dtype` numpy
+  arrays; `ketchup_jax.models.place_params` puts them on devices.
+  """
+  shapes = param_shapes(config)
+  flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+  total = sum(leaf.size for _, leaf in flat)
+  chunk = min(total, _INIT_CHUNK)
+  stream, buffered, index = [], 0, 0
+  leaves = []
+  for path, leaf in flat:
+    names = tuple(p.key for p in path)
+    std = init_stddev(names, config)
+    if std is None:
+      leaves.append(np.ones(leaf.shape, leaf.dtype))
+      continue
+    while buffered < leaf.size:
+      stream.append(np.asarray(
+          _standard_normal(jax.random.fold_in(rng, index), chunk)))
+      buffered += chunk
+      index += 1
+    z = np.concatenate(stream) if len(stream) > 1 else stream[0]
+    leaves.append((z[:leaf.size].reshape(leaf.shape) * std).astype(leaf.dtype))
+    stream, buffered = [z[leaf.size:]], buffered - leaf.size
+  return jax.tree.unflatten(treedef, leaves)
 
 
 def param_shapes(config: T5Config) -> Params:
