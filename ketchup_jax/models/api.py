@@ -98,6 +98,8 @@ class T5LM:
              top_p: float = 1.0,
              rng: jax.Array | None = None) -> sampling.SampleOutput:
     """Like `generate`, returning tokens, log-probs, lengths and done flags."""
+    sampling.check_options(max_new_tokens=max_new_tokens,
+                           temperature=temperature, top_k=top_k, top_p=top_p)
     input_ids, attention_mask = self._put_batch(input_ids, attention_mask)
     return _sample_jit(self.params, self.config, input_ids, attention_mask,
                        rng, max_new_tokens=max_new_tokens,

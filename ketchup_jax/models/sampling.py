@@ -101,6 +101,19 @@ def _choose(logits: jax.Array, rng: jax.Array, temperature: jax.Array,
   return jax.lax.cond(temperature > 0, sampled, greedy, None)
 
 
+def check_options(*, max_new_tokens: int, temperature: float | jax.Array,
+                  top_k: int | jax.Array, top_p: float | jax.Array) -> None:
+  """Raises ValueError for out-of-range options (traced values are skipped)."""
+  if max_new_tokens < 1:
+    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+  for name, value, ok, form in (
+      ("temperature", temperature, lambda v: v >= 0, ">= 0"),
+      ("top_k", top_k, lambda v: v >= 0, ">= 0"),
+      ("top_p", top_p, lambda v: 0 < v <= 1, "in (0, 1]")):
+    if isinstance(value, (int, float)) and not ok(value):
+      raise ValueError(f"{name} must be {form}, got {value}")
+
+
 def sample(
     params: t5.Params,
     config: T5Config,
@@ -140,14 +153,8 @@ def sample(
     ValueError: if `max_new_tokens < 1` or concrete sampling options are out of
       range.
   """
-  if max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-  for name, value, ok, form in (
-      ("temperature", temperature, lambda v: v >= 0, ">= 0"),
-      ("top_k", top_k, lambda v: v >= 0, ">= 0"),
-      ("top_p", top_p, lambda v: 0 < v <= 1, "in (0, 1]")):
-    if isinstance(value, (int, float)) and not ok(value):
-      raise ValueError(f"{name} must be {form}, got {value}")
+  check_options(max_new_tokens=max_new_tokens, temperature=temperature,
+                top_k=top_k, top_p=top_p)
   if rng is None:
     rng = jax.random.key(0)
   temperature = jnp.asarray(temperature, jnp.float32)
