@@ -1,0 +1,1 @@
+"""Run configurations (`--config=configs/<name>.py`)."""

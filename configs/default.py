@@ -1,0 +1,147 @@
+"""Default configuration: every field, with what it means.
+
+Task configs start from `get_config()` and override fields; the command line
+overrides them again, e.g. `--config.rl.k=8 --config.rl.steps=500`.
+"""
+
+import ml_collections
+
+
+def optim(*, steps: int, learning_rate: float, batch_size: int,
+          schedule: str = "linear", warmup_steps: int = 0,
+          weight_decay: float = 0.0, max_grad_norm: float = 1.0,
+          grad_accum: int = 1) -> ml_collections.ConfigDict:
+  """The optimizer fields every training stage has."""
+  return ml_collections.ConfigDict(dict(
+      # Optimizer updates in the stage.
+      steps=steps,
+      # Global batch size of one micro-batch (rows, split over data x fsdp).
+      batch_size=batch_size,
+      # Peak learning rate of AdamW.
+      learning_rate=learning_rate,
+      # "linear" (decay to 0 after warmup) or "constant".
+      schedule=schedule,
+      # Linear warmup updates.
+      warmup_steps=warmup_steps,
+      # AdamW decoupled weight decay.
+      weight_decay=weight_decay,
+      # Global-norm gradient clipping; 0 disables.
+      max_grad_norm=max_grad_norm,
+      # Micro-batches per optimizer update (gradient accumulation).
+      grad_accum=grad_accum,
+  ))
+
+
+def model(init_from: str, *, dtype: str = "float32",
+          param_dtype: str = "float32") -> ml_collections.ConfigDict:
+  """Where a model comes from and how it computes."""
+  return ml_collections.ConfigDict(dict(
+      # "scratch:<size>" (random init; sizes: tiny, small, base, large, xl,
+      # t5-small, ...), "stage:<name>" (the model a previous stage of this
+      # run exported), or an HF directory / hub name (config.json +
+      # model.safetensors).
+      init_from=init_from,
+      # Compute dtype: "bfloat16" on TPU/GPU, "float32" on CPU.
+      dtype=dtype,
+      # Parameter (master weight) dtype.
+      param_dtype=param_dtype,
+      # Field overrides for "scratch:" models (d_model, num_layers, ...).
+      overrides=ml_collections.ConfigDict(),
+  ))
+
+
+def get_config() -> ml_collections.ConfigDict:
+  """The default: KETCHUP K=4 on the embedded numbers_en_nl task, tiny models."""
+  c = ml_collections.ConfigDict()
+  # Seed of parameter init, data order and rollouts.
+  c.seed = 0
+  # Stages to run, in order: teacher_sft, predistill, rl, eval. A finished
+  # stage (DIR/stages/<stage>.json) is skipped on rerun.
+  c.stages = "teacher_sft,predistill,rl,eval"
+
+  c.task = ml_collections.ConfigDict(dict(
+      # numbers_en_nl, arith (embedded); xsum, gsm8k (TFDS); europarl_en_nl,
+      # jsonl (files: options.paths).
+      name="numbers_en_nl",
+      # Keyword options of the task builder (see ketchup_jax.data.tasks).
+      options=ml_collections.ConfigDict(),
+  ))
+  c.tokenizer = ml_collections.ConfigDict(dict(
+      # "byte" (no files), "word" (trained on the train split, saved to
+      # DIR/tokenizer.json), or "hf" (a local tokenizer directory in `path`).
+      kind="byte",
+      # hf: tokenizer directory; word: a saved vocabulary (optional).
+      path="",
+      # byte: padded vocabulary size; word: maximum vocabulary; 0 = default.
+      vocab_size=0,
+  ))
+  # Token caps, EOS included; longer examples are truncated and counted.
+  c.max_source_len = 64
+  c.max_target_len = 64
+
+  # The teacher and the student; they must share one vocabulary.
+  c.teacher = model("scratch:tiny")
+  c.student = model("scratch:tiny")
+
+  # Stage teacher_sft: cross-entropy of the teacher on the gold targets.
+  c.teacher_sft = optim(steps=200, learning_rate=1e-3, batch_size=32)
+
+  # Stage predistill: the student learns from the teacher before RL.
+  c.predistill = optim(steps=200, learning_rate=1e-3, batch_size=32)
+  # "seqkd" (cross-entropy on the teacher's greedy outputs), or word-level
+  # "kl", "rkl", "js", "tvd" on the gold targets.
+  c.predistill.method = "seqkd"
+  # Length of the teacher's greedy outputs for seqkd.
+  c.predistill.max_decode_len = 64
+
+  # Stage rl: KETCHUP (SPEC §2-3), starting from the predistilled student.
+  c.rl = optim(steps=100, learning_rate=1e-5, batch_size=8)
+  # Jump length K of the K-step return; 1 is LLMR.
+  c.rl.k = 4
+  # Several K from the same start, one run each (rl_k<K>); empty = (k,).
+  c.rl.ks = ()
+  # State value: "max" (Bellman optimality) or "expected" (softmax-weighted).
+  c.rl.value = "max"
+  # Centre the teacher logits per position into Q-values.
+  c.rl.center_logits = True
+  # Rollouts without EOS: "drop" (excluded, loss scaled by the finished
+  # fraction), "terminal" (last position is terminal) or "bootstrap".
+  c.rl.unfinished = "drop"
+  # Baseline b_t: "none", "batch_mean" or "teacher_expected".
+  c.rl.baseline = "none"
+  # Weight w_t: "none", "importance" (pi/mu) or "reference_compat" (pi).
+  c.rl.weight = "none"
+  # Advantage divisor.
+  c.rl.denom = 1.0
+  # Advantage clip c (authors' default 50).
+  c.rl.reward_clip = 50.0
+  # Entropy bonus beta.
+  c.rl.entropy_coef = 0.0
+  # Rollout length (new tokens) and sampling settings.
+  c.rl.max_decode_len = 64
+  c.rl.temperature = 1.0
+  c.rl.top_k = 0
+  c.rl.top_p = 1.0
+
+  c.eval = ml_collections.ConfigDict(dict(
+      # Split to evaluate on.
+      split="test",
+      # Rows per decoding batch.
+      batch_size=64,
+      # Evaluate on the first N examples of the split; 0 = all.
+      max_examples=0,
+      # Greedy decoding length.
+      max_decode_len=64,
+      # K values of the return-variance / bias diagnostic (plots/).
+      diag_ks=(1, 2, 4, 8, 16),
+      # Rollout batches of the diagnostic.
+      diag_batches=4,
+  ))
+
+  # Device mesh; one of the sizes may be -1 (all devices left over).
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Save a checkpoint every N micro-steps (and at the end of each stage).
+  c.checkpoint_every = 100
+  # Log metrics every N micro-steps.
+  c.log_every = 10
+  return c

@@ -1,0 +1,28 @@
+"""Every stage in seconds on 2 CPU cores: the configuration tests and CI use."""
+
+from configs import default
+
+
+def get_config():
+  c = default.get_config()
+  c.task.options.max_number = 299
+  c.tokenizer.kind = "word"
+  c.tokenizer.vocab_size = 256
+  c.max_source_len = 24
+  c.max_target_len = 16
+  for stage in ("teacher_sft", "predistill", "rl"):
+    c[stage].batch_size = 8
+    c[stage].steps = 3
+    c[stage].learning_rate = 1e-3
+  c.predistill.max_decode_len = 12
+  c.rl.k = 2
+  c.rl.max_decode_len = 12
+  c.rl.unfinished = "terminal"
+  c.eval.batch_size = 16
+  c.eval.max_examples = 16
+  c.eval.max_decode_len = 12
+  c.eval.diag_ks = (1, 2, 4)
+  c.eval.diag_batches = 1
+  c.checkpoint_every = 2
+  c.log_every = 1
+  return c

@@ -1,0 +1,43 @@
+"""Command line: `python -m ketchup_jax.main --config=configs/xsum_k4.py --workdir=DIR`.
+
+Config fields can be overridden on the command line, e.g. `--config.rl.k=8`.
+A bad configuration or input prints one `error:` line and exits with status 2.
+"""
+
+import logging as std_logging
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from ketchup_jax.train import pipeline
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Run directory.")
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to a config file (configs/*.py).", lock_config=True)
+flags.mark_flags_as_required(["config", "workdir"])
+
+
+class _QuietLibraries(std_logging.Filter):
+  """Drops INFO chatter of Orbax (one line per file written) from the log."""
+
+  def filter(self, record):
+    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  logging.get_absl_logger().addFilter(_QuietLibraries())
+  try:
+    pipeline.run(_CONFIG.value, _WORKDIR.value)
+  except (ValueError, FileNotFoundError, PermissionError, OSError) as e:
+    logging.error("%s: %s", type(e).__name__, e)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  app.run(main)

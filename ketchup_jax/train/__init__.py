@@ -1,0 +1,1 @@
+"""Training: shared state/optimizer, step functions, checkpoints, the pipeline."""

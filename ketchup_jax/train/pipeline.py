@@ -1,0 +1,686 @@
+"""The distillation pipeline: teacher SFT -> pre-distillation -> KETCHUP RL -> eval.
+
+`run(config, workdir)` is what `python -m ketchup_jax.main` calls. Layout of
+the run directory `DIR`:
+
+    config.json               the configuration used
+    tokenizer.json            the word-level vocabulary (tokenizer.kind=word)
+    checkpoints/<stage>/      Orbax train states (resume)
+    models/<stage>/           each stage's final model, HF format
+    stages/<stage>.json       marks a finished stage (skipped on rerun)
+    metrics.jsonl             one JSON object per logged step
+    tensorboard/              TensorBoard events
+    predictions/<model>.jsonl greedy outputs on the eval split
+    results.json, results.md  metrics and parameter checksums per model
+    plots/                    return variance and bias against K
+
+Everything is checked before anything is written: a bad config, task, file,
+vocabulary or mesh raises `ValueError` and leaves `DIR` untouched.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import json
+import os
+import time
+from typing import Any, Callable
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+import ml_collections
+import numpy as np
+import optax
+import tqdm
+
+from ketchup_jax import data as data_lib
+from ketchup_jax import models
+from ketchup_jax import partitioning
+from ketchup_jax import returns
+from ketchup_jax.train import checkpoints
+from ketchup_jax.train import evaluate
+from ketchup_jax.train import state as state_lib
+from ketchup_jax.train import steps
+from ketchup_jax.train import writer as writer_lib
+
+STAGES = ("teacher_sft", "predistill", "rl", "eval")
+PREDISTILL_METHODS = ("seqkd", "kl", "rkl", "js", "tvd")
+_LOG_KEYS = ("loss", "return_mean", "return_var", "return_var_k1",
+             "bias_mean", "entropy", "grad_norm", "finished_fraction",
+             "tokens_per_s")
+
+
+# --------------------------------------------------------------------------
+# Configuration checks
+# --------------------------------------------------------------------------
+
+
+def parse_stages(stages: str) -> tuple[str, ...]:
+  names = tuple(s.strip() for s in stages.split(",") if s.strip())
+  unknown = [s for s in names if s not in STAGES]
+  if unknown or not names:
+    raise ValueError(f"config.stages must be a comma-separated list from "
+                     f"{STAGES}, got {stages!r}")
+  return names
+
+
+def rl_ks(cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
+  ks = tuple(cfg.rl.ks) or (cfg.rl.k,)
+  for k in ks:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+      raise ValueError(f"config.rl.ks / rl.k must hold ints >= 1, got {ks!r}")
+  return ks
+
+
+def check_config(cfg: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first bad field."""
+  parse_stages(cfg.stages)
+  rl_ks(cfg)
+  for name in ("max_source_len", "max_target_len"):
+    if not isinstance(cfg[name], int) or cfg[name] < 1:
+      raise ValueError(f"config.{name} must be an int >= 1, got {cfg[name]!r}")
+  for name in ("checkpoint_every", "log_every"):
+    if not isinstance(cfg[name], int) or cfg[name] < 1:
+      raise ValueError(f"config.{name} must be an int >= 1, got {cfg[name]!r}")
+  if cfg.predistill.method not in PREDISTILL_METHODS:
+    raise ValueError(f"config.predistill.method must be one of "
+                     f"{PREDISTILL_METHODS}, got {cfg.predistill.method!r}")
+  for stage in ("teacher_sft", "predistill", "rl"):
+    sub = cfg[stage]
+    if not isinstance(sub.batch_size, int) or sub.batch_size < 1:
+      raise ValueError(f"config.{stage}.batch_size must be an int >= 1, got "
+                       f"{sub.batch_size!r}")
+    try:
+      state_lib.OptimConfig.from_config(sub)
+    except ValueError as e:
+      raise ValueError(f"config.{stage}: {e}") from None
+  for k in rl_ks(cfg):
+    steps.RLConfig.from_config(cfg.rl, k=k)
+  for name in ("max_decode_len", "batch_size", "diag_batches"):
+    if not isinstance(cfg.eval[name], int) or cfg.eval[name] < 1:
+      raise ValueError(f"config.eval.{name} must be an int >= 1, got "
+                       f"{cfg.eval[name]!r}")
+  if not isinstance(cfg.predistill.max_decode_len, int) or (
+      cfg.predistill.max_decode_len < 1):
+    raise ValueError(f"config.predistill.max_decode_len must be an int >= 1, "
+                     f"got {cfg.predistill.max_decode_len!r}")
+
+
+# --------------------------------------------------------------------------
+# Set-up shared by the stages
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class Run:
+  """What every stage of one run shares."""
+  cfg: ml_collections.ConfigDict
+  workdir: str
+  mesh: jax.sharding.Mesh
+  task: data_lib.Task
+  tokenizer: data_lib.Tokenizer
+  train: data_lib.TokenizedExamples
+  eval: data_lib.TokenizedExamples
+  eval_references: list[str]
+  writer: writer_lib.MetricWriter | None = None
+
+  @property
+  def batch_multiple(self) -> int:
+    return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+
+  @property
+  def is_main(self) -> bool:
+    return jax.process_index() == 0
+
+  def path(self, *parts: str) -> str:
+    return os.path.join(self.workdir, *parts)
+
+  def batch_sharding(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P(("data", "fsdp")))
+
+  def replicated(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P())
+
+
+def _make_tokenizer(cfg: ml_collections.ConfigDict, task: data_lib.Task,
+                    workdir: str) -> data_lib.Tokenizer:
+  kind = cfg.tokenizer.kind
+  size = cfg.tokenizer.vocab_size or None
+  if kind == "word" and not cfg.tokenizer.path:
+    saved = os.path.join(workdir, "tokenizer.json")
+    if os.path.exists(saved):
+      return data_lib.get_tokenizer("word", path=saved)
+    return data_lib.get_tokenizer("word", texts=task.texts("train"),
+                                  vocab_size=size)
+  if kind not in ("byte", "word", "hf"):
+    raise ValueError(f"config.tokenizer.kind must be 'byte', 'word' or 'hf', "
+                     f"got {kind!r}")
+  return data_lib.get_tokenizer(kind, path=cfg.tokenizer.path or None,
+                                vocab_size=size)
+
+
+def _limit(examples: list[dict[str, str]], n: int) -> list[dict[str, str]]:
+  return examples[:n] if n else examples
+
+
+def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
+  """Validates the config and builds the mesh, task, tokenizer and data.
+
+  Writes nothing.
+  """
+  check_config(cfg)
+  mesh = partitioning.make_mesh(data=cfg.mesh.data, fsdp=cfg.mesh.fsdp,
+                                tensor=cfg.mesh.tensor)
+  task = data_lib.get_task(cfg.task.name, **cfg.task.options.to_dict())
+  tokenizer = _make_tokenizer(cfg, task, workdir)
+  tok = functools.partial(data_lib.tokenize, tokenizer=tokenizer,
+                          max_source_len=cfg.max_source_len,
+                          max_target_len=cfg.max_target_len,
+                          prefix=task.prefix)
+  train = tok(task.examples("train"))
+  eval_examples = _limit(task.examples(cfg.eval.split), cfg.eval.max_examples)
+  if not eval_examples:
+    raise ValueError(f"task {task.name!r} has no examples in split "
+                     f"{cfg.eval.split!r}")
+  evaluation = tok(eval_examples)
+  for name, stats in (("train", train.stats), (cfg.eval.split,
+                                                evaluation.stats)):
+    logging.info("data %s: %s", name, stats)
+  for stage in ("teacher_sft", "predistill", "rl"):
+    if cfg[stage].batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
+      raise ValueError(
+          f"config.{stage}.batch_size={cfg[stage].batch_size} must be a "
+          f"multiple of the data shards (mesh data x fsdp = "
+          f"{mesh.shape['data'] * mesh.shape['fsdp']})")
+  return Run(cfg=cfg, workdir=workdir, mesh=mesh, task=task,
+             tokenizer=tokenizer, train=train, eval=evaluation,
+             eval_references=[ex["target"] for ex in eval_examples])
+
+
+# --------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def load_model(run: Run, role: str, init_from: str,
+               model_cfg: ml_collections.ConfigDict,
+               seed: int) -> models.T5LM:
+  """Builds or loads a model from an `init_from` spec (see configs/default)."""
+  kw = dict(dtype=jnp.dtype(model_cfg.dtype),
+            param_dtype=jnp.dtype(model_cfg.param_dtype))
+  if init_from.startswith("scratch:"):
+    overrides = dict(model_cfg.overrides.to_dict())
+    overrides.setdefault("vocab_size",
+                         _round_up(run.tokenizer.vocab_size, 8))
+    lm = models.init(init_from[len("scratch:"):], jax.random.PRNGKey(seed),
+                     mesh=run.mesh, **overrides, **kw)
+  elif init_from.startswith("stage:"):
+    path = run.path("models", init_from[len("stage:"):])
+    if not os.path.isdir(path):
+      raise ValueError(f"{role}.init_from={init_from!r}: no model at {path}; "
+                       f"run that stage first")
+    lm = models.load(path, mesh=run.mesh, **kw)
+  else:
+    lm = models.load(init_from, mesh=run.mesh, **kw)
+  if lm.config.vocab_size < run.tokenizer.vocab_size:
+    raise ValueError(
+        f"{role} vocabulary has {lm.config.vocab_size} entries but the "
+        f"tokenizer produces ids up to {run.tokenizer.vocab_size - 1}")
+  return lm
+
+
+def check_same_vocab(teacher: models.T5LM, student: models.T5LM) -> None:
+  if teacher.config.vocab_size != student.config.vocab_size:
+    raise ValueError(
+        f"teacher and student vocabularies differ: teacher has "
+        f"{teacher.config.vocab_size} entries, student "
+        f"{student.config.vocab_size}; they must share one tokenizer")
+
+
+def params_checksum(params: Any) -> str:
+  """SHA-256 over every parameter's path, dtype, shape and bytes."""
+  digest = hashlib.sha256()
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+    array = np.asarray(jax.device_get(leaf))
+    digest.update(jax.tree_util.keystr(path).encode())
+    digest.update(f"{array.dtype}{array.shape}".encode())
+    digest.update(np.ascontiguousarray(array).tobytes())
+  return digest.hexdigest()
+
+
+def _export(run: Run, name: str, lm: models.T5LM) -> None:
+  if run.is_main:
+    lm.save_pretrained(run.path("models", name))
+
+
+# --------------------------------------------------------------------------
+# The training loop every stage uses
+# --------------------------------------------------------------------------
+
+
+def _state_shardings(run: Run, lm: models.T5LM,
+                     tx: optax.GradientTransformation, seed: int) -> Any:
+  param_shardings = jax.tree.map(lambda x: x.sharding, lm.params)
+  abstract = jax.eval_shape(
+      functools.partial(state_lib.init_state, tx=tx, seed=seed), lm.params)
+  opt_shardings = optax.tree_map_params(
+      tx, lambda _, s: s, abstract.opt_state, param_shardings,
+      transform_non_params=lambda _: run.replicated())
+  return state_lib.TrainState(
+      step=run.replicated(), params=param_shardings, opt_state=opt_shardings,
+      rng=run.replicated(), skipped=run.replicated())
+
+
+def train_stage(run: Run, stage: str, lm: models.T5LM, step_fn: Callable,
+                optim: state_lib.OptimConfig, *, batch_size: int, seed: int,
+                teacher: models.T5LM | None = None) -> models.T5LM:
+  """Runs `step_fn` for the stage's micro-steps, with checkpoints and logs.
+
+  Resumes from the stage's latest checkpoint (parameters, optimizer state,
+  step, RNG; the data position is the step).
+
+  Returns:
+    The student (or teacher, for teacher_sft) with the trained parameters.
+  """
+  cfg = run.cfg
+  tx = state_lib.make_optimizer(optim)
+  shardings = _state_shardings(run, lm, tx, seed)
+  init = jax.jit(functools.partial(state_lib.init_state, tx=tx, seed=seed),
+                 out_shardings=shardings)
+  state = init(lm.params)
+  ckpt = checkpoints.StageCheckpoints(run.path("checkpoints", stage))
+  if ckpt.latest_step() is not None:
+    state = ckpt.restore(state)
+  start = int(state.step)
+  total = optim.micro_steps
+  data = data_lib.BatchIterator(
+      run.train, batch_size=batch_size, batch_multiple=run.batch_multiple,
+      seed=seed, start_step=start)
+  batch_sharding = run.batch_sharding()
+  with_teacher = teacher is not None
+  jitted = jax.jit(
+      step_fn, donate_argnums=0,
+      in_shardings=(shardings,) + ((jax.tree.map(
+          lambda x: x.sharding, teacher.params),) if with_teacher else ()) + (
+              batch_sharding,),
+      out_shardings=(shardings, run.replicated()))
+  bar = tqdm.tqdm(total=total, initial=start, desc=stage, unit="step",
+                  disable=not run.is_main, dynamic_ncols=True)
+  tick, tick_step = time.perf_counter(), start
+  for step in range(start, total):
+    batch = jax.device_put(next(data), batch_sharding)
+    args = (state, teacher.params, batch) if with_teacher else (state, batch)
+    state, metrics = jitted(*args)
+    done = step + 1
+    bar.update(1)
+    if done % cfg.log_every == 0 or done == total:
+      metrics = jax.device_get(metrics)
+      now = time.perf_counter()
+      tokens = float(metrics.get("tokens", 0.0))
+      metrics["tokens_per_s"] = tokens * (done - tick_step) / max(
+          now - tick, 1e-9)
+      tick, tick_step = now, done
+      run.writer.write(stage, done, metrics)
+      run.writer.log_line(stage, done, total, metrics, _LOG_KEYS)
+      bar.set_postfix(loss=f"{float(metrics['loss']):.4g}")
+    if done % cfg.checkpoint_every == 0 and done < total:
+      ckpt.save(done, state)
+  bar.close()
+  if ckpt.latest_step() != total:
+    ckpt.save(total, state, force=True)
+  ckpt.close()
+  return dataclasses.replace(lm, params=state.params)
+
+
+# --------------------------------------------------------------------------
+# Stages
+# --------------------------------------------------------------------------
+
+
+def _stage_done(run: Run, name: str) -> bool:
+  return os.path.exists(run.path("stages", f"{name}.json"))
+
+
+def _mark_done(run: Run, name: str, info: dict[str, Any]) -> None:
+  if run.is_main:
+    path = run.path("stages", f"{name}.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      json.dump(info, f, indent=1)
+    os.replace(tmp, path)
+
+
+def _teacher_source(run: Run) -> str:
+  stages = parse_stages(run.cfg.stages)
+  if "teacher_sft" in stages or _stage_done(run, "teacher_sft"):
+    return "stage:teacher_sft"
+  return run.cfg.teacher.init_from
+
+
+def _student_start(run: Run) -> str:
+  stages = parse_stages(run.cfg.stages)
+  if "predistill" in stages or _stage_done(run, "predistill"):
+    return "stage:predistill"
+  return run.cfg.student.init_from
+
+
+def _models(run: Run, student: models.T5LM,
+            teacher: models.T5LM | None) -> steps.Models:
+  return steps.Models(student=student.config,
+                      teacher=None if teacher is None else teacher.config,
+                      mesh=run.mesh)
+
+
+def stage_teacher_sft(run: Run) -> None:
+  cfg = run.cfg
+  teacher = load_model(run, "teacher", cfg.teacher.init_from, cfg.teacher,
+                       cfg.seed)
+  optim = state_lib.OptimConfig.from_config(cfg.teacher_sft)
+  step_fn = functools.partial(steps.supervised_step,
+                              models=_models(run, teacher, None), optim=optim)
+  teacher = train_stage(run, "teacher_sft", teacher, step_fn, optim,
+                        batch_size=cfg.teacher_sft.batch_size, seed=cfg.seed)
+  _export(run, "teacher_sft", teacher)
+  _mark_done(run, "teacher_sft",
+             {"checksum": params_checksum(teacher.params)})
+
+
+def stage_predistill(run: Run) -> None:
+  cfg = run.cfg
+  teacher = load_model(run, "teacher", _teacher_source(run), cfg.teacher,
+                       cfg.seed)
+  student = load_model(run, "student", cfg.student.init_from, cfg.student,
+                       cfg.seed + 1)
+  check_same_vocab(teacher, student)
+  optim = state_lib.OptimConfig.from_config(cfg.predistill)
+  mods = _models(run, student, teacher)
+  if cfg.predistill.method == "seqkd":
+    step_fn = functools.partial(
+        steps.seqkd_step, models=mods, optim=optim,
+        max_decode_len=cfg.predistill.max_decode_len)
+  else:
+    step_fn = functools.partial(steps.word_kd_step, models=mods, optim=optim,
+                                divergence=cfg.predistill.method)
+  student = train_stage(run, "predistill", student, step_fn, optim,
+                        batch_size=cfg.predistill.batch_size,
+                        seed=cfg.seed + 1, teacher=teacher)
+  _export(run, "predistill", student)
+  _mark_done(run, "predistill",
+             {"checksum": params_checksum(student.params)})
+
+
+def stage_rl(run: Run, k: int) -> None:
+  cfg = run.cfg
+  name = f"rl_k{k}"
+  teacher = load_model(run, "teacher", _teacher_source(run), cfg.teacher,
+                       cfg.seed)
+  student = load_model(run, "student", _student_start(run), cfg.student,
+                       cfg.seed + 1)
+  check_same_vocab(teacher, student)
+  optim = state_lib.OptimConfig.from_config(cfg.rl)
+  rl = steps.RLConfig.from_config(cfg.rl, k=k)
+  step_fn = functools.partial(steps.rl_step,
+                              models=_models(run, student, teacher),
+                              optim=optim, rl=rl)
+  # Every K starts from the same student with the same seed: paired runs.
+  student = train_stage(run, name, student, step_fn, optim,
+                        batch_size=cfg.rl.batch_size, seed=cfg.seed + 2,
+                        teacher=teacher)
+  _export(run, name, student)
+  _mark_done(run, name, {"checksum": params_checksum(student.params)})
+
+
+def _greedy(run: Run, lm: models.T5LM, max_len: int) -> Callable:
+  sharding = run.batch_sharding()
+
+  def generate(batch):
+    ids = jax.device_put(
+        {k: batch[k] for k in ("input_ids", "attention_mask")}, sharding)
+    return lm.generate(ids["input_ids"], ids["attention_mask"],
+                       max_new_tokens=max_len)
+  return generate
+
+
+def _eval_models(run: Run) -> list[tuple[str, str]]:
+  """(row label, init_from) of every model this run can evaluate."""
+  rows = []
+  if _stage_done(run, "teacher_sft") or not run.cfg.teacher.init_from.startswith(
+      "scratch:"):
+    rows.append(("teacher", _teacher_source(run)))
+  if _stage_done(run, "predistill"):
+    rows.append((f"student ({run.cfg.predistill.method})", "stage:predistill"))
+  for k in rl_ks(run.cfg):
+    if _stage_done(run, f"rl_k{k}"):
+      label = "LLMR (K=1)" if k == 1 else f"KETCHUP (K={k})"
+      rows.append((label, f"stage:rl_k{k}"))
+  return rows
+
+
+def return_diagnostics_by_k(run: Run, student: models.T5LM,
+                            teacher: models.T5LM) -> dict[int, dict[str, float]]:
+  """Return variance and bias for each K from shared rollouts (SPEC §5)."""
+  cfg = run.cfg
+  rl = steps.RLConfig.from_config(cfg.rl, k=1)
+  mods = _models(run, student, teacher)
+
+  @jax.jit
+  def rollout_and_score(student_params, teacher_params, batch, rng):
+    out = mods.sample(student_params, mods.student, batch, rng,
+                      max_new_tokens=rl.max_decode_len,
+                      temperature=rl.temperature, top_k=rl.top_k,
+                      top_p=rl.top_p)
+    mask = steps.length_mask(out.lengths, rl.max_decode_len)
+    keep = batch["example_mask"] > 0
+    if rl.unfinished == "drop":  # as in training: unfinished rows excluded
+      keep = keep & out.done
+    mask = mask * keep[:, None]
+    logits = mods.forward(
+        teacher_params, mods.teacher, batch["input_ids"],
+        batch["attention_mask"],
+        steps.shift_right(out.tokens, mods.student.decoder_start_token_id),
+        jnp.ones_like(out.tokens))
+    q, v = returns.teacher_q_values(logits, out.tokens, mask,
+                                    center=rl.center_logits, value=rl.value)
+    return q, v, mask
+
+  data = data_lib.BatchIterator(
+      run.eval, batch_size=cfg.rl.batch_size,
+      batch_multiple=run.batch_multiple, seed=cfg.seed + 3)
+  qs, vs, masks = [], [], []
+  rng = jax.random.PRNGKey(cfg.seed + 3)
+  for _ in range(cfg.eval.diag_batches):
+    rng, key = jax.random.split(rng)
+    batch = jax.device_put(next(data), run.batch_sharding())
+    q, v, m = rollout_and_score(student.params, teacher.params, batch, key)
+    qs.append(q), vs.append(v), masks.append(m)
+  q, v, m = (jnp.concatenate(x) for x in (qs, vs, masks))
+  return {k: {name: float(x) for name, x in
+              returns.return_diagnostics(q, v, m, k).items()}
+          for k in cfg.eval.diag_ks}
+
+
+def stage_eval(run: Run) -> dict[str, Any]:
+  cfg = run.cfg
+  results: dict[str, Any] = {"task": run.task.name, "split": cfg.eval.split,
+                             "num_examples": len(run.eval_references),
+                             "metric_names": list(run.task.metric_names),
+                             "models": {}}
+  teacher = None
+  for label, source in _eval_models(run):
+    lm = load_model(run, label, source,
+                    cfg.teacher if label == "teacher" else cfg.student,
+                    cfg.seed)
+    if label == "teacher":
+      teacher = lm
+    start = time.perf_counter()
+    predictions = evaluate.decode_split(
+        _greedy(run, lm, cfg.eval.max_decode_len), run.eval,
+        batch_size=cfg.eval.batch_size, batch_multiple=run.batch_multiple,
+        tokenizer=run.tokenizer, desc=f"eval {label}")
+    scores = evaluate.score(run.task.metric_names, predictions,
+                            run.eval_references)
+    results["models"][label] = {
+        "source": source, "metrics": scores,
+        "checksum": params_checksum(lm.params),
+        "decode_seconds": time.perf_counter() - start}
+    logging.info("eval %s: %s", label, scores)
+    if run.is_main:
+      _write_predictions(run, source.replace("stage:", "") if
+                         source.startswith("stage:") else "teacher",
+                         predictions)
+  if teacher is not None and _stage_done(run, "predistill"):
+    student = load_model(run, "student", "stage:predistill", cfg.student,
+                         cfg.seed)
+    results["return_diagnostics"] = {
+        str(k): d for k, d in
+        return_diagnostics_by_k(run, student, teacher).items()}
+  return results
+
+
+def _write_predictions(run: Run, name: str, predictions: list[str]) -> None:
+  os.makedirs(run.path("predictions"), exist_ok=True)
+  path = run.path("predictions", f"{name}.jsonl")
+  with open(path, "w", encoding="utf-8") as f:
+    for pred, ref in zip(predictions, run.eval_references):
+      f.write(json.dumps({"prediction": pred, "reference": ref},
+                         ensure_ascii=False) + "\n")
+
+
+# --------------------------------------------------------------------------
+# Results
+# --------------------------------------------------------------------------
+
+
+def results_table(results: dict[str, Any]) -> str:
+  """The eval results as a Markdown table (model x metric)."""
+  names = results["metric_names"]
+  lines = [f"Task `{results['task']}`, split `{results['split']}` "
+           f"({results['num_examples']} examples).", "",
+           "| model | " + " | ".join(names) + " |",
+           "|---|" + "---:|" * len(names)]
+  for label, row in results["models"].items():
+    lines.append(f"| {label} | " + " | ".join(
+        f"{row['metrics'][n]:.2f}" for n in names) + " |")
+  diag = results.get("return_diagnostics")
+  if diag:
+    lines += ["", "Return variance and bias of the pre-distilled student's "
+              "rollouts, per K (one teacher pass, SPEC §5):", "",
+              "| K | Var[Ĝ] | Var[G] (K=1) | mean Ĝ−G | max Ĝ−G |",
+              "|---:|---:|---:|---:|---:|"]
+    for k, d in diag.items():
+      lines.append(f"| {k} | {d['return_var']:.3f} | {d['return_var_k1']:.3f}"
+                   f" | {d['bias_mean']:.3f} | {d['bias_max']:.3f} |")
+  return "\n".join(lines) + "\n"
+
+
+def plot_diagnostics(results: dict[str, Any], directory: str) -> list[str]:
+  """PNG plots of return variance and bias against K."""
+  diag = results.get("return_diagnostics")
+  if not diag:
+    return []
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  os.makedirs(directory, exist_ok=True)
+  ks = [int(k) for k in diag]
+  written = []
+  for key, title, fname in (
+      ("return_var", "Batch variance of the K-step return", "return_var.png"),
+      ("bias_mean", "Mean bias Ĝ − G of the K-step return", "bias.png")):
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    ax.plot(ks, [diag[str(k)][key] for k in ks], marker="o")
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xlabel("K")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = os.path.join(directory, fname)
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    written.append(path)
+  return written
+
+
+def _write_results(run: Run, results: dict[str, Any]) -> None:
+  if not run.is_main:
+    return
+  for name, text in (("results.json", json.dumps(results, indent=1)),
+                     ("results.md", results_table(results))):
+    tmp = run.path(name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.write(text)
+    os.replace(tmp, run.path(name))
+  plot_diagnostics(results, run.path("plots"))
+
+
+# --------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------
+
+
+def _prepare_workdir(run: Run) -> None:
+  """Creates DIR and records the config; refuses a DIR that is a file."""
+  if os.path.exists(run.workdir) and not os.path.isdir(run.workdir):
+    raise ValueError(f"--workdir {run.workdir!r} exists and is not a directory")
+  if not run.is_main:
+    return
+  for sub in ("stages", "models", "checkpoints"):
+    os.makedirs(run.path(sub), exist_ok=True)
+  config_path = run.path("config.json")
+  new = run.cfg.to_json_best_effort(indent=1, sort_keys=True)
+  if os.path.exists(config_path):
+    with open(config_path, encoding="utf-8") as f:
+      if f.read() != new:
+        logging.warning("%s differs from this run's config; finished stages "
+                        "are kept and the file is updated", config_path)
+  with open(config_path, "w", encoding="utf-8") as f:
+    f.write(new)
+  if isinstance(run.tokenizer, data_lib.WordTokenizer) and not (
+      run.cfg.tokenizer.path):
+    saved = run.path("tokenizer.json")
+    if not os.path.exists(saved):
+      run.tokenizer.save(saved)
+
+
+def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any] | None:
+  """Runs the configured stages in `workdir`; returns the eval results."""
+  logging.info("JAX %s, %d process(es), this is %d; %d devices: %s",
+               jax.__version__, jax.process_count(), jax.process_index(),
+               jax.device_count(), jax.devices()[0].device_kind)
+  the_run = setup(cfg, workdir)
+  _prepare_workdir(the_run)
+  the_run.writer = writer_lib.MetricWriter(workdir)
+  results = None
+  try:
+    for stage in parse_stages(cfg.stages):
+      names = [f"rl_k{k}" for k in rl_ks(cfg)] if stage == "rl" else [stage]
+      for name in names:
+        if name != "eval" and _stage_done(the_run, name):
+          logging.info("stage %s: already finished, skipped", name)
+          continue
+        logging.info("stage %s", name)
+        if name == "teacher_sft":
+          stage_teacher_sft(the_run)
+        elif name == "predistill":
+          stage_predistill(the_run)
+        elif name.startswith("rl_k"):
+          stage_rl(the_run, int(name[len("rl_k"):]))
+        else:
+          results = stage_eval(the_run)
+          _write_results(the_run, results)
+          if the_run.is_main:
+            print(results_table(results))
+  finally:
+    the_run.writer.close()
+  return results

@@ -1,0 +1,147 @@
+"""Train state and optimizer: the pieces every stage shares.
+
+A `TrainState` is a pytree `(step, params, opt_state, rng)`: everything a run
+needs to resume exactly. `step` counts micro-batches consumed (the data
+iterator's position); with gradient accumulation the optimizer applies an
+update every `grad_accum` of them (`optax.MultiSteps`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+
+@flax.struct.dataclass
+class TrainState:
+  """What a training stage checkpoints.
+
+  Attributes:
+    step: int32 scalar, micro-batches consumed so far.
+    params: The trained model's parameter pytree.
+    opt_state: The optimizer state (sharded like `params`).
+    rng: uint32 [2] raw PRNG key, split once per step.
+    skipped: int32 scalar, updates skipped because the loss or gradient was
+      not finite.
+  """
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+  skipped: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+  """Optimizer settings of one stage (hashable: a static jit argument).
+
+  Attributes:
+    steps: Optimizer updates in the stage.
+    learning_rate: Peak learning rate.
+    schedule: "constant" or "linear" (linear decay to 0 after warmup).
+    warmup_steps: Linear warmup updates from 0.
+    weight_decay: AdamW decoupled weight decay.
+    max_grad_norm: Global-norm gradient clipping; 0 disables.
+    grad_accum: Micro-batches per update.
+    b1, b2, eps: Adam moments.
+  """
+  steps: int
+  learning_rate: float
+  schedule: str = "linear"
+  warmup_steps: int = 0
+  weight_decay: float = 0.0
+  max_grad_norm: float = 1.0
+  grad_accum: int = 1
+  b1: float = 0.9
+  b2: float = 0.999
+  eps: float = 1e-8
+
+  @classmethod
+  def from_config(cls, cfg: ml_collections.ConfigDict) -> OptimConfig:
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: cfg[k] for k in fields if k in cfg})
+
+  def __post_init__(self):
+    for name in ("steps", "grad_accum"):
+      value = getattr(self, name)
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    if not self.learning_rate > 0:
+      raise ValueError(
+          f"learning_rate must be > 0, got {self.learning_rate!r}")
+    if self.schedule not in ("constant", "linear"):
+      raise ValueError(
+          f"schedule must be 'constant' or 'linear', got {self.schedule!r}")
+    if not 0 <= self.warmup_steps <= self.steps:
+      raise ValueError(f"warmup_steps must be in [0, steps={self.steps}], got "
+                       f"{self.warmup_steps!r}")
+
+  @property
+  def micro_steps(self) -> int:
+    """Micro-batches the stage consumes."""
+    return self.steps * self.grad_accum
+
+
+def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:
+  """Linear warmup from 0, then constant or linear decay to 0."""
+  after = cfg.steps - cfg.warmup_steps
+  if cfg.schedule == "constant" or after == 0:
+    decay = optax.constant_schedule(cfg.learning_rate)
+  else:
+    decay = optax.linear_schedule(cfg.learning_rate, 0.0, after)
+  if cfg.warmup_steps == 0:
+    return decay
+  warmup = optax.linear_schedule(0.0, cfg.learning_rate, cfg.warmup_steps)
+  return optax.join_schedules([warmup, decay], [cfg.warmup_steps])
+
+
+def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
+  """AdamW with the schedule, optional clipping and accumulation."""
+  parts = []
+  if cfg.max_grad_norm > 0:
+    parts.append(optax.clip_by_global_norm(cfg.max_grad_norm))
+  parts.append(optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2,
+                           eps=cfg.eps, weight_decay=cfg.weight_decay))
+  tx = optax.chain(*parts)
+  if cfg.grad_accum > 1:
+    tx = optax.MultiSteps(tx, every_k_schedule=cfg.grad_accum)
+  return tx
+
+
+def init_state(params: Any, tx: optax.GradientTransformation,
+               seed: int) -> TrainState:
+  """A fresh state at step 0 (optimizer state placed like `params`)."""
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=tx.init(params),
+                    rng=jax.random.PRNGKey(seed),
+                    skipped=jnp.zeros((), jnp.int32))
+
+
+def apply_gradients(state: TrainState, tx: optax.GradientTransformation,
+                    grads: Any, loss: jax.Array, rng: jax.Array
+                    ) -> tuple[TrainState, dict[str, jax.Array]]:
+  """One optimizer update, skipped (state untouched) if loss/grads are not finite.
+
+  Returns the new state and `{"grad_norm", "skipped"}`; `step` and `rng` always
+  advance so a skipped batch is not retried forever.
+  """
+  grad_norm = optax.global_norm(grads)
+  finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+  updates, new_opt = tx.update(grads, state.opt_state, state.params)
+  new_params = optax.apply_updates(state.params, updates)
+  keep = lambda new, old: jax.tree.map(
+      lambda n, o: jnp.where(finite, n, o), new, old)
+  state = state.replace(
+      step=state.step + 1,
+      params=keep(new_params, state.params),
+      opt_state=keep(new_opt, state.opt_state),
+      rng=rng,
+      skipped=state.skipped + (~finite).astype(jnp.int32))
+  return state, {"grad_norm": grad_norm,
+                 "skipped": (~finite).astype(jnp.float32)}

@@ -1,0 +1,294 @@
+"""Pure step functions `(state, batch, ...) -> (state, metrics)` for each stage.
+
+Each step is one micro-batch: forward, loss as `(sum, count)`, gradient, and
+the optimizer update with the non-finite guard of `state.apply_gradients`.
+Static arguments (model configs, option dataclasses, mesh) are hashable, so
+`jax.jit(step, static_argnames=...)` compiles once per batch shape.
+
+Stages:
+  `supervised_step`  cross-entropy on the batch's targets (teacher SFT).
+  `seqkd_step`       cross-entropy on the teacher's greedy outputs (SeqKD).
+  `word_kd_step`     word-level KL / RKL / JS / TVD on the gold targets.
+  `rl_step`          rollout -> teacher Q-values -> K-step returns -> REINFORCE.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import Mesh
+import ml_collections
+
+from ketchup_jax import losses
+from ketchup_jax import partitioning
+from ketchup_jax import returns
+from ketchup_jax.models import sampling
+from ketchup_jax.models import t5
+from ketchup_jax.models.config import T5Config
+from ketchup_jax.train import state as state_lib
+
+Batch = dict[str, jax.Array]
+Metrics = dict[str, jax.Array]
+
+UNFINISHED = ("drop", "terminal", "bootstrap")
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+  """The KETCHUP knobs of SPEC §2–3 (hashable: a static jit argument).
+
+  Attributes:
+    k: Jump length of the K-step return; 1 is LLMR.
+    value: "max" or "expected" state value.
+    center_logits: Centre the teacher logits into Q-values.
+    unfinished: Rollouts without EOS: "drop", "terminal" or "bootstrap".
+    baseline: "none", "batch_mean" or "teacher_expected".
+    weight: "none", "importance" or "reference_compat".
+    denom: Advantage divisor.
+    reward_clip: Advantage clip c (None: no clip).
+    entropy_coef: Entropy bonus beta.
+    max_decode_len: Rollout length (static).
+    temperature: Sampling temperature of the rollout (0 = greedy).
+    top_k: Rollout top-k (0 = off).
+    top_p: Rollout nucleus mass (1 = off).
+  """
+  k: int = 1
+  value: str = "max"
+  center_logits: bool = True
+  unfinished: str = "drop"
+  baseline: str = "none"
+  weight: str = "none"
+  denom: float = 1.0
+  reward_clip: float | None = 50.0
+  entropy_coef: float = 0.0
+  max_decode_len: int = 64
+  temperature: float = 1.0
+  top_k: int = 0
+  top_p: float = 1.0
+
+  @classmethod
+  def from_config(cls, cfg: ml_collections.ConfigDict, *, k: int) -> RLConfig:
+    fields = {f.name for f in dataclasses.fields(cls)} - {"k"}
+    out = cls(k=k, **{name: cfg[name] for name in fields if name in cfg})
+    return out
+
+  def __post_init__(self):
+    if not isinstance(self.k, int) or self.k < 1:
+      raise ValueError(f"rl.k must be an int >= 1, got {self.k!r}")
+    if self.value not in returns.VALUES:
+      raise ValueError(
+          f"rl.value must be one of {returns.VALUES}, got {self.value!r}")
+    if self.unfinished not in UNFINISHED:
+      raise ValueError(
+          f"rl.unfinished must be one of {UNFINISHED}, got {self.unfinished!r}")
+    if self.baseline not in losses.BASELINES:
+      raise ValueError(f"rl.baseline must be one of {losses.BASELINES}, got "
+                       f"{self.baseline!r}")
+    if self.weight not in losses.WEIGHTS:
+      raise ValueError(
+          f"rl.weight must be one of {losses.WEIGHTS}, got {self.weight!r}")
+    if not isinstance(self.max_decode_len, int) or self.max_decode_len < 1:
+      raise ValueError(
+          f"rl.max_decode_len must be an int >= 1, got {self.max_decode_len!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Models:
+  """Static description of the models a step uses."""
+  student: T5Config
+  teacher: T5Config | None = None
+  mesh: Mesh | None = None
+  rules: partitioning.LogicalRules = partitioning.DEFAULT_RULES
+
+  def forward(self, params: Any, config: T5Config, input_ids: jax.Array,
+              attention_mask: jax.Array, decoder_input_ids: jax.Array,
+              decoder_mask: jax.Array) -> jax.Array:
+    return t5.forward(params, config, input_ids, attention_mask,
+                      decoder_input_ids, decoder_mask, mesh=self.mesh,
+                      rules=self.rules)
+
+  def sample(self, params: Any, config: T5Config, batch: Batch,
+             rng: jax.Array, *, max_new_tokens: int, temperature: float = 0.0,
+             top_k: int = 0, top_p: float = 1.0) -> sampling.SampleOutput:
+    return sampling.sample(
+        params, config, batch["input_ids"], batch["attention_mask"], rng,
+        max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+        top_p=top_p, mesh=self.mesh, rules=self.rules)
+
+
+def shift_right(tokens: jax.Array, start_id: int) -> jax.Array:
+  """Decoder inputs from targets: `[start, y_0, ..., y_{T-2}]`."""
+  start = jnp.full((tokens.shape[0], 1), start_id, tokens.dtype)
+  return jnp.concatenate([start, tokens[:, :-1]], axis=1)
+
+
+def length_mask(lengths: jax.Array, length: int) -> jax.Array:
+  """[B] lengths -> [B, length] int32 prefix mask."""
+  return (jnp.arange(length)[None, :] < lengths[:, None]).astype(jnp.int32)
+
+
+def _ce_update(state: state_lib.TrainState, models: Models,
+               optim: state_lib.OptimConfig, batch: Batch, targets: jax.Array,
+               target_mask: jax.Array, rng: jax.Array
+               ) -> tuple[state_lib.TrainState, Metrics]:
+  """Cross-entropy of the student on `targets`, and the update."""
+  config = models.student
+  decoder_inputs = shift_right(targets, config.decoder_start_token_id)
+
+  def loss_fn(params):
+    logits = models.forward(params, config, batch["input_ids"],
+                            batch["attention_mask"], decoder_inputs,
+                            target_mask)  # [B, T, V]
+    total, count = losses.cross_entropy_loss(logits, targets, target_mask)
+    return total / jnp.maximum(count, 1.0), count
+
+  (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  state, info = state_lib.apply_gradients(
+      state, state_lib.make_optimizer(optim), grads, loss, rng)
+  return state, {"loss": loss, "tokens": count, **info}
+
+
+def supervised_step(state: state_lib.TrainState, batch: Batch, *,
+                    models: Models, optim: state_lib.OptimConfig
+                    ) -> tuple[state_lib.TrainState, Metrics]:
+  """Cross-entropy on the batch's gold targets."""
+  rng, _ = jax.random.split(state.rng)
+  return _ce_update(state, models, optim, batch, batch["decoder_target_ids"],
+                    batch["decoder_attention_mask"], rng)
+
+
+def seqkd_step(state: state_lib.TrainState, teacher_params: Any, batch: Batch,
+               *, models: Models, optim: state_lib.OptimConfig,
+               max_decode_len: int) -> tuple[state_lib.TrainState, Metrics]:
+  """SeqKD: cross-entropy on the teacher's greedy output for the sources."""
+  rng, _ = jax.random.split(state.rng)
+  out = models.sample(teacher_params, models.teacher, batch, rng,
+                      max_new_tokens=max_decode_len)
+  target_mask = length_mask(out.lengths, max_decode_len)
+  state, metrics = _ce_update(state, models, optim, batch, out.tokens,
+                              target_mask, rng)
+  metrics["teacher_finished"] = jnp.mean(out.done.astype(jnp.float32))
+  return state, metrics
+
+
+def word_kd_step(state: state_lib.TrainState, teacher_params: Any,
+                 batch: Batch, *, models: Models,
+                 optim: state_lib.OptimConfig, divergence: str
+                 ) -> tuple[state_lib.TrainState, Metrics]:
+  """Word-level distillation on the gold targets (teacher-forced)."""
+  rng, _ = jax.random.split(state.rng)
+  args = (batch["input_ids"], batch["attention_mask"],
+          batch["decoder_input_ids"], batch["decoder_attention_mask"])
+  teacher_logits = jax.lax.stop_gradient(
+      models.forward(teacher_params, models.teacher, *args))
+
+  def loss_fn(params):
+    logits = models.forward(params, models.student, *args)
+    total, count = losses.distillation_loss(
+        logits, teacher_logits, batch["decoder_attention_mask"],
+        divergence=divergence)
+    return total / jnp.maximum(count, 1.0), count
+
+  (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  state, info = state_lib.apply_gradients(
+      state, state_lib.make_optimizer(optim), grads, loss, rng)
+  return state, {"loss": loss, "tokens": count, **info}
+
+
+def rl_step(state: state_lib.TrainState, teacher_params: Any, batch: Batch,
+            *, models: Models, optim: state_lib.OptimConfig, rl: RLConfig
+            ) -> tuple[state_lib.TrainState, Metrics]:
+  """One KETCHUP step on a micro-batch of sources (SPEC §2–3).
+
+  1. Roll out the student (the jitted KV-cache sampler).
+  2. Teacher-forced teacher logits on the rollout -> Q-values and values.
+  3. K-step returns (and, from the same pass, the K = 1 diagnostics).
+  4. Student log-probs by a teacher-forced forward -> policy-gradient loss.
+  5. AdamW update (skipped if not finite).
+  """
+  rng, sample_rng = jax.random.split(state.rng)
+  length = rl.max_decode_len
+  rollout = models.sample(
+      state.params, models.student, batch, sample_rng, max_new_tokens=length,
+      temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p)
+  actions = rollout.tokens  # [B, T]
+  mask = length_mask(rollout.lengths, length)  # [B, T], EOS included
+  real_row = batch["example_mask"] > 0  # [B]
+  mask = mask * real_row[:, None]
+  start = models.student.decoder_start_token_id
+  finished = rollout.done & real_row  # [B]
+
+  # The teacher scores one extra position for "bootstrap": V after the last.
+  teacher_actions = actions
+  if rl.unfinished == "bootstrap":
+    teacher_actions = jnp.pad(actions, ((0, 0), (0, 1)))
+  teacher_inputs = shift_right(teacher_actions, start)
+  teacher_mask = jnp.ones_like(teacher_inputs)
+  teacher_logits = jax.lax.stop_gradient(models.forward(
+      teacher_params, models.teacher, batch["input_ids"],
+      batch["attention_mask"], teacher_inputs, teacher_mask))  # [B, T(+1), V]
+  bootstrap_value = None
+  if rl.unfinished == "bootstrap":
+    _, all_values = returns.teacher_q_values(
+        teacher_logits, teacher_actions, teacher_mask,
+        center=rl.center_logits, value=rl.value)
+    bootstrap_value = jnp.where(finished, 0.0, all_values[:, length])  # [B]
+    teacher_logits = teacher_logits[:, :length]
+
+  q_taken, values = returns.teacher_q_values(
+      teacher_logits, actions, mask, center=rl.center_logits, value=rl.value)
+  g = returns.k_step_returns(q_taken, values, mask, rl.k)  # [B, T]
+  if bootstrap_value is not None:
+    # V_{T+1} is the teacher's value of the next state instead of 0; it
+    # enters every chain once, through Ĝ_T.
+    g = g - bootstrap_value[:, None] * mask
+  teacher_values = None
+  if rl.baseline == "teacher_expected":
+    _, teacher_values = returns.teacher_q_values(
+        teacher_logits, actions, mask, center=rl.center_logits,
+        value="expected")
+
+  if rl.unfinished == "drop":
+    loss_mask = mask * finished[:, None]
+    n_real = jnp.maximum(jnp.sum(real_row), 1)
+    scale = jnp.sum(finished) / n_real  # the finished fraction
+  else:
+    loss_mask = mask
+    scale = 1.0
+
+  decoder_inputs = shift_right(actions, start)
+
+  def loss_fn(params):
+    logits = models.forward(params, models.student, batch["input_ids"],
+                            batch["attention_mask"], decoder_inputs,
+                            mask)  # [B, T, V]
+    total, count = losses.policy_gradient_loss(
+        logits, actions, g, loss_mask, baseline=rl.baseline,
+        teacher_values=teacher_values, weight=rl.weight,
+        behavior_logprobs=rollout.logprobs, denom=rl.denom,
+        reward_clip=rl.reward_clip, entropy_coef=rl.entropy_coef)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)  # [B, T]
+    mean_entropy = jnp.sum(entropy * mask) / jnp.maximum(jnp.sum(mask), 1)
+    return total / jnp.maximum(count, 1.0) * scale, (count, mean_entropy)
+
+  (loss, (count, entropy)), grads = jax.value_and_grad(
+      loss_fn, has_aux=True)(state.params)
+  state, info = state_lib.apply_gradients(
+      state, state_lib.make_optimizer(optim), grads, loss, rng)
+  diag = returns.return_diagnostics(q_taken, values, loss_mask, rl.k)
+  real = jnp.maximum(jnp.sum(real_row), 1)
+  return state, {
+      "loss": loss,
+      "tokens": count,
+      "entropy": jax.lax.stop_gradient(entropy),
+      "finished_fraction": jnp.sum(finished) / real,
+      "rollout_length": jnp.sum(rollout.lengths * real_row) / real,
+      **diag,
+      **info,
+  }

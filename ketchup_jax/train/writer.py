@@ -1,0 +1,63 @@
+"""What a run leaves behind: `metrics.jsonl`, TensorBoard events, log lines.
+
+Only process 0 writes; the other processes get a writer that does nothing, so
+callers never branch on the process index.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Mapping
+
+from absl import logging
+import jax
+import numpy as np
+
+
+def _scalar(value: Any) -> float:
+  return float(np.asarray(value))
+
+
+class MetricWriter:
+  """Appends one JSON object per logged step and mirrors it to TensorBoard.
+
+  Args:
+    workdir: The run directory; writes `metrics.jsonl` and `tensorboard/`.
+    enabled: False on processes other than 0.
+  """
+
+  def __init__(self, workdir: str, *, enabled: bool | None = None):
+    self.enabled = jax.process_index() == 0 if enabled is None else enabled
+    self._jsonl = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if self.enabled:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+
+  def write(self, stage: str, step: int, metrics: Mapping[str, Any]) -> None:
+    """Records `metrics` (scalars) of `stage` at `step`."""
+    if not self.enabled:
+      return
+    values = {name: _scalar(v) for name, v in metrics.items()}
+    record = {"stage": stage, "step": int(step), "time": time.time(),
+              **{k: (v if math.isfinite(v) else str(v))
+                 for k, v in values.items()}}
+    with open(self._jsonl, "a", encoding="utf-8") as f:
+      f.write(json.dumps(record) + "\n")
+    for name, value in values.items():
+      self._tb.add_scalar(f"{stage}/{name}", value, int(step))
+    self._tb.flush()
+
+  def log_line(self, stage: str, step: int, total: int,
+               metrics: Mapping[str, Any], keys: tuple[str, ...]) -> None:
+    """One human-readable line with the chosen metrics."""
+    shown = " ".join(f"{k}={_scalar(metrics[k]):.4g}" for k in keys
+                     if k in metrics)
+    logging.info("[%s] step %d/%d %s", stage, step, total, shown)
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()
