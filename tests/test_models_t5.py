@@ -90,7 +90,6 @@ def torch_logits(model, ids, mask, dec, dmask) -> np.ndarray:
 # Shapes: (tied, vocab, d_model, d_kv, d_ff, heads, enc layers, dec layers,
 # src len, tgt len). Source length 30 reaches the logarithmic buckets.
 SHAPES = [
-    (True, 131, 32, 8, 64, 4, 2, 2, 11, 9),
     (True, 101, 48, 16, 80, 3, 1, 3, 30, 7),
     (False, 257, 32, 8, 64, 4, 2, 2, 11, 9),
     (False, 199, 64, 16, 96, 4, 3, 1, 30, 25),
@@ -153,7 +152,7 @@ def test_save_pretrained_round_trip_through_torch(tmp_path):
 
 
 def test_init_from_scratch_exports_to_torch(tmp_path):
-  for size in ("tiny", "t5-tiny"):
+  for size in ("tiny",):
     lm = models.init(size, jax.random.key(3), dtype=jnp.float32,
                      vocab_size=97)
     lm.save_pretrained(str(tmp_path / size))
