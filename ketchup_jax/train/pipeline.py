@@ -197,6 +197,15 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
           f"config.{stage}.batch_size={cfg[stage].batch_size} must be a "
           f"multiple of the data shards (mesh data x fsdp = "
           f"{mesh.shape['data'] * mesh.shape['fsdp']})")
+  teacher_vocab = declared_vocab(cfg.teacher, tokenizer)
+  student_vocab = declared_vocab(cfg.student, tokenizer)
+  if None not in (teacher_vocab, student_vocab) and (
+      teacher_vocab != student_vocab):
+    raise ValueError(
+        f"teacher and student vocabularies differ: teacher "
+        f"({cfg.teacher.init_from}) has {teacher_vocab} entries, student "
+        f"({cfg.student.init_from}) {student_vocab}; they must share one "
+        f"tokenizer")
   return Run(cfg=cfg, workdir=workdir, mesh=mesh, task=task,
              tokenizer=tokenizer, train=train, eval=evaluation,
              eval_references=[ex["target"] for ex in eval_examples])
@@ -209,6 +218,23 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
 
 def _round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
+
+
+def declared_vocab(model_cfg: ml_collections.ConfigDict,
+                   tokenizer: data_lib.Tokenizer) -> int | None:
+  """The vocabulary size a model will have, read without loading it.
+
+  None where it cannot be known before loading (a hub name, a stage output).
+  """
+  init_from = model_cfg.init_from
+  if init_from.startswith("scratch:"):
+    return model_cfg.overrides.get(
+        "vocab_size", _round_up(tokenizer.vocab_size, 8))
+  config_json = os.path.join(init_from, "config.json")
+  if os.path.isfile(config_json):
+    with open(config_json, encoding="utf-8") as f:
+      return json.load(f).get("vocab_size")
+  return None
 
 
 def load_model(run: Run, role: str, init_from: str,

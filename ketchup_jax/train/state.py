@@ -131,7 +131,7 @@ def apply_gradients(state: TrainState, tx: optax.GradientTransformation,
   Returns the new state and `{"grad_norm", "skipped"}`; `step` and `rng` always
   advance so a skipped batch is not retried forever.
   """
-  grad_norm = optax.global_norm(grads)
+  grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
   updates, new_opt = tx.update(grads, state.opt_state, state.params)
   new_params = optax.apply_updates(state.params, updates)
