@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 
@@ -174,6 +175,11 @@ def test_sharded_safetensors_and_pytorch_bin(tmp_path):
   torch.save(ref.state_dict(), bin_dir / "pytorch_model.bin")
   (bin_dir / "config.json").write_text(
       (tmp_path / "single" / "config.json").read_text())
+  copy.deepcopy(ref).to(torch.bfloat16).save_pretrained(str(tmp_path / "bf16"))
+  bf16 = models.load(str(tmp_path / "bf16"), dtype=jnp.float32)
+  np.testing.assert_array_equal(
+      np.asarray(bf16.params["shared"]["embedding"]),
+      ref.shared.weight.detach().to(torch.bfloat16).float().numpy())
   batch = random_batch(5, vocab=113)
   want = torch_logits(ref, *batch)
   for name in ("single", "sharded", "bin"):
@@ -271,3 +277,15 @@ def test_logical_axes_cover_every_parameter():
       "embed", "heads", "kv")
   assert axes["decoder"]["relpos_bias"]["embedding"] == (
       "relpos_buckets", "heads")
+
+
+def test_shift_right_follows_hf():
+  config = models.get_config("tiny")
+  labels = np.array([[5, 6, 1, 0], [7, 1, 0, 0]])
+  want = transformers.T5ForConditionalGeneration._shift_right(  # pylint: disable=protected-access
+      transformers.T5ForConditionalGeneration(transformers.T5Config(
+          vocab_size=8, d_model=8, d_kv=2, d_ff=8, num_layers=1, num_heads=2,
+          decoder_start_token_id=0)), torch.tensor(labels)).numpy()
+  np.testing.assert_array_equal(np.asarray(t5.shift_right(labels, config)),
+                                want)
+  np.testing.assert_array_equal(want, [[0, 5, 6, 1], [0, 7, 1, 0]])

@@ -32,11 +32,12 @@ from ketchup_jax.models.t5 import init_params
 from ketchup_jax.models.t5 import logical_axes
 from ketchup_jax.models.t5 import param_shapes
 from ketchup_jax.models.t5 import Params
+from ketchup_jax.models.t5 import shift_right
 
 __all__ = [
     "DecodeCache", "Params", "SIZES", "SampleOutput", "T5Config", "T5LM",
     "decode_step", "encode", "forward", "get_config", "init",
     "init_decode_cache", "init_params", "load", "load_checkpoint",
     "logical_axes", "param_shapes", "place_params", "sample",
-    "save_checkpoint",
+    "save_checkpoint", "shift_right",
 ]

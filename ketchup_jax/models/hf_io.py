@@ -22,6 +22,7 @@ import re
 from typing import Any, Callable
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from ketchup_jax.models import t5
@@ -273,12 +274,34 @@ _BIN = "pytorch_model.bin"
 _BIN_INDEX = "pytorch_model.bin.index.json"
 
 
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16,
+    "BF16": jnp.bfloat16, "I64": np.int64, "I32": np.int32,
+}
+
+
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-  import safetensors  # pylint: disable=g-import-not-at-top
+  """Reads a `.safetensors` file into float32 numpy arrays, on the host.
+
+  Parses the (8-byte length, JSON header, raw little-endian data) layout
+  directly so that bfloat16 tensors read without torch and without a trip
+  through accelerator memory.
+  """
+  with open(path, "rb") as f:
+    header_len = int.from_bytes(f.read(8), "little")
+    header = json.loads(f.read(header_len))
+  data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
   out = {}
-  with safetensors.safe_open(path, framework="flax") as f:
-    for key in f.keys():
-      out[key] = np.asarray(f.get_tensor(key).astype("float32"))
+  for key, info in header.items():
+    if key == "__metadata__":
+      continue
+    if info["dtype"] not in _SAFETENSORS_DTYPES:
+      raise ValueError(f"{path}: tensor {key!r} has dtype {info['dtype']!r};"
+                       f" expected one of {sorted(_SAFETENSORS_DTYPES)}")
+    start, end = info["data_offsets"]
+    array = np.frombuffer(data[start:end],
+                          dtype=_SAFETENSORS_DTYPES[info["dtype"]])
+    out[key] = array.reshape(info["shape"]).astype(np.float32)
   return out
 
 

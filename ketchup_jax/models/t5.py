@@ -515,6 +515,22 @@ class DecodeCache(NamedTuple):
   index: jax.Array
 
 
+def shift_right(targets: jax.Array, config: T5Config) -> jax.Array:
+  """Decoder inputs from targets: `[start, y0, ..., y_{T-2}]` (HF convention).
+
+  Args:
+    targets: int `[batch, length]` target ids (padding after EOS is fine).
+    config: Gives `decoder_start_token_id` (0 = pad for T5).
+
+  Returns:
+    int32 `[batch, length]` decoder input ids.
+  """
+  targets = jnp.asarray(targets, jnp.int32)
+  start = jnp.full((targets.shape[0], 1), config.decoder_start_token_id,
+                   jnp.int32)
+  return jnp.concatenate([start, targets[:, :-1]], axis=1)
+
+
 def _model(config: T5Config, mesh: Mesh | None,
            rules: LogicalRules) -> T5:
   return T5(config=config, mesh=mesh, rules=rules)
