@@ -161,8 +161,7 @@ class RMSNorm(_Base):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    scale = self._param("scale", (self.config.d_model,),
-                        ("embed",))
+    scale = self._param("scale", (self.config.d_model,), ("embed",))
     x32 = x.astype(jnp.float32)  # [batch, length, embed]
     var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
     y = x32 * jax.lax.rsqrt(var + self.config.layer_norm_epsilon)
@@ -178,7 +177,11 @@ class Embed(_Base):
                                  ("vocab", "embed"))
 
   def __call__(self, ids: jax.Array) -> jax.Array:
-    x = jnp.take(self.embedding.astype(self.config.dtype), ids, axis=0)
+    # Gather the fsdp-sharded table (as FSDP does for every weight) but keep
+    # it vocab-sharded, so the lookup is a masked local gather + reduction.
+    table = self._constrain(self.embedding.astype(self.config.dtype),
+                            ("vocab", None))
+    x = jnp.take(table, ids, axis=0)
     return self._constrain(x, (_BATCH, _LENGTH, _EMBED))  # [b, l, embed]
 
   def attend(self, x: jax.Array) -> jax.Array:
