@@ -172,8 +172,8 @@ def resolve_tied(state: Mapping[str, np.ndarray], config: T5Config) -> T5Config:
 
   transformers 5 writes `tie_word_embeddings: true` into every T5 config and
   ties `lm_head` to `shared` unless the checkpoint holds an `lm_head.weight`
-  that differs from `shared.weight`. We follow the tensors: untied iff such an
-  `lm_head.weight` is present.
+  that differs from `shared.weight`. We follow the tensors: untied iff an
+  `lm_head.weight` is present and differs from `shared.weight`.
   """
   head = state.get("lm_head.weight")
   shared = state.get("shared.weight")
@@ -204,8 +204,9 @@ def hf_to_params(
   params: dict[str, np.ndarray] = {}
   unexpected, bad_shapes = [], []
   for key, value in state.items():
-    if config.tie_word_embeddings and key == "lm_head.weight":
-      continue  # Equal to shared.weight (checked by resolve_tied).
+    if (config.tie_word_embeddings and key == "lm_head.weight" and
+        np.array_equal(value, state.get("shared.weight"))):
+      continue  # A saved copy of the tied embedding.
     for rule in RULES:
       path = rule.match_hf(key)
       if path is not False:
