@@ -195,3 +195,17 @@ def test_forward_grad_inside_user_jit_and_option_errors(hf_pair):
     lm.generate(ids, mask, max_new_tokens=0)
   with pytest.raises(ValueError, match=r"top_p must be in \(0, 1\], got 1.5"):
     lm.generate(ids, mask, max_new_tokens=2, top_p=1.5)
+
+
+def test_bf16_sampler_runs_and_agrees_with_f32_greedy(hf_pair):
+  _, lm = hf_pair[False]
+  ids, mask = _inputs(0, 131)
+  lm16 = models.T5LM(config=lm.config.replace(dtype=jnp.bfloat16),
+                     params=lm.params)
+  got = lm16.sample(ids, mask, max_new_tokens=NEW)
+  want = np.asarray(lm.generate(ids, mask, max_new_tokens=NEW))
+  assert got.tokens.dtype == jnp.int32 and got.logprobs.dtype == jnp.float32
+  assert np.isfinite(np.asarray(got.logprobs)).all()
+  tokens = np.asarray(got.tokens)
+  np.testing.assert_array_equal(tokens[:, 0], want[:, 0])
+  assert np.mean(tokens == want) > 0.75
