@@ -1,4 +1,4 @@
-"""Greedy decoding throughput: `ketchup_jax` T5 `generate` vs transformers (PyTorch).
+"""Greedy decoding throughput: ketchup_jax T5 `generate` vs transformers (torch).
 
 Builds one random T5-small-shaped model in PyTorch (d_model 512, 6 + 6 layers,
 8 heads, d_ff 2048, vocab 32128; T5 v1.0 layout), saves it with

@@ -1,4 +1,4 @@
-"""The KV-cache sampler against transformers' greedy generate and recomputation."""
+"""The KV-cache sampler vs transformers' greedy generate and recomputation."""
 
 from __future__ import annotations
 
@@ -154,7 +154,8 @@ def test_no_recompilation_across_sampling_settings(hf_pair):
                                     (0.5, 0, 0.9), (2.0, 7, 0.5)]):
     lm.generate(ids + i % 2, mask, max_new_tokens=NEW, temperature=temp,
                 top_k=k, top_p=p, rng=jax.random.key(i))
-  assert api._sample_jit._cache_size() == before  # pylint: disable=protected-access
+  after = api._sample_jit._cache_size()  # pylint: disable=protected-access
+  assert after == before
 
 
 def test_filter_logits_numbers():

@@ -282,7 +282,8 @@ def test_logical_axes_cover_every_parameter():
 def test_shift_right_follows_hf():
   config = models.get_config("tiny")
   labels = np.array([[5, 6, 1, 0], [7, 1, 0, 0]])
-  want = transformers.T5ForConditionalGeneration._shift_right(  # pylint: disable=protected-access
+  # pylint: disable-next=protected-access
+  want = transformers.T5ForConditionalGeneration._shift_right(
       transformers.T5ForConditionalGeneration(transformers.T5Config(
           vocab_size=8, d_model=8, d_kv=2, d_ff=8, num_layers=1, num_heads=2,
           decoder_start_token_id=0)), torch.tensor(labels)).numpy()

@@ -1,4 +1,4 @@
-"""Mesh, logical-axis rules, and sharded T5 equal to unsharded on 8 CPU devices."""
+"""Mesh, logical-axis rules, sharded T5 equal to unsharded on 8 CPU devices."""
 
 from __future__ import annotations
 

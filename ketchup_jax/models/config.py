@@ -1,4 +1,4 @@
-"""T5 hyperparameters: a frozen dataclass, built from HF `config.json` or a size name.
+"""T5 hyperparameters: a frozen dataclass from HF `config.json` or a size name.
 
 One `T5Config` covers the whole family:
 

@@ -1,4 +1,4 @@
-"""Autoregressive sampling: one `jax.lax.while_loop` over a preallocated KV cache.
+"""Autoregressive sampling: one `lax.while_loop` over a preallocated KV cache.
 
 The encoder runs once, the cross-attention keys / values are computed once,
 and each loop iteration runs the decoder on one position for the whole batch.

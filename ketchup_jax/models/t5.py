@@ -1,4 +1,4 @@
-"""The T5 / FLAN-T5 encoder-decoder in Flax (linen), plus pure functions over params.
+"""T5 / FLAN-T5 encoder-decoder in Flax linen, and pure functions over params.
 
 The modules only declare parameters (with logical axis names) and compute; the
 pure functions at the bottom (`forward`, `encode`, `init_decode_cache`,
@@ -465,7 +465,8 @@ class T5(_Base):
       return self.shared.attend(x)
     return self.lm_head(x)
 
-  def encode(self, input_ids: jax.Array, attention_mask: jax.Array) -> jax.Array:
+  def encode(self, input_ids: jax.Array,
+             attention_mask: jax.Array) -> jax.Array:
     return self.encoder(self.shared(input_ids), attention_mask)
 
   def cross_key_value(self, encoded: jax.Array) -> tuple[Any, ...]:
