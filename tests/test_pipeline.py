@@ -11,6 +11,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import pytest
 
@@ -209,7 +210,8 @@ def test_rl_step_on_2x2x2_mesh_matches_one_device():
     ({"teacher.overrides.vocab_size": 300},
      r"teacher and student vocabularies differ: teacher .* 300 entries, "
      r"student .* 256"),
-    ({"task.name": "jsonl", "task.options.paths": "/nonexistent/{split}.jsonl"},
+    ({"task.name": "jsonl",
+      "task.options": {"paths": "/nonexistent/{split}.jsonl"}},
      r"/nonexistent/train.jsonl"),
 ])
 def test_bad_config_raises_before_writing(tmp_path, overrides, message):
@@ -222,7 +224,8 @@ def test_bad_config_raises_before_writing(tmp_path, overrides, message):
     *parents, leaf = key.split(".")
     for p in parents:
       node = node[p]
-    node[leaf] = value
+    node[leaf] = (ml_collections.ConfigDict(value) if isinstance(value, dict)
+                  else value)
   workdir = tmp_path / "run"
   workdir.mkdir()
   (workdir / "keep.txt").write_text("precious")
