@@ -10,11 +10,12 @@ Both sides are forced to produce the same number of tokens: transformers with
 `min_new_tokens = max_new_tokens` (EOS is masked until the last step), ours
 with `eos_token_id = -1` in the config (no row ever stops). Each side is run
 once to warm up (JAX compilation, PyTorch allocator), then `--repeats` times;
-the best time is reported.
+the two are timed alternately (a shared machine's slow phases then hit both),
+and the best and median of the repeats are reported.
 
 Usage:
   .venv/bin/python benchmarks/generate_vs_torch.py [--batch 32]
-      [--new_tokens 64] [--src_len 64] [--repeats 3]
+      [--new_tokens 64] [--src_len 64] [--repeats 5]
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import json
 import os
 import tempfile
 import time
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -34,14 +36,21 @@ import transformers
 from ketchup_jax import models
 
 
-def _best_time(fn, repeats: int) -> tuple[float, object]:
-  out = fn()  # Warm-up (compilation for JAX).
-  best = float("inf")
+def _interleaved_times(fns: dict[str, Callable[[], Any]],
+                       repeats: int) -> tuple[dict[str, list[float]],
+                                              dict[str, Any]]:
+  """Warms each function up once, then times them alternately `repeats` times.
+
+  Alternating keeps slow phases of a shared machine from landing on one side.
+  """
+  outputs = {name: fn() for name, fn in fns.items()}  # Warm-up / compile.
+  times: dict[str, list[float]] = {name: [] for name in fns}
   for _ in range(repeats):
-    start = time.perf_counter()
-    out = fn()
-    best = min(best, time.perf_counter() - start)
-  return best, out
+    for name, fn in fns.items():
+      start = time.perf_counter()
+      outputs[name] = fn()
+      times[name].append(time.perf_counter() - start)
+  return times, outputs
 
 
 def main() -> None:
@@ -49,7 +58,7 @@ def main() -> None:
   parser.add_argument("--batch", type=int, default=32)
   parser.add_argument("--new_tokens", type=int, default=64)
   parser.add_argument("--src_len", type=int, default=64)
-  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--repeats", type=int, default=5)
   args = parser.parse_args()
 
   torch.manual_seed(0)
@@ -81,10 +90,10 @@ def main() -> None:
                           max_new_tokens=args.new_tokens,
                           min_new_tokens=args.new_tokens)
 
-  t_jax, out_jax = _best_time(run_jax, args.repeats)
-  t_torch, out_torch = _best_time(run_torch, args.repeats)
-  out_jax = np.asarray(out_jax)
-  out_torch = out_torch.numpy()[:, 1:]  # Drop the decoder start token.
+  times, outs = _interleaved_times({"jax": run_jax, "torch": run_torch},
+                                    args.repeats)
+  out_jax = np.asarray(outs["jax"])
+  out_torch = outs["torch"].numpy()[:, 1:]  # Drop the decoder start token.
   if out_jax.shape != out_torch.shape:
     raise RuntimeError(f"token counts differ: jax {out_jax.shape}, torch"
                        f" {out_torch.shape}")
@@ -96,11 +105,13 @@ def main() -> None:
       "batch": args.batch,
       "new_tokens": args.new_tokens,
       "src_len": args.src_len,
-      "jax_seconds": round(t_jax, 3),
-      "torch_seconds": round(t_torch, 3),
-      "jax_tokens_per_s": round(tokens / t_jax, 1),
-      "torch_tokens_per_s": round(tokens / t_torch, 1),
-      "speedup_jax_over_torch": round(t_torch / t_jax, 2),
+      "jax_seconds_each_run": [round(t, 3) for t in times["jax"]],
+      "torch_seconds_each_run": [round(t, 3) for t in times["torch"]],
+      "jax_tokens_per_s_best": round(tokens / min(times["jax"]), 1),
+      "torch_tokens_per_s_best": round(tokens / min(times["torch"]), 1),
+      "jax_tokens_per_s_median": round(tokens / np.median(times["jax"]), 1),
+      "torch_tokens_per_s_median": round(
+          tokens / np.median(times["torch"]), 1),
       "greedy_tokens_equal_fraction": float(np.mean(out_jax == out_torch)),
   }, indent=2))
 
