@@ -125,7 +125,11 @@ class T5LM:
                        top_k=top_k, top_p=top_p, rng=rng).tokens
 
   def save_pretrained(self, path: str | os.PathLike[str]) -> None:
-    """Writes an HF directory loadable by `T5ForConditionalGeneration`."""
+    """Writes an HF directory loadable by `T5ForConditionalGeneration`.
+
+    Multi-host: call on every process (cross-host shards are all-gathered);
+    process 0 writes.
+    """
     hf_io.save_checkpoint(self.params, self.config, path)
 
 

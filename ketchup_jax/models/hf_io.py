@@ -415,12 +415,24 @@ def save_checkpoint(params: Params, config: T5Config,
   """Writes `config.json`, `generation_config.json` and `model.safetensors`.
 
   The directory loads with
-  `transformers.T5ForConditionalGeneration.from_pretrained(path)`.
+  `transformers.T5ForConditionalGeneration.from_pretrained(path)`. With
+  several JAX processes, call it on every process: parameters sharded across
+  hosts are all-gathered (a collective), and process 0 writes the files.
   """
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  def to_host(x: Any) -> np.ndarray:
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+      return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(jax.device_get(x))
+
+  host_params = jax.tree.map(to_host, params)
+  if jax.process_index() != 0:
+    return
   path = os.fspath(path)
   os.makedirs(path, exist_ok=True)
-  state = params_to_hf(params, config)
+  state = params_to_hf(host_params, config)
   safetensors.numpy.save_file(state, os.path.join(path, _SAFE),
                               metadata={"format": "pt"})
   with open(os.path.join(path, "config.json"), "w") as f:
