@@ -285,7 +285,10 @@ def rl_step(state: state_lib.TrainState, teacher_params: Any, batch: Batch,
   real = jnp.maximum(jnp.sum(real_row), 1)
   return state, {
       "loss": loss,
-      "tokens": count,
+      # Rollout tokens generated (what tokens_per_s counts) and tokens in the
+      # loss (fewer when unfinished rows are dropped).
+      "tokens": jnp.sum(rollout.lengths * real_row).astype(jnp.float32),
+      "loss_tokens": count,
       "entropy": jax.lax.stop_gradient(entropy),
       "finished_fraction": jnp.sum(finished) / real,
       "rollout_length": jnp.sum(rollout.lengths * real_row) / real,
