@@ -78,6 +78,10 @@ def get_config() -> ml_collections.ConfigDict:
   # Token caps, EOS included; longer examples are truncated and counted.
   c.max_source_len = 64
   c.max_target_len = 64
+  # Padded lengths a batch may take (each new shape compiles the step once);
+  # empty = powers of two from 8 up to the cap.
+  c.source_buckets = ()
+  c.target_buckets = ()
 
   # The teacher and the student; they must share one vocabulary.
   c.teacher = model("scratch:tiny")

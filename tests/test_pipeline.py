@@ -155,7 +155,8 @@ def test_killed_rl_stage_resumes_to_the_same_checksum(smoke_run, tmp_path):
 
 
 def _three_rl_steps(mesh):
-  config = models.get_config("tiny", vocab_size=64, dtype=jnp.float32)
+  config = models.get_config("tiny", vocab_size=64, dtype=jnp.float32,
+                             num_layers=1, num_decoder_layers=1)
   teacher_params = models.init_params(config, jax.random.PRNGKey(1))
   student_params = models.init_params(config, jax.random.PRNGKey(2))
   teacher = models.place_params(teacher_params, config, mesh)

@@ -719,15 +719,19 @@ def init_params(config: T5Config, rng: jax.Array) -> Params:
   return jax.tree.unflatten(treedef, leaves)
 
 
+@functools.lru_cache(maxsize=32)
+def _abstract_boxed(config: T5Config) -> Any:
+  """Traces the model's init once per config (tracing costs seconds)."""
+  return jax.eval_shape(functools.partial(_boxed_init, config),
+                        jax.random.key(0))
+
+
 def param_shapes(config: T5Config) -> Params:
   """`jax.ShapeDtypeStruct` tree of the parameters, without allocating."""
-  return nn.unbox(jax.eval_shape(
-      functools.partial(_boxed_init, config), jax.random.key(0)))
+  return nn.unbox(_abstract_boxed(config))
 
 
 def logical_axes(config: T5Config) -> Any:
   """Tree of logical axis-name tuples, one per parameter (same structure)."""
-  boxed = jax.eval_shape(functools.partial(_boxed_init, config),
-                         jax.random.key(0))
-  return jax.tree.map(lambda b: tuple(b.names), boxed,
+  return jax.tree.map(lambda b: tuple(b.names), _abstract_boxed(config),
                       is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))

@@ -133,6 +133,14 @@ class Run:
   def batch_multiple(self) -> int:
     return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
 
+  def batches(self, data: data_lib.TokenizedExamples, *, batch_size: int,
+              **kwargs: Any) -> data_lib.BatchIterator:
+    """Batches laid out for the mesh, padded to the configured buckets."""
+    return data_lib.BatchIterator(
+        data, batch_size=batch_size, batch_multiple=self.batch_multiple,
+        source_buckets=tuple(self.cfg.source_buckets) or None,
+        target_buckets=tuple(self.cfg.target_buckets) or None, **kwargs)
+
   @property
   def is_main(self) -> bool:
     return jax.process_index() == 0
@@ -329,9 +337,8 @@ def train_stage(run: Run, stage: str, lm: models.T5LM, step_fn: Callable,
     state = ckpt.restore(state)
   start = int(state.step)
   total = optim.micro_steps
-  data = data_lib.BatchIterator(
-      run.train, batch_size=batch_size, batch_multiple=run.batch_multiple,
-      seed=seed, start_step=start)
+  data = run.batches(run.train, batch_size=batch_size, seed=seed,
+                     start_step=start)
   batch_sharding = run.batch_sharding()
   with_teacher = teacher is not None
   jitted = jax.jit(
@@ -519,9 +526,8 @@ def return_diagnostics_by_k(run: Run, student: models.T5LM,
                                     center=rl.center_logits, value=rl.value)
     return q, v, mask
 
-  data = data_lib.BatchIterator(
-      run.eval, batch_size=cfg.rl.batch_size,
-      batch_multiple=run.batch_multiple, seed=cfg.seed + 3)
+  data = run.batches(run.eval, batch_size=cfg.rl.batch_size,
+                     seed=cfg.seed + 3, drop_remainder=False)
   qs, vs, masks = [], [], []
   rng = jax.random.PRNGKey(cfg.seed + 3)
   for _ in range(cfg.eval.diag_batches):
@@ -552,7 +558,8 @@ def stage_eval(run: Run) -> dict[str, Any]:
     predictions = evaluate.decode_split(
         _greedy(run, lm, cfg.eval.max_decode_len), run.eval,
         batch_size=cfg.eval.batch_size, batch_multiple=run.batch_multiple,
-        tokenizer=run.tokenizer, desc=f"eval {label}")
+        tokenizer=run.tokenizer, desc=f"eval {label}",
+        source_buckets=tuple(cfg.source_buckets) or None)
     scores = evaluate.score(run.task.metric_names, predictions,
                             run.eval_references)
     results["models"][label] = {
