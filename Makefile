@@ -21,7 +21,7 @@ test: $(STAMP)
 	$(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 demo: $(STAMP)
-	$(PY) examples/k_step_returns.py
+	$(PY) -m ketchup_jax.main --config=configs/demo.py --workdir=runs/demo
 
 bench: $(STAMP)
 	$(PY) -m benchmarks.returns

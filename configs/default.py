@@ -148,4 +148,10 @@ def get_config() -> ml_collections.ConfigDict:
   c.checkpoint_every = 100
   # Log metrics every N micro-steps.
   c.log_every = 10
+  # Stop with an error after N consecutive steps whose loss or gradient is
+  # not finite (each such update is skipped, optimizer state untouched).
+  c.max_nonfinite_steps = 10
+  # After SIGTERM/SIGINT: seconds to reach a step boundary and checkpoint
+  # before exiting without saving.
+  c.preemption_grace_s = 120.0
   return c

@@ -33,7 +33,7 @@ def main(argv):
   logging.get_absl_logger().addFilter(_QuietLibraries())
   try:
     pipeline.run(_CONFIG.value, _WORKDIR.value)
-  except (ValueError, FileNotFoundError, PermissionError, OSError) as e:
+  except (ValueError, OSError, FloatingPointError) as e:
     logging.error("%s: %s", type(e).__name__, e)
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -1,13 +1,18 @@
 """Orbax checkpoints of a stage's `TrainState` under `DIR/checkpoints/<stage>`.
 
 Saves are atomic (Orbax writes a temporary directory and renames it when
-complete), so an interrupted save never becomes the latest step. Restores
-place every array with the sharding of the abstract state they are given.
+complete), so an interrupted save never becomes the latest step. A checkpoint
+that exists but cannot be read (files missing or truncated) is moved aside to
+`DIR/checkpoints/<stage>.corrupt/<step>` with a warning naming it, and the
+newest readable one is restored instead. Restores place every array with the
+sharding of the abstract state they are given.
 """
 
 from __future__ import annotations
 
 import os
+import shutil
+import time
 from typing import Any
 
 from absl import logging
@@ -25,10 +30,14 @@ class StageCheckpoints:
 
   def __init__(self, directory: str | os.PathLike[str], *,
                max_to_keep: int = 2):
-    self.directory = os.fspath(directory)
-    self._manager = ocp.CheckpointManager(
-        os.path.abspath(self.directory),
-        options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep,
+    self.directory = os.path.abspath(os.fspath(directory))
+    self._max_to_keep = max_to_keep
+    self._manager = self._open()
+
+  def _open(self) -> ocp.CheckpointManager:
+    return ocp.CheckpointManager(
+        self.directory,
+        options=ocp.CheckpointManagerOptions(max_to_keep=self._max_to_keep,
                                              create=True))
 
   def latest_step(self) -> int | None:
@@ -53,6 +62,28 @@ class StageCheckpoints:
     logging.info("restoring %s step %d", self.directory, step)
     return self._manager.restore(
         step, args=ocp.args.StandardRestore(abstract))
+
+  def restore_latest_good(self, abstract_state: Any) -> Any | None:
+    """Restores the newest readable checkpoint; None if there is none.
+
+    Unreadable checkpoints are moved aside (never deleted) with a warning.
+    """
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        return self.restore(abstract_state, step)
+      except Exception as e:  # pylint: disable=broad-except
+        aside = os.path.join(self.directory + ".corrupt",
+                             f"{step}-{int(time.time())}")
+        logging.warning(
+            "checkpoint %s is unreadable (%s: %s); moved to %s, trying the "
+            "previous one", os.path.join(self.directory, str(step)),
+            type(e).__name__, str(e).splitlines()[0][:200], aside)
+        if jax.process_index() == 0:
+          os.makedirs(os.path.dirname(aside), exist_ok=True)
+          shutil.move(os.path.join(self.directory, str(step)), aside)
+        self._manager.close()
+        self._manager = self._open()
+    return None
 
   def close(self) -> None:
     self._manager.close()

@@ -25,6 +25,9 @@ import functools
 import hashlib
 import json
 import os
+import signal
+import sys
+import threading
 import time
 from typing import Any, Callable
 
@@ -84,9 +87,12 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
   for name in ("max_source_len", "max_target_len"):
     if not isinstance(cfg[name], int) or cfg[name] < 1:
       raise ValueError(f"config.{name} must be an int >= 1, got {cfg[name]!r}")
-  for name in ("checkpoint_every", "log_every"):
+  for name in ("checkpoint_every", "log_every", "max_nonfinite_steps"):
     if not isinstance(cfg[name], int) or cfg[name] < 1:
       raise ValueError(f"config.{name} must be an int >= 1, got {cfg[name]!r}")
+  if not cfg.preemption_grace_s > 0:
+    raise ValueError(f"config.preemption_grace_s must be > 0, got "
+                     f"{cfg.preemption_grace_s!r}")
   if cfg.predistill.method not in PREDISTILL_METHODS:
     raise ValueError(f"config.predistill.method must be one of "
                      f"{PREDISTILL_METHODS}, got {cfg.predistill.method!r}")
@@ -128,6 +134,7 @@ class Run:
   eval: data_lib.TokenizedExamples
   eval_references: list[str]
   writer: writer_lib.MetricWriter | None = None
+  stop: StopRequest | None = None
 
   @property
   def batch_multiple(self) -> int:
@@ -312,7 +319,8 @@ def _state_shardings(run: Run, lm: models.T5LM,
       transform_non_params=lambda _: run.replicated())
   return state_lib.TrainState(
       step=run.replicated(), params=param_shardings, opt_state=opt_shardings,
-      rng=run.replicated(), skipped=run.replicated())
+      rng=run.replicated(), skipped=run.replicated(),
+      nonfinite_streak=run.replicated(), last_finite_loss=run.replicated())
 
 
 def train_stage(run: Run, stage: str, lm: models.T5LM, step_fn: Callable,
@@ -333,8 +341,9 @@ def train_stage(run: Run, stage: str, lm: models.T5LM, step_fn: Callable,
                  out_shardings=shardings)
   state = init(lm.params)
   ckpt = checkpoints.StageCheckpoints(run.path("checkpoints", stage))
-  if ckpt.latest_step() is not None:
-    state = ckpt.restore(state)
+  restored = ckpt.restore_latest_good(state)
+  if restored is not None:
+    state = restored
   start = int(state.step)
   total = optim.micro_steps
   data = run.batches(run.train, batch_size=batch_size, seed=seed,
@@ -350,11 +359,18 @@ def train_stage(run: Run, stage: str, lm: models.T5LM, step_fn: Callable,
   bar = tqdm.tqdm(total=total, initial=start, desc=stage, unit="step",
                   disable=not run.is_main, dynamic_ncols=True)
   tick, tick_step = time.perf_counter(), start
+  previous_streak = None
   for step in range(start, total):
     batch = jax.device_put(next(data), batch_sharding)
     args = (state, teacher.params, batch) if with_teacher else (state, batch)
     state, metrics = jitted(*args)
     done = step + 1
+    # Read the previous step's streak while this one runs (no pipeline stall).
+    if previous_streak is not None:
+      _check_nonfinite(run, stage, done - 1, previous_streak)
+    # From the metrics: the state itself is donated to the next step.
+    previous_streak = (metrics["nonfinite_streak"],
+                       metrics["last_finite_loss"])
     bar.update(1)
     if done % cfg.log_every == 0 or done == total:
       metrics = jax.device_get(metrics)
@@ -367,12 +383,110 @@ def train_stage(run: Run, stage: str, lm: models.T5LM, step_fn: Callable,
       run.writer.log_line(stage, done, total, metrics, _LOG_KEYS)
       bar.set_postfix(loss=f"{float(metrics['loss']):.4g}")
     if done % cfg.checkpoint_every == 0 and done < total:
-      ckpt.save(done, state)
+      _save(ckpt, done, state)
+    if run.stop.requested and done < total:
+      _save(ckpt, done, state)
+      bar.close()
+      ckpt.close()
+      raise Preempted(stage, done, total, run.stop.signal_name)
   bar.close()
+  _check_nonfinite(run, stage, total, previous_streak)
   if ckpt.latest_step() != total:
-    ckpt.save(total, state, force=True)
+    _save(ckpt, total, state, force=True)
   ckpt.close()
   return dataclasses.replace(lm, params=state.params)
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+  return jnp.all(jnp.stack([jnp.all(jnp.isfinite(x))
+                            for x in jax.tree.leaves(tree)]))
+
+
+def _save(ckpt: checkpoints.StageCheckpoints, step: int,
+          state: state_lib.TrainState, *, force: bool = False) -> None:
+  """Saves, refusing to write parameters that are not all finite."""
+  if not bool(_all_finite(state.params)):
+    raise FloatingPointError(
+        f"refusing to checkpoint {ckpt.directory} at step {step}: the "
+        f"parameters are not all finite")
+  ckpt.save(step, state, force=force)
+
+
+def _check_nonfinite(run: Run, stage: str, step: int,
+                     streak_and_loss: tuple[jax.Array, jax.Array]) -> None:
+  streak, last_loss = (float(x) for x in jax.device_get(streak_and_loss))
+  limit = run.cfg.max_nonfinite_steps
+  if streak >= limit:
+    raise FloatingPointError(
+        f"stage {stage}: {int(streak)} consecutive steps with a non-finite "
+        f"loss or gradient (updates skipped), the last at step {step}; last "
+        f"finite loss {last_loss:.6g}. Lower the learning rate or check the "
+        f"data; the last checkpoint holds finite parameters.")
+
+
+# --------------------------------------------------------------------------
+# Preemption
+# --------------------------------------------------------------------------
+
+
+class Preempted(Exception):
+  """Raised at a step boundary after SIGTERM/SIGINT, once the state is saved."""
+
+  def __init__(self, stage: str, step: int, total: int, signal_name: str):
+    super().__init__(f"{signal_name}: stopped stage {stage} at step "
+                     f"{step}/{total}, checkpoint saved")
+    self.stage, self.step, self.total = stage, step, total
+    self.signal_name = signal_name
+
+
+class StopRequest:
+  """SIGTERM / SIGINT handling: stop at the next step boundary, saved.
+
+  The first signal asks the training loop to checkpoint and stop; if that
+  has not happened within `grace_s` seconds the process exits (status 1)
+  without writing. A second signal exits at once. Orbax writes checkpoints
+  to a temporary directory and renames it when complete, so neither exit
+  leaves a half-written checkpoint as the latest.
+  """
+
+  def __init__(self, grace_s: float):
+    self.grace_s = grace_s
+    self.signal_name: str | None = None
+    self._previous: dict[int, Any] = {}
+
+  @property
+  def requested(self) -> bool:
+    return self.signal_name is not None
+
+  def _handle(self, signum: int, frame: Any) -> None:
+    del frame
+    name = signal.Signals(signum).name
+    if self.requested:
+      print(f"{name} again: exiting now without saving", file=sys.stderr,
+            flush=True)
+      os._exit(128 + signum)  # pylint: disable=protected-access
+    self.signal_name = name
+    print(f"{name}: saving a checkpoint at the next step boundary (within "
+          f"{self.grace_s:g} s)...", file=sys.stderr, flush=True)
+    timer = threading.Timer(self.grace_s, self._expire, args=(name,))
+    timer.daemon = True
+    timer.start()
+
+  def _expire(self, name: str) -> None:
+    print(f"{name}: no step boundary within {self.grace_s:g} s; exiting "
+          f"without saving", file=sys.stderr, flush=True)
+    os._exit(1)  # pylint: disable=protected-access
+
+  def __enter__(self) -> StopRequest:
+    if threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc: Any) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
 
 
 # --------------------------------------------------------------------------
@@ -694,26 +808,39 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any] | None:
   the_run = setup(cfg, workdir)
   _prepare_workdir(the_run)
   the_run.writer = writer_lib.MetricWriter(workdir)
+  the_run.stop = StopRequest(cfg.preemption_grace_s)
   results = None
   try:
-    for stage in parse_stages(cfg.stages):
-      names = [f"rl_k{k}" for k in rl_ks(cfg)] if stage == "rl" else [stage]
-      for name in names:
-        if name != "eval" and _stage_done(the_run, name):
-          logging.info("stage %s: already finished, skipped", name)
-          continue
-        logging.info("stage %s", name)
-        if name == "teacher_sft":
-          stage_teacher_sft(the_run)
-        elif name == "predistill":
-          stage_predistill(the_run)
-        elif name.startswith("rl_k"):
-          stage_rl(the_run, int(name[len("rl_k"):]))
-        else:
-          results = stage_eval(the_run)
-          _write_results(the_run, results)
-          if the_run.is_main:
-            print(results_table(results))
+    with the_run.stop:
+      results = _run_stages(the_run)
+  except Preempted as e:
+    print(f"{e.signal_name}: stopped stage {e.stage} at step {e.step}/"
+          f"{e.total} with a checkpoint saved; rerun the same command to "
+          f"resume.", flush=True)
   finally:
     the_run.writer.close()
+  return results
+
+
+def _run_stages(the_run: Run) -> dict[str, Any] | None:
+  cfg = the_run.cfg
+  results = None
+  for stage in parse_stages(cfg.stages):
+    names = [f"rl_k{k}" for k in rl_ks(cfg)] if stage == "rl" else [stage]
+    for name in names:
+      if name != "eval" and _stage_done(the_run, name):
+        logging.info("stage %s: already finished, skipped", name)
+        continue
+      logging.info("stage %s", name)
+      if name == "teacher_sft":
+        stage_teacher_sft(the_run)
+      elif name == "predistill":
+        stage_predistill(the_run)
+      elif name.startswith("rl_k"):
+        stage_rl(the_run, int(name[len("rl_k"):]))
+      else:
+        results = stage_eval(the_run)
+        _write_results(the_run, results)
+        if the_run.is_main:
+          print(results_table(results))
   return results

@@ -29,12 +29,16 @@ class TrainState:
     rng: uint32 [2] raw PRNG key, split once per step.
     skipped: int32 scalar, updates skipped because the loss or gradient was
       not finite.
+    nonfinite_streak: int32 scalar, consecutive skipped updates up to now.
+    last_finite_loss: float32 scalar, the loss of the last finite step.
   """
   step: jax.Array
   params: Any
   opt_state: Any
   rng: jax.Array
   skipped: jax.Array
+  nonfinite_streak: jax.Array
+  last_finite_loss: jax.Array
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,7 +124,9 @@ def init_state(params: Any, tx: optax.GradientTransformation,
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=tx.init(params),
                     rng=jax.random.PRNGKey(seed),
-                    skipped=jnp.zeros((), jnp.int32))
+                    skipped=jnp.zeros((), jnp.int32),
+                    nonfinite_streak=jnp.zeros((), jnp.int32),
+                    last_finite_loss=jnp.full((), jnp.nan, jnp.float32))
 
 
 def apply_gradients(state: TrainState, tx: optax.GradientTransformation,
@@ -128,8 +134,9 @@ def apply_gradients(state: TrainState, tx: optax.GradientTransformation,
                     ) -> tuple[TrainState, dict[str, jax.Array]]:
   """One optimizer update, skipped (state untouched) if loss/grads are not finite.
 
-  Returns the new state and `{"grad_norm", "skipped"}`; `step` and `rng` always
-  advance so a skipped batch is not retried forever.
+  Returns the new state and `{"grad_norm", "skipped", "nonfinite_streak",
+  "last_finite_loss"}`; `step` and `rng` always advance so a skipped batch is
+  not retried forever.
   """
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
@@ -142,6 +149,11 @@ def apply_gradients(state: TrainState, tx: optax.GradientTransformation,
       params=keep(new_params, state.params),
       opt_state=keep(new_opt, state.opt_state),
       rng=rng,
-      skipped=state.skipped + (~finite).astype(jnp.int32))
+      skipped=state.skipped + (~finite).astype(jnp.int32),
+      nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
+      last_finite_loss=jnp.where(finite, loss.astype(jnp.float32),
+                                 state.last_finite_loss))
   return state, {"grad_norm": grad_norm,
-                 "skipped": (~finite).astype(jnp.float32)}
+                 "skipped": (~finite).astype(jnp.float32),
+                 "nonfinite_streak": state.nonfinite_streak,
+                 "last_finite_loss": state.last_finite_loss}

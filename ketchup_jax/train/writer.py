@@ -9,12 +9,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from typing import Any, Mapping
 
-from absl import logging
 import jax
 import numpy as np
+import tqdm
 
 
 def _scalar(value: Any) -> float:
@@ -54,9 +55,12 @@ class MetricWriter:
   def log_line(self, stage: str, step: int, total: int,
                metrics: Mapping[str, Any], keys: tuple[str, ...]) -> None:
     """One human-readable line with the chosen metrics."""
+    if not self.enabled:
+      return
     shown = " ".join(f"{k}={_scalar(metrics[k]):.4g}" for k in keys
                      if k in metrics)
-    logging.info("[%s] step %d/%d %s", stage, step, total, shown)
+    # Through tqdm, so the line lands above the progress bar, not inside it.
+    tqdm.tqdm.write(f"[{stage}] step {step}/{total} {shown}", file=sys.stderr)
 
   def close(self) -> None:
     if self._tb is not None:
