@@ -161,7 +161,9 @@ def _three_rl_steps(mesh):
   student_params = models.init_params(config, jax.random.PRNGKey(2))
   teacher = models.place_params(teacher_params, config, mesh)
   student = models.place_params(student_params, config, mesh)
-  optim = state_lib.OptimConfig(steps=3, learning_rate=1e-2)
+  # Adam turns reduction-order noise in near-zero gradients into +-lr steps;
+  # a small learning rate keeps that far below the 1e-5 loss tolerance.
+  optim = state_lib.OptimConfig(steps=3, learning_rate=1e-4)
   rl = steps.RLConfig(k=2, max_decode_len=8, unfinished="terminal",
                       baseline="batch_mean")
   mods = steps.Models(student=config, teacher=config, mesh=mesh)

@@ -45,6 +45,7 @@ from ketchup_jax import data as data_lib
 from ketchup_jax import models
 from ketchup_jax import partitioning
 from ketchup_jax import returns
+from ketchup_jax.models import t5
 from ketchup_jax.train import checkpoints
 from ketchup_jax.train import evaluate
 from ketchup_jax.train import state as state_lib
@@ -634,7 +635,7 @@ def return_diagnostics_by_k(run: Run, student: models.T5LM,
     logits = mods.forward(
         teacher_params, mods.teacher, batch["input_ids"],
         batch["attention_mask"],
-        steps.shift_right(out.tokens, mods.student.decoder_start_token_id),
+        t5.shift_right(out.tokens, mods.teacher),
         jnp.ones_like(out.tokens))
     q, v = returns.teacher_q_values(logits, out.tokens, mask,
                                     center=rl.center_logits, value=rl.value)

@@ -119,15 +119,24 @@ class Models:
         top_p=top_p, mesh=self.mesh, rules=self.rules)
 
 
-def shift_right(tokens: jax.Array, start_id: int) -> jax.Array:
-  """Decoder inputs from targets: `[start, y_0, ..., y_{T-2}]`."""
-  start = jnp.full((tokens.shape[0], 1), start_id, tokens.dtype)
-  return jnp.concatenate([start, tokens[:, :-1]], axis=1)
-
-
 def length_mask(lengths: jax.Array, length: int) -> jax.Array:
   """[B] lengths -> [B, length] int32 prefix mask."""
   return (jnp.arange(length)[None, :] < lengths[:, None]).astype(jnp.int32)
+
+
+def _minimize(state: state_lib.TrainState, optim: state_lib.OptimConfig,
+              rng: jax.Array, loss_fn: Any
+              ) -> tuple[state_lib.TrainState, jax.Array, Any, Metrics]:
+  """One guarded update; `loss_fn(params) -> (loss, aux)`."""
+  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+      state.params)
+  state, info = state_lib.apply_gradients(
+      state, state_lib.make_optimizer(optim), grads, loss, rng)
+  return state, loss, aux, info
+
+
+def _mean(total: jax.Array, count: jax.Array) -> jax.Array:
+  return total / jnp.maximum(count, 1.0)
 
 
 def _ce_update(state: state_lib.TrainState, models: Models,
@@ -136,19 +145,16 @@ def _ce_update(state: state_lib.TrainState, models: Models,
                ) -> tuple[state_lib.TrainState, Metrics]:
   """Cross-entropy of the student on `targets`, and the update."""
   config = models.student
-  decoder_inputs = shift_right(targets, config.decoder_start_token_id)
+  decoder_inputs = t5.shift_right(targets, config)
 
   def loss_fn(params):
     logits = models.forward(params, config, batch["input_ids"],
                             batch["attention_mask"], decoder_inputs,
                             target_mask)  # [B, T, V]
     total, count = losses.cross_entropy_loss(logits, targets, target_mask)
-    return total / jnp.maximum(count, 1.0), count
+    return _mean(total, count), count
 
-  (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params)
-  state, info = state_lib.apply_gradients(
-      state, state_lib.make_optimizer(optim), grads, loss, rng)
+  state, loss, count, info = _minimize(state, optim, rng, loss_fn)
   return state, {"loss": loss, "tokens": count, **info}
 
 
@@ -191,12 +197,9 @@ def word_kd_step(state: state_lib.TrainState, teacher_params: Any,
     total, count = losses.distillation_loss(
         logits, teacher_logits, batch["decoder_attention_mask"],
         divergence=divergence)
-    return total / jnp.maximum(count, 1.0), count
+    return _mean(total, count), count
 
-  (loss, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params)
-  state, info = state_lib.apply_gradients(
-      state, state_lib.make_optimizer(optim), grads, loss, rng)
+  state, loss, count, info = _minimize(state, optim, rng, loss_fn)
   return state, {"loss": loss, "tokens": count, **info}
 
 
@@ -220,14 +223,13 @@ def rl_step(state: state_lib.TrainState, teacher_params: Any, batch: Batch,
   mask = length_mask(rollout.lengths, length)  # [B, T], EOS included
   real_row = batch["example_mask"] > 0  # [B]
   mask = mask * real_row[:, None]
-  start = models.student.decoder_start_token_id
   finished = rollout.done & real_row  # [B]
 
   # The teacher scores one extra position for "bootstrap": V after the last.
   teacher_actions = actions
   if rl.unfinished == "bootstrap":
     teacher_actions = jnp.pad(actions, ((0, 0), (0, 1)))
-  teacher_inputs = shift_right(teacher_actions, start)
+  teacher_inputs = t5.shift_right(teacher_actions, models.teacher)
   teacher_mask = jnp.ones_like(teacher_inputs)
   teacher_logits = jax.lax.stop_gradient(models.forward(
       teacher_params, models.teacher, batch["input_ids"],
@@ -261,7 +263,7 @@ def rl_step(state: state_lib.TrainState, teacher_params: Any, batch: Batch,
     loss_mask = mask
     scale = 1.0
 
-  decoder_inputs = shift_right(actions, start)
+  decoder_inputs = t5.shift_right(actions, models.student)
 
   def loss_fn(params):
     logits = models.forward(params, models.student, batch["input_ids"],
@@ -275,12 +277,9 @@ def rl_step(state: state_lib.TrainState, teacher_params: Any, batch: Batch,
     logp = jax.nn.log_softmax(logits, axis=-1)
     entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)  # [B, T]
     mean_entropy = jnp.sum(entropy * mask) / jnp.maximum(jnp.sum(mask), 1)
-    return total / jnp.maximum(count, 1.0) * scale, (count, mean_entropy)
+    return _mean(total, count) * scale, (count, mean_entropy)
 
-  (loss, (count, entropy)), grads = jax.value_and_grad(
-      loss_fn, has_aux=True)(state.params)
-  state, info = state_lib.apply_gradients(
-      state, state_lib.make_optimizer(optim), grads, loss, rng)
+  state, loss, (count, entropy), info = _minimize(state, optim, rng, loss_fn)
   diag = returns.return_diagnostics(q_taken, values, loss_mask, rl.k)
   real = jnp.maximum(jnp.sum(real_row), 1)
   return state, {
