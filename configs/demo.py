@@ -35,7 +35,7 @@ def get_config():
   c.student.overrides.num_layers = 1
   c.student.overrides.num_decoder_layers = 1
 
-  c.teacher_sft.steps = 1500
+  c.teacher_sft.steps = 1200
   c.teacher_sft.batch_size = 64
   c.teacher_sft.learning_rate = 3e-3
   c.teacher_sft.warmup_steps = 100
