@@ -213,15 +213,8 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
           f"config.{stage}.batch_size={cfg[stage].batch_size} must be a "
           f"multiple of the data shards (mesh data x fsdp = "
           f"{mesh.shape['data'] * mesh.shape['fsdp']})")
-  teacher_vocab = declared_vocab(cfg.teacher, tokenizer)
-  student_vocab = declared_vocab(cfg.student, tokenizer)
-  if None not in (teacher_vocab, student_vocab) and (
-      teacher_vocab != student_vocab):
-    raise ValueError(
-        f"teacher and student vocabularies differ: teacher "
-        f"({cfg.teacher.init_from}) has {teacher_vocab} entries, student "
-        f"({cfg.student.init_from}) {student_vocab}; they must share one "
-        f"tokenizer")
+  check_same_vocab(cfg.teacher.init_from, declared_vocab(cfg.teacher, tokenizer),
+                   cfg.student.init_from, declared_vocab(cfg.student, tokenizer))
   return Run(cfg=cfg, workdir=workdir, mesh=mesh, task=task,
              tokenizer=tokenizer, train=train, eval=evaluation,
              eval_references=[ex["target"] for ex in eval_examples])
@@ -280,12 +273,20 @@ def load_model(run: Run, role: str, init_from: str,
   return lm
 
 
-def check_same_vocab(teacher: models.T5LM, student: models.T5LM) -> None:
-  if teacher.config.vocab_size != student.config.vocab_size:
+def check_same_vocab(teacher: str, teacher_vocab: int | None, student: str,
+                     student_vocab: int | None) -> None:
+  """Refuses a teacher and student of different vocabulary sizes."""
+  if None not in (teacher_vocab, student_vocab) and (
+      teacher_vocab != student_vocab):
     raise ValueError(
-        f"teacher and student vocabularies differ: teacher has "
-        f"{teacher.config.vocab_size} entries, student "
-        f"{student.config.vocab_size}; they must share one tokenizer")
+        f"teacher and student vocabularies differ: teacher ({teacher}) has "
+        f"{teacher_vocab} entries, student ({student}) {student_vocab}; they "
+        f"must share one tokenizer")
+
+
+def _check_loaded_vocab(teacher: models.T5LM, student: models.T5LM) -> None:
+  check_same_vocab("loaded", teacher.config.vocab_size, "loaded",
+                   student.config.vocab_size)
 
 
 def params_checksum(params: Any) -> str:
@@ -301,8 +302,9 @@ def params_checksum(params: Any) -> str:
 
 
 def _export(run: Run, name: str, lm: models.T5LM) -> None:
-  if run.is_main:
-    lm.save_pretrained(run.path("models", name))
+  # Every process takes part (the parameters are gathered across hosts);
+  # process 0 writes.
+  lm.save_pretrained(run.path("models", name))
 
 
 # --------------------------------------------------------------------------
@@ -549,7 +551,7 @@ def stage_predistill(run: Run) -> None:
                        cfg.seed)
   student = load_model(run, "student", cfg.student.init_from, cfg.student,
                        cfg.seed + 1)
-  check_same_vocab(teacher, student)
+  _check_loaded_vocab(teacher, student)
   optim = state_lib.OptimConfig.from_config(cfg.predistill)
   mods = _models(run, student, teacher)
   if cfg.predistill.method == "seqkd":
@@ -574,7 +576,7 @@ def stage_rl(run: Run, k: int) -> None:
                        cfg.seed)
   student = load_model(run, "student", _student_start(run), cfg.student,
                        cfg.seed + 1)
-  check_same_vocab(teacher, student)
+  _check_loaded_vocab(teacher, student)
   optim = state_lib.OptimConfig.from_config(cfg.rl)
   rl = steps.RLConfig.from_config(cfg.rl, k=k)
   step_fn = functools.partial(steps.rl_step,
