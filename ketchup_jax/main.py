@@ -39,5 +39,18 @@ def main(argv):
     sys.exit(2)
 
 
+def _parse_flags(argv):
+  """absl's parser, with an unknown `--config.<field>` as one error line."""
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:  # a bad value, e.g. --config.rl.k=abc
+    print(f"error: {e}", file=sys.stderr)
+  except (AttributeError, KeyError) as e:  # e.g. --config.rl.kk=3
+    field = str(e.args[0] if e.args else e).strip("'\"")
+    print(f"error: unknown config field {field!r}; the fields are in "
+          f"configs/default.py", file=sys.stderr)
+  sys.exit(2)
+
+
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

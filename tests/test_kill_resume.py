@@ -255,11 +255,6 @@ def test_sigkill_and_double_sigterm_resume_to_the_reference_checksum(
   assert counts["rl_k2"]["double_sigterm"]["exit"] in (0, 128 + 15)
 
 
-@pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-    "pipeline.train_stage calls _check_nonfinite(..., previous_streak=None) "
-    "when the restored checkpoint is already at the last step (no step runs): "
-    "TypeError 'NoneType' object is not iterable on every rerun. Fix: only "
-    "check when previous_streak is not None."))
 def test_kill_after_the_final_checkpoint_before_the_stage_is_marked(
     reference, tmp_path):
   # The state a SIGKILL leaves while the stage exports its model: the final

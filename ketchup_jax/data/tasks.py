@@ -19,7 +19,7 @@ import dataclasses
 import inspect
 import json
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from ketchup_jax.data import _hashing
 from ketchup_jax.data import arith as arith_lib
@@ -210,48 +210,64 @@ def _resolve_paths(paths: str | Mapping[str, str], task: str) -> dict[str, str]:
   return {split: os.fspath(path) for split, path in paths.items()}
 
 
+def _text_lines(path: str) -> Iterator[tuple[int, str]]:
+  """``(line number, text)`` of a UTF-8 file; bad bytes name the line."""
+  with open(path, "rb") as f:
+    for line_no, raw in enumerate(f, start=1):
+      try:
+        yield line_no, raw.decode("utf-8")
+      except UnicodeDecodeError as e:
+        raise ValueError(f"{path}:{line_no}: not valid UTF-8 ({e.reason} at "
+                         f"byte {e.start})") from None
+
+
+def _nonempty(path: str, examples: list[Example]) -> list[Example]:
+  if not examples:
+    raise ValueError(f"{path}: no examples (the file is empty or has only "
+                     f"blank lines)")
+  return examples
+
+
 def _read_jsonl(path: str, *, source_field: str, target_field: str,
                 max_examples: int | None) -> list[Example]:
   """Reads ``{source_field, target_field}`` records; skips blank lines."""
   out = []
-  with open(path, encoding="utf-8") as f:
-    for line_no, line in enumerate(f, start=1):
-      if not line.strip():
-        continue
-      try:
-        record = json.loads(line)
-      except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
-      if not isinstance(record, dict):
-        raise ValueError(f"{path}:{line_no}: expected a JSON object with fields "
-                         f"{source_field!r} and {target_field!r}, got "
-                         f"{type(record).__name__}")
-      for field in (source_field, target_field):
-        if not isinstance(record.get(field), str):
-          raise ValueError(f"{path}:{line_no}: field {field!r} must be a string, got "
-                           f"{record.get(field)!r}")
-      out.append({"source": record[source_field], "target": record[target_field]})
-      if max_examples is not None and len(out) >= max_examples:
-        break
-  return out
+  for line_no, line in _text_lines(path):
+    if not line.strip():
+      continue
+    try:
+      record = json.loads(line)
+    except json.JSONDecodeError as e:
+      raise ValueError(f"{path}:{line_no}: not valid JSON ({e.msg})") from None
+    if not isinstance(record, dict):
+      raise ValueError(f"{path}:{line_no}: expected a JSON object with fields "
+                       f"{source_field!r} and {target_field!r}, got "
+                       f"{type(record).__name__}")
+    for field in (source_field, target_field):
+      if not isinstance(record.get(field), str):
+        raise ValueError(f"{path}:{line_no}: field {field!r} must be a string, got "
+                         f"{record.get(field)!r}")
+    out.append({"source": record[source_field], "target": record[target_field]})
+    if max_examples is not None and len(out) >= max_examples:
+      break
+  return _nonempty(path, out)
 
 
 def _read_tsv(path: str, *, max_examples: int | None) -> list[Example]:
   """Reads ``source<TAB>target`` lines; skips blank lines."""
   out = []
-  with open(path, encoding="utf-8") as f:
-    for line_no, line in enumerate(f, start=1):
-      line = line.rstrip("\r\n")
-      if not line.strip():
-        continue
-      columns = line.split("\t")
-      if len(columns) != 2:
-        raise ValueError(f"{path}:{line_no}: expected 2 tab-separated columns "
-                         f"(source, target), got {len(columns)}")
-      out.append({"source": columns[0], "target": columns[1]})
-      if max_examples is not None and len(out) >= max_examples:
-        break
-  return out
+  for line_no, line in _text_lines(path):
+    line = line.rstrip("\r\n")
+    if not line.strip():
+      continue
+    columns = line.split("\t")
+    if len(columns) != 2:
+      raise ValueError(f"{path}:{line_no}: expected 2 tab-separated columns "
+                       f"(source, target), got {len(columns)}")
+    out.append({"source": columns[0], "target": columns[1]})
+    if max_examples is not None and len(out) >= max_examples:
+      break
+  return _nonempty(path, out)
 
 
 def jsonl(*, paths: str | Mapping[str, str], source_field: str = "source",

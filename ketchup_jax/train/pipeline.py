@@ -199,6 +199,8 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
                           max_target_len=cfg.max_target_len,
                           prefix=task.prefix)
   train = tok(task.examples("train"))
+  if not len(train):
+    raise ValueError(f"task {task.name!r} has no examples in split 'train'")
   eval_examples = _limit(task.examples(cfg.eval.split), cfg.eval.max_examples)
   if not eval_examples:
     raise ValueError(f"task {task.name!r} has no examples in split "
@@ -393,7 +395,8 @@ def train_stage(run: Run, stage: str, lm: models.T5LM, step_fn: Callable,
       ckpt.close()
       raise Preempted(stage, done, total, run.stop.signal_name)
   bar.close()
-  _check_nonfinite(run, stage, total, previous_streak)
+  if previous_streak is not None:  # None: resumed at the final step
+    _check_nonfinite(run, stage, total, previous_streak)
   if ckpt.latest_step() != total:
     _save(ckpt, total, state, force=True)
   ckpt.close()
