@@ -14,7 +14,7 @@ The random checkpoints get an EOS bonus (see `paper_fixtures.write_t5`):
 without it a random student almost never ends a rollout, and the configs drop
 unfinished rollouts from the RL loss, so the two RL steps would be empty.
 
-The three runs share the checkpoints, the tokenizer and JAX's persistent
+The three runs share the checkpoints, the tokenizer and the session's persistent
 compilation cache, so only the first pays for most compiles.
 """
 
@@ -24,8 +24,6 @@ import os
 import pathlib
 import time
 
-import jax
-from jax.experimental.compilation_cache import compilation_cache
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -50,28 +48,6 @@ CONFIGS = {
     "gsm8k_k8": (gsm8k_k8, 8, ("gsm8k_accuracy",), True),
 }
 DECODE_LEN = 12
-
-
-@pytest.fixture(scope="module")
-def compile_cache(tmp_path_factory):
-  """JAX's persistent compilation cache, on for this module only.
-
-  Compiling, not running, is what a tiny run costs; the three runs share most
-  of their programs (same models, shapes and dtypes), so later runs load the
-  executables the first one compiled.
-  """
-  options = {"jax_compilation_cache_dir":
-                 str(tmp_path_factory.mktemp("jax_cache")),
-             "jax_persistent_cache_min_compile_time_secs": 0.0,
-             "jax_persistent_cache_min_entry_size_bytes": 0}
-  saved = {name: getattr(jax.config, name) for name in options}
-  for name, value in options.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
-  yield
-  for name, value in saved.items():
-    jax.config.update(name, value)
-  compilation_cache.reset_cache()
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +103,7 @@ def shrink(name, cfg, assets):
 
 
 @pytest.fixture(scope="module", params=list(CONFIGS))
-def paper_run(request, assets, compile_cache, tmp_path_factory):
-  del compile_cache  # Used for its effect.
+def paper_run(request, assets, tmp_path_factory):
   name = request.param
   module, k, metric_names, needs_tfds = CONFIGS[name]
   shipped = module.get_config()
