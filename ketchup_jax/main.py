@@ -24,7 +24,8 @@ class _QuietLibraries(std_logging.Filter):
   """Drops INFO chatter of Orbax (one line per file written) from the log."""
 
   def filter(self, record):
-    return record.levelno >= logging.WARNING or "/orbax/" not in record.pathname
+    return (record.levelno >= std_logging.WARNING
+            or "/orbax/" not in record.pathname)
 
 
 def main(argv):

@@ -390,7 +390,8 @@ def train_stage(run: Run, stage: str, lm: models.T5LM, step_fn: Callable,
     if done % cfg.checkpoint_every == 0 and done < total:
       _save(ckpt, done, state)
     if run.stop.requested and done < total:
-      _save(ckpt, done, state)
+      if ckpt.latest_step() != done:  # not just saved by the line above
+        _save(ckpt, done, state)
       bar.close()
       ckpt.close()
       raise Preempted(stage, done, total, run.stop.signal_name)
