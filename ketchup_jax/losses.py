@@ -62,7 +62,8 @@ def _taken(logp: Array, ids: Array) -> Array:
 
 def _check_advantage_options(returns, mask, *, logprobs, baseline,
                              teacher_values, weight, behavior_logprobs, denom,
-                             reward_clip) -> None:
+                             reward_clip) -> tuple[float, float | None]:
+  """Validates the advantage options; returns (denom, reward_clip) as floats."""
   _checks.check_choice("baseline", baseline, BASELINES)
   _checks.check_choice("weight", weight, WEIGHTS)
   _checks.check_rank("returns", returns, 2, "[B, T]")
@@ -80,6 +81,7 @@ def _check_advantage_options(returns, mask, *, logprobs, baseline,
   if weight == "importance":
     _check_optional_like("behavior_logprobs", behavior_logprobs, returns,
                          'weight="importance"')
+  return float(denom), None if reward_clip is None else float(reward_clip)
 
 
 def pg_advantages(
@@ -115,15 +117,14 @@ def pg_advantages(
   Returns:
     [B, T] float32 advantages, zero where `mask` is 0, with no gradient.
   """
-  _check_advantage_options(
+  denom, reward_clip = _check_advantage_options(
       returns, mask, logprobs=logprobs, baseline=baseline,
       teacher_values=teacher_values, weight=weight,
       behavior_logprobs=behavior_logprobs, denom=denom,
       reward_clip=reward_clip)
   return _pg_advantages(
       returns, mask, logprobs, teacher_values, behavior_logprobs,
-      baseline=baseline, weight=weight, denom=float(denom),
-      reward_clip=None if reward_clip is None else float(reward_clip))
+      baseline=baseline, weight=weight, denom=denom, reward_clip=reward_clip)
 
 
 @functools.partial(
@@ -192,16 +193,15 @@ def policy_gradient_loss(
     raise ValueError(f"entropy_coef must be >= 0, got {entropy_coef!r}")
   # The student's own log-probs stand in for `logprobs`: same shape, and the
   # loss computes them itself.
-  _check_advantage_options(
+  denom, reward_clip = _check_advantage_options(
       returns, mask, logprobs=returns, baseline=baseline,
       teacher_values=teacher_values, weight=weight,
       behavior_logprobs=behavior_logprobs, denom=denom,
       reward_clip=reward_clip)
   return _policy_gradient_loss(
       student_logits, actions, returns, mask, teacher_values,
-      behavior_logprobs, baseline=baseline, weight=weight, denom=float(denom),
-      reward_clip=None if reward_clip is None else float(reward_clip),
-      entropy_coef=float(entropy_coef))
+      behavior_logprobs, baseline=baseline, weight=weight, denom=denom,
+      reward_clip=reward_clip, entropy_coef=float(entropy_coef))
 
 
 @functools.partial(
