@@ -43,8 +43,13 @@ def model(init_from: str, *, dtype: str = "float32",
       init_from=init_from,
       # Compute dtype: "bfloat16" on TPU/GPU, "float32" on CPU.
       dtype=dtype,
-      # Parameter (master weight) dtype.
+      # Parameter (master weight) dtype. A frozen teacher can be stored in
+      # "bfloat16": half the memory, nothing to update.
       param_dtype=param_dtype,
+      # Activation rematerialisation per layer under autodiff: "none",
+      # "full" (keep each layer's input only) or "minimal" (also keep the
+      # weight-matmul outputs). Less memory, more compute, same numbers.
+      remat="none",
       # Field overrides for "scratch:" models (d_model, num_layers, ...).
       overrides=ml_collections.ConfigDict(),
   ))
@@ -142,8 +147,26 @@ def get_config() -> ml_collections.ConfigDict:
       diag_batches=4,
   ))
 
-  # Device mesh; one of the sizes may be -1 (all devices left over).
-  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1))
+  # Device mesh. data/fsdp/tensor: sizes within one granule (a TPU slice,
+  # or one host/process elsewhere), one of them may be -1 (the devices left
+  # over); dcn_*: sizes across granules (data-parallel across hosts is the
+  # usual choice). Each mesh axis is ici * dcn long.
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1,
+                                          dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
+  # Multi-process runs (jax.distributed; see ketchup_jax/distributed.py and
+  # launch/). "auto": explicit settings below or $KETCHUP_COORDINATOR_ADDRESS,
+  # $KETCHUP_NUM_PROCESSES, $KETCHUP_PROCESS_ID if given, else a TPU pod or a
+  # SLURM job is detected, else one process. "explicit": the three must be
+  # given. "never": always one process.
+  c.distributed = ml_collections.ConfigDict(dict(
+      initialize="auto",
+      # "HOST:PORT" of process 0's coordinator service; "" = unset.
+      coordinator_address="",
+      # Number of processes; 0 = unset.
+      num_processes=0,
+      # This process's index; -1 = unset.
+      process_id=-1,
+  ))
   # Save a checkpoint every N micro-steps (and at the end of each stage).
   c.checkpoint_every = 100
   # Log metrics every N micro-steps.

@@ -58,14 +58,28 @@ def make_mesh(
     data: int = -1,
     fsdp: int = 1,
     tensor: int = 1,
+    dcn_data: int = 1,
+    dcn_fsdp: int = 1,
+    dcn_tensor: int = 1,
     devices: Sequence[jax.Device] | None = None,
 ) -> Mesh:
   """Builds a `(data, fsdp, tensor)` mesh with `AxisType.Auto` axes.
 
+  `data`, `fsdp` and `tensor` are the sizes within one granule (a TPU slice,
+  or one process/host elsewhere: the fast ICI/NVLink links); `dcn_*` are the
+  sizes across granules (the slower data-centre network). Each mesh axis is
+  `ici * dcn` long. With every `dcn_*` = 1 (the default) the mesh is laid over
+  all devices by `jax.make_mesh` (which keeps each process's devices
+  together); otherwise by `mesh_utils.create_hybrid_device_mesh`, so that the
+  `dcn_*` part of an axis only ever crosses granules.
+
   Args:
-    data: Size of the data-parallel axis; -1 takes all devices left over.
-    fsdp: Size of the fully-sharded-data-parallel axis.
-    tensor: Size of the tensor-parallel axis.
+    data: Data-parallel size within a granule; -1 takes the devices left over.
+    fsdp: Fully-sharded-data-parallel size within a granule.
+    tensor: Tensor-parallel size within a granule.
+    dcn_data: Data-parallel size across granules.
+    dcn_fsdp: FSDP size across granules.
+    dcn_tensor: Tensor-parallel size across granules (rarely wise).
     devices: Devices to use; all of `jax.devices()` by default.
 
   Returns:
@@ -75,25 +89,44 @@ def make_mesh(
     ValueError: if the axis sizes do not multiply to the number of devices.
   """
   devices = list(jax.devices() if devices is None else devices)
-  n = len(devices)
-  for name, size in (("fsdp", fsdp), ("tensor", tensor)):
-    if size < 1:
-      raise ValueError(f"{name} must be >= 1, got {size}")
+  for name, size in (("fsdp", fsdp), ("tensor", tensor), ("dcn_data", dcn_data),
+                     ("dcn_fsdp", dcn_fsdp), ("dcn_tensor", dcn_tensor)):
+    if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+      raise ValueError(f"mesh.{name} must be an int >= 1, got {size!r}")
+  granules = dcn_data * dcn_fsdp * dcn_tensor
+  if len(devices) % granules:
+    raise ValueError(
+        f"mesh dcn_data * dcn_fsdp * dcn_tensor = {granules} must divide the "
+        f"device count {len(devices)}")
+  n = len(devices) // granules  # devices per granule
   if data == -1:
     if n % (fsdp * tensor):
       raise ValueError(
-          f"fsdp * tensor = {fsdp * tensor} must divide the device count {n}")
+          f"fsdp * tensor = {fsdp * tensor} must divide the device count {n}"
+          + (" of one granule" if granules > 1 else ""))
     data = n // (fsdp * tensor)
   if data < 1 or data * fsdp * tensor != n:
     raise ValueError(
         f"mesh shape (data={data}, fsdp={fsdp}, tensor={tensor}) must multiply"
-        f" to the device count {n}")
-  return jax.make_mesh(
-      (data, fsdp, tensor),
-      MESH_AXES,
-      axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES),
-      devices=devices,
-  )
+        f" to the device count {n}" + (
+            f" of one granule ({len(devices)} devices / {granules} dcn)"
+            if granules > 1 else ""))
+  axis_types = (jax.sharding.AxisType.Auto,) * len(MESH_AXES)
+  if granules == 1:
+    return jax.make_mesh((data, fsdp, tensor), MESH_AXES,
+                         axis_types=axis_types, devices=devices)
+  from jax.experimental import mesh_utils  # pylint: disable=g-import-not-at-top
+  slices = {getattr(d, "slice_index", None) for d in devices}
+  by_slice = None not in slices and len(slices) > 1
+  owners = len(slices) if by_slice else len({d.process_index for d in devices})
+  if owners != granules:
+    raise ValueError(
+        f"mesh dcn_data * dcn_fsdp * dcn_tensor = {granules} must equal the "
+        f"number of {'slices' if by_slice else 'processes'} ({owners})")
+  grid = mesh_utils.create_hybrid_device_mesh(
+      (data, fsdp, tensor), (dcn_data, dcn_fsdp, dcn_tensor), devices,
+      process_is_granule=not by_slice)
+  return Mesh(grid, MESH_AXES, axis_types=axis_types)
 
 
 def _axis_size(mesh: Mesh, axes: str | tuple[str, ...] | None) -> int:

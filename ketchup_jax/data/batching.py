@@ -207,6 +207,9 @@ class BatchIterator:
     target_buckets: Allowed target lengths; default :func:`default_buckets`.
     process_index: This process's index.
     process_count: Number of processes.
+    local_rows: ``(start, stop)``: yield these rows of every global batch instead
+      of the ``process_index`` slice (the rows this process's devices hold, from
+      :func:`ketchup_jax.distributed.batch_rows`).
   """
 
   def __init__(self, data: TokenizedExamples, *, batch_size: int,
@@ -214,7 +217,7 @@ class BatchIterator:
                drop_remainder: bool = True, num_epochs: int | None = None,
                start_step: int = 0, source_buckets: Sequence[int] | None = None,
                target_buckets: Sequence[int] | None = None, process_index: int = 0,
-               process_count: int = 1):
+               process_count: int = 1, local_rows: tuple[int, int] | None = None):
     if not isinstance(batch_size, int) or batch_size < 1:
       raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if not isinstance(batch_multiple, int) or batch_multiple < 1:
@@ -253,6 +256,12 @@ class BatchIterator:
         "target_buckets")
     local = batch_size // process_count
     self._rows = slice(process_index * local, (process_index + 1) * local)
+    if local_rows is not None:
+      start, stop = local_rows
+      if not 0 <= start < stop <= batch_size:
+        raise ValueError(f"local_rows must be (start, stop) with 0 <= start < stop <= "
+                         f"batch_size={batch_size}, got {local_rows!r}")
+      self._rows = slice(start, stop)
     self._order_epoch = -1
     self._order = np.arange(n)
 

@@ -25,6 +25,11 @@ import jax.numpy as jnp
 import numpy as np
 
 _ACTIVATIONS = ("relu", "gelu_new", "gelu", "silu")
+# Activation rematerialisation of each encoder/decoder layer under autodiff:
+# "none" keeps every activation, "full" keeps only each layer's input and
+# recomputes the rest in the backward pass, "minimal" also keeps the outputs
+# of the weight matmuls (recomputes attention scores and elementwise ops).
+REMAT_POLICIES = ("none", "full", "minimal")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +58,8 @@ class T5Config:
     decoder_start_token_id: First decoder input id.
     dtype: Compute dtype of activations and matmuls (bf16 on TPU).
     param_dtype: Storage dtype of parameters (float32 master weights).
+    remat: Activation rematerialisation per layer, one of `REMAT_POLICIES`
+      (memory for compute; the numbers are the same).
   """
   vocab_size: int = 32128
   d_model: int = 512
@@ -73,6 +80,7 @@ class T5Config:
   decoder_start_token_id: int = 0
   dtype: Any = jnp.bfloat16
   param_dtype: Any = jnp.float32
+  remat: str = "none"
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "d_kv", "d_ff", "num_layers",
@@ -86,6 +94,9 @@ class T5Config:
       raise ValueError(
           f"dense_act_fn must be one of {_ACTIVATIONS}, got"
           f" {self.dense_act_fn!r}")
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(
+          f"remat must be one of {REMAT_POLICIES}, got {self.remat!r}")
     # Normalise dtypes so that equal configs hash equally (jit static args).
     object.__setattr__(self, "dtype", jnp.dtype(self.dtype))
     object.__setattr__(self, "param_dtype", jnp.dtype(self.param_dtype))

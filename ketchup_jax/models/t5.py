@@ -48,6 +48,7 @@ from jax.sharding import Mesh
 import numpy as np
 
 from ketchup_jax import partitioning
+from ketchup_jax.models.config import REMAT_POLICIES  # pylint: disable=unused-import
 from ketchup_jax.models.config import T5Config
 
 Params = Any  # Nested dict of arrays (the linen 'params' collection).
@@ -377,13 +378,25 @@ class RelativePositionBias(_Base):
     return jnp.transpose(values, (1, 0))[None, :, None, :]
 
 
+def _remat(layer_cls: type[nn.Module], policy: str) -> type[nn.Module]:
+  """`layer_cls`, rematerialised under autodiff by `T5Config.remat`."""
+  if policy == "none":
+    return layer_cls
+  saveable = {
+      "full": jax.checkpoint_policies.nothing_saveable,
+      "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+  }[policy]
+  return nn.remat(layer_cls, policy=saveable)
+
+
 class Encoder(_Base):
   """T5 encoder stack (token embeddings are passed in)."""
 
   def setup(self):
     kw = dict(config=self.config, mesh=self.mesh, rules=self.rules)
     self.relpos_bias = RelativePositionBias(bidirectional=True, **kw)
-    self.layers = [EncoderLayer(**kw) for _ in range(self.config.num_layers)]
+    layer = _remat(EncoderLayer, self.config.remat)
+    self.layers = [layer(**kw) for _ in range(self.config.num_layers)]
     self.final_norm = RMSNorm(**kw)
 
   def __call__(self, x: jax.Array, attention_mask: jax.Array) -> jax.Array:
@@ -400,8 +413,9 @@ class Decoder(_Base):
   def setup(self):
     kw = dict(config=self.config, mesh=self.mesh, rules=self.rules)
     self.relpos_bias = RelativePositionBias(bidirectional=False, **kw)
+    layer = _remat(DecoderLayer, self.config.remat)
     self.layers = [
-        DecoderLayer(**kw) for _ in range(self.config.num_decoder_layers)
+        layer(**kw) for _ in range(self.config.num_decoder_layers)
     ]
     self.final_norm = RMSNorm(**kw)
 

@@ -42,6 +42,7 @@ import optax
 import tqdm
 
 from ketchup_jax import data as data_lib
+from ketchup_jax import distributed
 from ketchup_jax import models
 from ketchup_jax import partitioning
 from ketchup_jax import returns
@@ -116,6 +117,11 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
       cfg.predistill.max_decode_len < 1):
     raise ValueError(f"config.predistill.max_decode_len must be an int >= 1, "
                      f"got {cfg.predistill.max_decode_len!r}")
+  for role in ("teacher", "student"):
+    remat = cfg[role].get("remat", "none")
+    if remat not in t5.REMAT_POLICIES:
+      raise ValueError(f"config.{role}.remat must be one of "
+                       f"{t5.REMAT_POLICIES}, got {remat!r}")
 
 
 # --------------------------------------------------------------------------
@@ -190,8 +196,11 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
   Writes nothing.
   """
   check_config(cfg)
-  mesh = partitioning.make_mesh(data=cfg.mesh.data, fsdp=cfg.mesh.fsdp,
-                                tensor=cfg.mesh.tensor)
+  mesh = partitioning.make_mesh(
+      data=cfg.mesh.data, fsdp=cfg.mesh.fsdp, tensor=cfg.mesh.tensor,
+      **{f"dcn_{a}": cfg.mesh.get(f"dcn_{a}", 1)
+         for a in ("data", "fsdp", "tensor")})
+  logging.info("%s", distributed.mesh_layout(mesh))
   task = data_lib.get_task(cfg.task.name, **cfg.task.options.to_dict())
   tokenizer = _make_tokenizer(cfg, task, workdir)
   tok = functools.partial(data_lib.tokenize, tokenizer=tokenizer,
@@ -272,6 +281,9 @@ def load_model(run: Run, role: str, init_from: str,
     raise ValueError(
         f"{role} vocabulary has {lm.config.vocab_size} entries but the "
         f"tokenizer produces ids up to {run.tokenizer.vocab_size - 1}")
+  remat = model_cfg.get("remat", "none")
+  if remat != lm.config.remat:  # a compute choice: the parameters are alike
+    lm = dataclasses.replace(lm, config=lm.config.replace(remat=remat))
   return lm
 
 
@@ -296,7 +308,7 @@ def params_checksum(params: Any) -> str:
   digest = hashlib.sha256()
   leaves = jax.tree_util.tree_flatten_with_path(params)[0]
   for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
-    array = np.asarray(jax.device_get(leaf))
+    array = distributed.to_host(leaf)  # gathered across processes
     digest.update(jax.tree_util.keystr(path).encode())
     digest.update(f"{array.dtype}{array.shape}".encode())
     digest.update(np.ascontiguousarray(array).tobytes())
@@ -307,6 +319,7 @@ def _export(run: Run, name: str, lm: models.T5LM) -> None:
   # Every process takes part (the parameters are gathered across hosts);
   # process 0 writes.
   lm.save_pretrained(run.path("models", name))
+  distributed.barrier(f"export {name}")  # the files exist for every process
 
 
 # --------------------------------------------------------------------------
@@ -351,9 +364,13 @@ def train_stage(run: Run, stage: str, lm: models.T5LM, step_fn: Callable,
     state = restored
   start = int(state.step)
   total = optim.micro_steps
-  data = run.batches(run.train, batch_size=batch_size, seed=seed,
-                     start_step=start)
   batch_sharding = run.batch_sharding()
+  # Each process reads only its rows of every global batch; the global batch
+  # order is the same whatever the number of processes.
+  data = run.batches(run.train, batch_size=batch_size, seed=seed,
+                     start_step=start,
+                     local_rows=distributed.batch_rows(batch_sharding,
+                                                       batch_size))
   with_teacher = teacher is not None
   jitted = jax.jit(
       step_fn, donate_argnums=0,
@@ -366,7 +383,7 @@ def train_stage(run: Run, stage: str, lm: models.T5LM, step_fn: Callable,
   tick, tick_step = time.perf_counter(), start
   previous_streak = None
   for step in range(start, total):
-    batch = jax.device_put(next(data), batch_sharding)
+    batch = distributed.put_batch(next(data), batch_sharding, batch_size)
     args = (state, teacher.params, batch) if with_teacher else (state, batch)
     state, metrics = jitted(*args)
     done = step + 1
@@ -389,12 +406,14 @@ def train_stage(run: Run, stage: str, lm: models.T5LM, step_fn: Callable,
       bar.set_postfix(loss=f"{float(metrics['loss']):.4g}")
     if done % cfg.checkpoint_every == 0 and done < total:
       _save(ckpt, done, state)
-    if run.stop.requested and done < total:
+    # A signal to any process stops all of them at the same step.
+    if distributed.any_process(run.stop.requested) and done < total:
       if ckpt.latest_step() != done:  # not just saved by the line above
         _save(ckpt, done, state)
       bar.close()
       ckpt.close()
-      raise Preempted(stage, done, total, run.stop.signal_name)
+      raise Preempted(stage, done, total,
+                      run.stop.signal_name or "signal to another process")
   bar.close()
   if previous_streak is not None:  # None: resumed at the final step
     _check_nonfinite(run, stage, total, previous_streak)
@@ -512,6 +531,8 @@ def _mark_done(run: Run, name: str, info: dict[str, Any]) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
       json.dump(info, f, indent=1)
     os.replace(tmp, path)
+  # Every process sees the marker before deciding what runs next.
+  distributed.barrier(f"stage {name} done")
 
 
 def _teacher_source(run: Run) -> str:
@@ -600,8 +621,9 @@ def _greedy(run: Run, lm: models.T5LM, max_len: int) -> Callable:
   def generate(batch):
     ids = jax.device_put(
         {k: batch[k] for k in ("input_ids", "attention_mask")}, sharding)
-    return lm.generate(ids["input_ids"], ids["attention_mask"],
-                       max_new_tokens=max_len)
+    # Gathered to every process (process 0 writes the predictions).
+    return distributed.to_host(lm.generate(
+        ids["input_ids"], ids["attention_mask"], max_new_tokens=max_len))
   return generate
 
 
@@ -656,7 +678,8 @@ def return_diagnostics_by_k(run: Run, student: models.T5LM,
     batch = jax.device_put(next(data), run.batch_sharding())
     q, v, m = rollout_and_score(student.params, teacher.params, batch, key)
     qs.append(q), vs.append(v), masks.append(m)
-  q, v, m = (jnp.concatenate(x) for x in (qs, vs, masks))
+  # Gathered to every process: the diagnostic is small and computed on host.
+  q, v, m = (distributed.to_host(jnp.concatenate(x)) for x in (qs, vs, masks))
   return {k: {name: float(x) for name, x in
               returns.return_diagnostics(q, v, m, k).items()}
           for k in cfg.eval.diag_ks}
@@ -788,6 +811,7 @@ def _prepare_workdir(run: Run) -> None:
   if os.path.exists(run.workdir) and not os.path.isdir(run.workdir):
     raise ValueError(f"--workdir {run.workdir!r} exists and is not a directory")
   if not run.is_main:
+    distributed.barrier("workdir ready")
     return
   for sub in ("stages", "models", "checkpoints"):
     os.makedirs(run.path(sub), exist_ok=True)
@@ -805,10 +829,14 @@ def _prepare_workdir(run: Run) -> None:
     saved = run.path("tokenizer.json")
     if not os.path.exists(saved):
       run.tokenizer.save(saved)
+  distributed.barrier("workdir ready")
 
 
 def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any] | None:
   """Runs the configured stages in `workdir`; returns the eval results."""
+  # Before anything touches a JAX backend: connect to the other processes.
+  distributed.initialize(cfg.get("distributed"))
+  logging.info("%s", distributed.layout())
   logging.info("JAX %s, %d process(es), this is %d; %d devices: %s",
                jax.__version__, jax.process_count(), jax.process_index(),
                jax.device_count(), jax.devices()[0].device_kind)
@@ -850,4 +878,5 @@ def _run_stages(the_run: Run) -> dict[str, Any] | None:
         _write_results(the_run, results)
         if the_run.is_main:
           print(results_table(results))
+        distributed.barrier("results written")
   return results

@@ -1,0 +1,271 @@
+"""Per-device memory of a KETCHUP RL step, computed from the model configs.
+
+    python -m ketchup_jax.memory            # the README table (Markdown)
+    python -m ketchup_jax.memory --batch=32 --source_len=512 --target_len=128
+
+What is counted, per device, with every parameter sharded by the logical rules
+of `ketchup_jax.partitioning` over a pure-FSDP mesh (`fsdp` = all devices):
+
+* teacher parameters, frozen, in `teacher_bytes` (2 = bfloat16) per value;
+* student training state: float32 parameters + float32 gradients + AdamW's
+  two float32 moments = 16 bytes per parameter;
+* the largest single parameter all-gathered at full size (FSDP gathers one
+  weight at a time for the matmul that uses it), teacher and student;
+* activations of the largest of the step's three phases (`activation_bytes`):
+  the rollout (decoder KV caches), the teacher's forward pass (no gradient:
+  one layer alive at a time, plus its float32 logits), and the student's
+  forward + backward pass, whose saved activations depend on `remat`.
+
+The parameter counts are exact (`param_count`, checked against
+`t5.param_shapes` and PyTorch `transformers`). The activation terms are an
+analytic estimate from the layer code (which tensors a backward pass keeps),
+not a compiler's measurement; XLA fuses some of them away and adds buffers of
+its own, so treat them as +-30 %.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import math
+import sys
+from typing import Any
+
+import jax
+import numpy as np
+
+from ketchup_jax import partitioning
+from ketchup_jax.models import config as config_lib
+from ketchup_jax.models import t5
+from ketchup_jax.models.config import T5Config
+
+GiB = 1024 ** 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Accelerator:
+  name: str
+  devices: int
+  bytes_per_device: int
+
+
+ACCELERATORS = (
+    Accelerator("TPU v4-8 (4 chips x 32 GiB)", 4, 32 * GiB),
+    Accelerator("TPU v5e-16 (16 chips x 16 GiB)", 16, 16 * GiB),
+    Accelerator("8x H100 (80 GB each)", 8, 80 * 10 ** 9),
+)
+
+
+def param_count(config: T5Config) -> int:
+  """Parameters of a T5 from its hyperparameters (the closed form).
+
+  Shared embedding V*d; an untied LM head d*V; per encoder layer 4 attention
+  projections d*H (H = heads * d_kv), the feed-forward d*f*(3 gated / 2), two
+  norm scales; per decoder layer the same plus cross-attention (4 d*H) and a
+  third norm; one relative-position table (buckets x heads) and one final norm
+  per stack.
+  """
+  d, f, v = config.d_model, config.d_ff, config.vocab_size
+  inner = config.num_heads * config.d_kv
+  attention = 4 * d * inner
+  mlp = (3 if config.is_gated_act else 2) * d * f
+  encoder_layer = attention + mlp + 2 * d
+  decoder_layer = 2 * attention + mlp + 3 * d
+  relpos = config.relative_attention_num_buckets * config.num_heads
+  return (v * d + (0 if config.tie_word_embeddings else d * v) +
+          config.num_layers * encoder_layer +
+          config.num_decoder_layers * decoder_layer + 2 * (relpos + d))
+
+
+class _MeshShape:
+  """What `partitioning.logical_to_spec` reads of a mesh: its axis sizes."""
+
+  def __init__(self, data: int = 1, fsdp: int = 1, tensor: int = 1):
+    self.shape = {"data": data, "fsdp": fsdp, "tensor": tensor}
+
+
+def sharded_param_elements(config: T5Config, *, data: int = 1, fsdp: int = 1,
+                           tensor: int = 1) -> tuple[int, int]:
+  """(elements on one device, largest parameter's elements) under the rules.
+
+  Uses the model's real parameter shapes and logical axes and the same
+  `logical_to_spec` (divisibility fallback included) that places them.
+  """
+  mesh = _MeshShape(data, fsdp, tensor)
+  shapes = t5.param_shapes(config)
+  axes = t5.logical_axes(config)
+  is_axes = lambda x: isinstance(x, tuple) and all(
+      a is None or isinstance(a, str) for a in x)
+  per_device, largest = 0, 0
+  for names, shape in zip(jax.tree.leaves(axes, is_leaf=is_axes),
+                          jax.tree.leaves(shapes)):
+    spec = partitioning.logical_to_spec(names, shape=shape.shape, mesh=mesh)
+    local = 1
+    for size, mesh_axes in zip(shape.shape, tuple(spec) + (None,) * (
+        len(shape.shape) - len(spec))):
+      if mesh_axes is None:
+        local *= size
+      else:
+        mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else mesh_axes
+        local *= size // math.prod(mesh.shape[a] for a in mesh_axes)
+    per_device += local
+    largest = max(largest, math.prod(shape.shape))
+  return per_device, largest
+
+
+def _layer_working_set(config: T5Config, b: int, s: int, t: int, c: int
+                       ) -> tuple[int, int]:
+  """Bytes an encoder / a decoder layer keeps for its backward pass."""
+  d, f, h = config.d_model, config.d_ff, config.num_heads
+  inner = h * config.d_kv
+  gate = 2 if config.is_gated_act else 1
+  n, m = b * s, b * t
+  # x, norm(x), residual, norm(x) before the MLP; q, k, v, attention output;
+  # the MLP's input projections, activation and product; scores (float32)
+  # and probabilities.
+  encoder = (c * (4 * n * d + 4 * n * inner + (gate + 2) * n * f) +
+             b * h * s * s * (4 + c))
+  decoder = (c * (8 * m * d + 6 * m * inner + (gate + 2) * m * f) +
+             b * h * (t * t + t * s) * (4 + c))
+  return encoder, decoder
+
+
+def activation_bytes(config: T5Config, *, batch: int, source_len: int,
+                     target_len: int, remat: str = "none",
+                     compute_bytes: int = 2) -> int:
+  """Student forward + backward on one device's rows (see module docstring).
+
+  Args:
+    config: The student.
+    batch: Rows on this device.
+    source_len: Source tokens S.
+    target_len: Target / rollout tokens T.
+    remat: `T5Config.remat`: "none" keeps every layer's working set, "full"
+      keeps each layer's input and recomputes one layer at a time, "minimal"
+      keeps the weight-matmul outputs too (between the two).
+    compute_bytes: 2 for bfloat16 compute.
+  """
+  if remat not in config_lib.REMAT_POLICIES:
+    raise ValueError(f"remat must be one of {config_lib.REMAT_POLICIES}, got "
+                     f"{remat!r}")
+  b, s, t, c = batch, source_len, target_len, compute_bytes
+  d, inner = config.d_model, config.num_heads * config.d_kv
+  enc, dec = _layer_working_set(config, b, s, t, c)
+  # Cross-attention keys/values of every decoder layer are computed outside
+  # the (rematerialised) layers and kept.
+  cross_kv = config.num_decoder_layers * 2 * b * s * inner * c
+  logits = 3 * 4 * b * t * config.vocab_size  # float32 logits, softmax, grad
+  embeds = c * b * (s + t) * d
+  if remat == "none":
+    layers = config.num_layers * enc + config.num_decoder_layers * dec
+  else:
+    inputs = c * b * (config.num_layers * s + config.num_decoder_layers * t) * d
+    one_layer = max(enc, dec)
+    if remat == "minimal":  # the d->H and d->f matmul outputs stay
+      f = config.d_ff * (2 if config.is_gated_act else 1)
+      inputs += c * (config.num_layers * b * s * (4 * inner + f + d) +
+                     config.num_decoder_layers * b * t * (8 * inner + f + d))
+    layers = inputs + one_layer
+  return layers + cross_kv + logits + embeds
+
+
+def rollout_bytes(config: T5Config, *, batch: int, source_len: int,
+                  target_len: int, compute_bytes: int = 2) -> int:
+  """Sampling: self-attention caches, cross keys/values, encoder output."""
+  inner = config.num_heads * config.d_kv
+  c = compute_bytes
+  return (c * 2 * config.num_decoder_layers * batch * (target_len + source_len)
+          * inner + c * batch * source_len * config.d_model)
+
+
+def teacher_forward_bytes(config: T5Config, *, batch: int, source_len: int,
+                          target_len: int, compute_bytes: int = 2) -> int:
+  """No gradient: one layer alive, cross keys/values, float32 logits x2."""
+  enc, dec = _layer_working_set(config, batch, source_len, target_len,
+                                compute_bytes)
+  inner = config.num_heads * config.d_kv
+  return (max(enc, dec) + 2 * config.num_decoder_layers * batch * source_len *
+          inner * compute_bytes + 2 * 4 * batch * target_len *
+          config.vocab_size)
+
+
+def rl_step_bytes(teacher: T5Config, student: T5Config, *, devices: int,
+                  global_batch: int, source_len: int, target_len: int,
+                  remat: str, teacher_bytes: int = 2) -> dict[str, int]:
+  """Per-device bytes of one RL step on a pure-FSDP mesh of `devices`."""
+  if global_batch % devices:
+    raise ValueError(f"global_batch={global_batch} must be a multiple of the "
+                     f"device count {devices}")
+  b = global_batch // devices
+  t_local, t_largest = sharded_param_elements(teacher, fsdp=devices)
+  s_local, s_largest = sharded_param_elements(student, fsdp=devices)
+  kw = dict(batch=b, source_len=source_len, target_len=target_len)
+  parts = {
+      "teacher params": t_local * teacher_bytes,
+      "student params+grads+adam": s_local * 16,
+      "gathered weights": 2 * t_largest + 2 * s_largest,
+      "activations": max(rollout_bytes(student, **kw),
+                         teacher_forward_bytes(teacher, **kw),
+                         activation_bytes(student, remat=remat, **kw)),
+  }
+  parts["total"] = sum(parts.values())
+  return parts
+
+
+def table(*, global_batch: int = 16, source_len: int = 512,
+          target_len: int = 128, teacher_name: str = "xl",
+          students: tuple[str, ...] = ("t5-base", "t5-large"),
+          accelerators: tuple[Accelerator, ...] = ACCELERATORS) -> str:
+  """The Markdown table of the README."""
+  teacher = config_lib.get_config(teacher_name)
+  lines = [
+      f"Teacher FLAN-T5-XL shape (`{teacher_name}`, "
+      f"{param_count(teacher) / 1e9:.2f} B parameters, bfloat16, frozen); "
+      f"students float32 + AdamW; RL step with a global batch of "
+      f"{global_batch} rows, source {source_len} and rollout {target_len} "
+      f"tokens, pure FSDP over all devices. GiB per device:", "",
+      "| student | accelerator | teacher params | student state | "
+      "gathered | activations (remat none / full) | total none / full | "
+      "fits (none / full) |",
+      "|---|---|---:|---:|---:|---:|---:|---|"]
+  for name in students:
+    student = config_lib.get_config(name)
+    for acc in accelerators:
+      none, full = (rl_step_bytes(teacher, student, devices=acc.devices,
+                                  global_batch=global_batch,
+                                  source_len=source_len,
+                                  target_len=target_len, remat=r)
+                    for r in ("none", "full"))
+      g = lambda x: f"{x / GiB:.2f}"
+      fits = lambda p: "yes" if p["total"] <= acc.bytes_per_device else "no"
+      lines.append(
+          f"| {name} ({param_count(student) / 1e6:.0f} M) | {acc.name} | "
+          f"{g(none['teacher params'])} | "
+          f"{g(none['student params+grads+adam'])} | "
+          f"{g(none['gathered weights'])} | {g(none['activations'])} / "
+          f"{g(full['activations'])} | {g(none['total'])} / "
+          f"{g(full['total'])} | {fits(none)} / {fits(full)} |")
+  return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  parser.add_argument("--batch", type=int, default=16,
+                      help="global batch (rows)")
+  parser.add_argument("--source_len", type=int, default=512)
+  parser.add_argument("--target_len", type=int, default=128)
+  parser.add_argument("--teacher", default="xl")
+  parser.add_argument("--students", default="t5-base,t5-large")
+  args = parser.parse_args(argv)
+  try:
+    print(table(global_batch=args.batch, source_len=args.source_len,
+                target_len=args.target_len, teacher_name=args.teacher,
+                students=tuple(args.students.split(","))), end="")
+  except ValueError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
