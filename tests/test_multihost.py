@@ -4,7 +4,8 @@ Three RL steps of configs/smoke.py (stage `rl` only, teacher and student from
 their seeded scratch init) run as
 
 * one process with 8 fake CPU devices (no `jax.distributed`): the reference;
-* 2 processes x 4 devices and 4 processes x 2 devices, started by
+* 2 processes x 4 devices (mesh data = 4 within x `dcn_data` = 2 across
+  processes) and 4 processes x 2 devices (default mesh), started by
   `launch/local.py` with `jax.distributed` on 127.0.0.1 and gloo collectives.
 
 All three use the same 8-way data-parallel mesh and the same global batches
@@ -27,17 +28,24 @@ import subprocess
 import sys
 import time
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import safetensors.numpy
 
+from ketchup_jax import distributed
 from ketchup_jax import models
+from ketchup_jax import partitioning
+from ketchup_jax.data import batching
 from ketchup_jax.train import pipeline
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 ARGS = ["-m", "ketchup_jax.main", "--config=configs/smoke.py",
         "--config.stages=rl"]
+# 2 processes: the data axis as 4 within each process x 2 across them (the
+# hybrid ICI/DCN mesh); 4 processes: the default mesh, config unchanged.
+EXTRA = {2: ["--config.mesh.dcn_data=2"], 4: []}
 LAUNCH_TIMEOUT_S = 420
 
 
@@ -62,7 +70,7 @@ def runs(tmp_path_factory):
         [sys.executable, "launch/local.py", f"--processes={n}",
          f"--devices_per_process={8 // n}", f"--timeout={LAUNCH_TIMEOUT_S}",
          f"--log_dir={root / f'logs{n}'}", "--", *ARGS,
-         f"--workdir={root / f'p{n}'}"], env, root / f"p{n}.log")
+         f"--workdir={root / f'p{n}'}", *EXTRA[n]], env, root / f"p{n}.log")
   deadline = time.monotonic() + LAUNCH_TIMEOUT_S + 30
   try:
     while any(p.poll() is None for p in procs.values()):
@@ -136,3 +144,100 @@ def test_every_process_checkpoints_and_process_0_writes(runs, n):
     assert f"process {i}/{n} on " in text
     # Only process 0 prints the per-step log lines.
     assert ("[rl_k2] step 3/3" in text) == (i == 0)
+
+
+# --------------------------------------------------------------------------
+# The pieces, in this (single) process.
+# --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+  for name in ("KETCHUP_COORDINATOR_ADDRESS", "KETCHUP_NUM_PROCESSES",
+               "KETCHUP_PROCESS_ID", "SLURM_JOB_ID", "SLURM_NTASKS",
+               "SLURM_NPROCS", "TPU_WORKER_HOSTNAMES",
+               "MEGASCALE_COORDINATOR_ADDRESS"):
+    monkeypatch.delenv(name, raising=False)
+  return monkeypatch
+
+
+def test_resolve_modes_environment_and_errors(clean_env):
+  resolve = distributed.resolve
+  assert resolve(None) is None
+  assert resolve({"initialize": "auto"}) is None
+  explicit = dict(coordinator_address="127.0.0.1:1234", num_processes=2,
+                  process_id=1)
+  assert resolve(dict(explicit, initialize="auto")) == explicit
+  assert resolve(dict(explicit, initialize="never")) is None
+  clean_env.setenv("KETCHUP_COORDINATOR_ADDRESS", "127.0.0.1:999")
+  clean_env.setenv("KETCHUP_NUM_PROCESSES", "4")
+  clean_env.setenv("KETCHUP_PROCESS_ID", "3")
+  assert resolve({}) == dict(coordinator_address="127.0.0.1:999",
+                             num_processes=4, process_id=3)
+  clean_env.delenv("KETCHUP_PROCESS_ID")
+  with pytest.raises(ValueError, match=r"process_id not set"):
+    resolve({"initialize": "explicit"})
+  clean_env.setenv("KETCHUP_PROCESS_ID", "4")
+  with pytest.raises(ValueError, match=r"process_id must be < "
+                     r"num_processes=4, got 4"):
+    resolve({})
+  with pytest.raises(ValueError, match=r"initialize must be one of .*'sometimes'"):
+    resolve({"initialize": "sometimes"})
+  with pytest.raises(ValueError, match=r"'HOST:PORT' .* got '127.0.0.1'"):
+    resolve({"coordinator_address": "127.0.0.1"})
+  clean_env.setenv("KETCHUP_NUM_PROCESSES", "two")
+  with pytest.raises(ValueError, match=r"KETCHUP_NUM_PROCESSES must be a "
+                     r"non-negative int, got 'two'"):
+    resolve({})
+
+
+def test_slurm_and_tpu_pods_are_detected(clean_env):
+  clean_env.setenv("SLURM_JOB_ID", "7")
+  clean_env.setenv("SLURM_NTASKS", "1")
+  assert distributed.resolve({}) is None
+  clean_env.setenv("SLURM_NTASKS", "16")
+  assert distributed.resolve({}) == {}
+  clean_env.delenv("SLURM_JOB_ID")
+  clean_env.setenv("TPU_WORKER_HOSTNAMES", "t0,t1,t2,t3")
+  assert distributed.resolve({}) == {}
+
+
+def test_dcn_mesh_errors_in_one_process():
+  with pytest.raises(ValueError, match=r"dcn_data \* dcn_fsdp \* dcn_tensor "
+                     r"= 2 must equal the number of processes \(1\)"):
+    partitioning.make_mesh(dcn_data=2)
+  with pytest.raises(ValueError, match=r"= 3 must divide the device count 8"):
+    partitioning.make_mesh(dcn_data=3)
+  with pytest.raises(ValueError, match=r"mesh.dcn_fsdp must be an int >= 1, "
+                     r"got 0"):
+    partitioning.make_mesh(dcn_fsdp=0)
+
+
+def test_local_rows_of_every_global_batch_make_the_global_batch():
+  data = batching.TokenizedExamples(
+      sources=[np.arange(1, 2 + i % 5, dtype=np.int32) for i in range(40)],
+      targets=[np.arange(1, 2 + i % 3, dtype=np.int32) for i in range(40)],
+      max_source_len=8, max_target_len=8, pad_id=0, stats={})
+  whole = batching.BatchIterator(data, batch_size=8, seed=3)
+  parts = [batching.BatchIterator(data, batch_size=8, seed=3,
+                                  local_rows=rows)
+           for rows in ((0, 2), (2, 6), (6, 8))]
+  for _ in range(7):  # into the second epoch
+    want = next(whole)
+    got = [next(p) for p in parts]
+    for key, value in want.items():
+      np.testing.assert_array_equal(np.concatenate([g[key] for g in got]),
+                                    value)
+  with pytest.raises(ValueError, match=r"local_rows must be .* got \(6, 9\)"):
+    batching.BatchIterator(data, batch_size=8, local_rows=(6, 9))
+
+
+def test_batch_rows_and_put_batch_in_one_process():
+  mesh = partitioning.make_mesh(data=4, fsdp=2)
+  sharding = jax.sharding.NamedSharding(
+      mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
+  assert distributed.batch_rows(sharding, 16) == (0, 16)
+  batch = {"x": np.arange(32).reshape(16, 2)}
+  out = distributed.put_batch(batch, sharding, 16)
+  assert out["x"].sharding == sharding
+  np.testing.assert_array_equal(distributed.to_host(out["x"]), batch["x"])
