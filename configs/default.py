@@ -157,7 +157,8 @@ def get_config() -> ml_collections.ConfigDict:
   # launch/). "auto": explicit settings below or $KETCHUP_COORDINATOR_ADDRESS,
   # $KETCHUP_NUM_PROCESSES, $KETCHUP_PROCESS_ID if given, else a TPU pod or a
   # SLURM job is detected, else one process. "explicit": the three must be
-  # given. "never": always one process.
+  # given. "cluster": JAX's own detection (TPU pods, SLURM, ...), always.
+  # "never": always one process.
   c.distributed = ml_collections.ConfigDict(dict(
       initialize="auto",
       # "HOST:PORT" of process 0's coordinator service; "" = unset.

@@ -17,6 +17,9 @@ How a run finds its peers (`config.distributed.initialize`):
   process and nothing is initialised.
 * `"explicit"`: the coordinator address, process count and process id must be
   given (config or environment).
+* `"cluster"`: always `jax.distributed.initialize()` without arguments, so
+  that JAX's own cluster detection (Cloud TPU, SLURM, Open MPI, ...) finds the
+  peers; what the TPU pod and SLURM scripts in `launch/` use.
 * `"never"`: one process, whatever the environment says.
 
 The helpers below are what the pipeline needs to stay correct with several
@@ -38,7 +41,7 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 
-MODES = ("auto", "explicit", "never")
+MODES = ("auto", "explicit", "cluster", "never")
 ENV_COORDINATOR = "KETCHUP_COORDINATOR_ADDRESS"
 ENV_NUM_PROCESSES = "KETCHUP_NUM_PROCESSES"
 ENV_PROCESS_ID = "KETCHUP_PROCESS_ID"
@@ -93,6 +96,8 @@ def resolve(cfg: Mapping[str, Any] | None) -> dict[str, Any] | None:
                      f"'HOST:PORT' (e.g. '10.0.0.2:8476'), got {address!r}")
   if mode == "never":
     return None
+  if mode == "cluster":
+    return {}
   explicit = bool(address) or num > 0 or pid >= 0
   if mode == "explicit" or explicit:
     missing = [name for name, bad in (("coordinator_address", not address),

@@ -1,5 +1,7 @@
 """The memory estimate's inputs against real models, and remat's numerics."""
 
+import pathlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -122,3 +124,9 @@ def test_remat_gives_the_same_loss_and_gradients(policy):
   assert count(remat_cfg) > count(cfg)
   with pytest.raises(ValueError, match="remat must be one of"):
     cfg.replace(remat="some")
+
+
+def test_readme_table_is_the_generated_one():
+  readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md"
+            ).read_text()
+  assert memory.table() in readme

@@ -169,6 +169,7 @@ def test_resolve_modes_environment_and_errors(clean_env):
                   process_id=1)
   assert resolve(dict(explicit, initialize="auto")) == explicit
   assert resolve(dict(explicit, initialize="never")) is None
+  assert resolve({"initialize": "cluster"}) == {}
   clean_env.setenv("KETCHUP_COORDINATOR_ADDRESS", "127.0.0.1:999")
   clean_env.setenv("KETCHUP_NUM_PROCESSES", "4")
   clean_env.setenv("KETCHUP_PROCESS_ID", "3")

@@ -19,6 +19,8 @@ from absl import logging
 import jax
 import orbax.checkpoint as ocp
 
+from ketchup_jax import distributed
+
 
 class StageCheckpoints:
   """Checkpoint manager of one stage.
@@ -81,6 +83,8 @@ class StageCheckpoints:
         if jax.process_index() == 0:
           os.makedirs(os.path.dirname(aside), exist_ok=True)
           shutil.move(os.path.join(self.directory, str(step)), aside)
+        # Every process reopens the manager after the move, not before it.
+        distributed.barrier(f"moved aside {self.directory} {step}")
         self._manager.close()
         self._manager = self._open()
     return None
