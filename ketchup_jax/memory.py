@@ -27,12 +27,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import math
 import sys
 from typing import Any
 
 import jax
-import numpy as np
 
 from ketchup_jax import partitioning
 from ketchup_jax.models import config as config_lib
@@ -84,6 +84,15 @@ class _MeshShape:
     self.shape = {"data": data, "fsdp": fsdp, "tensor": tensor}
 
 
+@functools.lru_cache(maxsize=16)
+def _axes_and_shapes(config: T5Config) -> tuple[tuple[Any, Any], ...]:
+  """(logical axes, shape) of every parameter (tracing the model once)."""
+  is_axes = lambda x: isinstance(x, tuple) and all(
+      a is None or isinstance(a, str) for a in x)
+  return tuple(zip(jax.tree.leaves(t5.logical_axes(config), is_leaf=is_axes),
+                   jax.tree.leaves(t5.param_shapes(config))))
+
+
 def sharded_param_elements(config: T5Config, *, data: int = 1, fsdp: int = 1,
                            tensor: int = 1) -> tuple[int, int]:
   """(elements on one device, largest parameter's elements) under the rules.
@@ -92,13 +101,8 @@ def sharded_param_elements(config: T5Config, *, data: int = 1, fsdp: int = 1,
   `logical_to_spec` (divisibility fallback included) that places them.
   """
   mesh = _MeshShape(data, fsdp, tensor)
-  shapes = t5.param_shapes(config)
-  axes = t5.logical_axes(config)
-  is_axes = lambda x: isinstance(x, tuple) and all(
-      a is None or isinstance(a, str) for a in x)
   per_device, largest = 0, 0
-  for names, shape in zip(jax.tree.leaves(axes, is_leaf=is_axes),
-                          jax.tree.leaves(shapes)):
+  for names, shape in _axes_and_shapes(config):
     spec = partitioning.logical_to_spec(names, shape=shape.shape, mesh=mesh)
     local = 1
     for size, mesh_axes in zip(shape.shape, tuple(spec) + (None,) * (
