@@ -176,6 +176,7 @@ def get_config() -> ml_collections.ConfigDict:
   # not finite (each such update is skipped, optimizer state untouched).
   c.max_nonfinite_steps = 10
   # After SIGTERM/SIGINT: seconds to reach a step boundary and checkpoint
-  # before exiting without saving.
+  # before exiting without saving. With several processes a signal to any of
+  # them stops all at the next logging or checkpoint step (log_every).
   c.preemption_grace_s = 120.0
   return c

@@ -406,8 +406,13 @@ def train_stage(run: Run, stage: str, lm: models.T5LM, step_fn: Callable,
       bar.set_postfix(loss=f"{float(metrics['loss']):.4g}")
     if done % cfg.checkpoint_every == 0 and done < total:
       _save(ckpt, done, state)
-    # A signal to any process stops all of them at the same step.
-    if distributed.any_process(run.stop.requested) and done < total:
+    # A signal to any process stops all of them at the same step. With
+    # several processes they agree (a collective, which waits for the step)
+    # only where the loop waits anyway: at logging and checkpoint steps.
+    agree = jax.process_count() == 1 or done % cfg.log_every == 0 or (
+        done % cfg.checkpoint_every == 0)
+    if agree and distributed.any_process(run.stop.requested) and (
+        done < total):
       if ckpt.latest_step() != done:  # not just saved by the line above
         _save(ckpt, done, state)
       bar.close()
@@ -841,6 +846,8 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any] | None:
                jax.__version__, jax.process_count(), jax.process_index(),
                jax.device_count(), jax.devices()[0].device_kind)
   the_run = setup(cfg, workdir)
+  # Every process has read DIR (tokenizer.json, ...) before process 0 writes.
+  distributed.barrier("set up")
   _prepare_workdir(the_run)
   the_run.writer = writer_lib.MetricWriter(workdir)
   the_run.stop = StopRequest(cfg.preemption_grace_s)
