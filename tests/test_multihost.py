@@ -250,3 +250,23 @@ def test_batch_rows_and_put_batch_in_one_process():
   out = distributed.put_batch(batch, sharding, 16)
   assert out["x"].sharding == sharding
   np.testing.assert_array_equal(distributed.to_host(out["x"]), batch["x"])
+
+
+@pytest.mark.parametrize("flag, message", [
+    ("--config.distributed.initialize=bogus",
+     "config.distributed.initialize must be one of ('auto', 'explicit', "
+     "'cluster', 'never'), got 'bogus'"),
+    ("--config.mesh.dcn_data=2",
+     "mesh dcn_data * dcn_fsdp * dcn_tensor = 2 must equal the number of "
+     "processes (1)"),
+])
+def test_bad_distributed_settings_are_one_error_line(tmp_path, flag, message):
+  workdir = tmp_path / "run"
+  out = subprocess.run(
+      [sys.executable, "-m", "ketchup_jax.main", "--config=configs/smoke.py",
+       f"--workdir={workdir}", flag], cwd=REPO, capture_output=True,
+      text=True, timeout=120)
+  assert out.returncode == 2
+  errors = [l for l in out.stderr.splitlines() if l.startswith("error:")]
+  assert errors == [f"error: {message}"]
+  assert not workdir.exists()
