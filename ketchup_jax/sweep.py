@@ -7,7 +7,9 @@ A sweep config (see configs/experiments/) holds a pipeline config (`base`)
 and lists the methods, the KETCHUP K values, the seeds and the diagnostics.
 Layout of the sweep directory `W`:
 
-    W/teacher/                 teacher SFT, once per sweep (seed teacher_seed)
+    W/teacher/                 teacher SFT, once per sweep (seed teacher_seed;
+                               config.reuse_from=W2 takes W2's teacher and
+                               pre-distilled students instead)
     W/seed<s>/predistill/      the pre-distilled student of seed s
     W/seed<s>/<run>/           one method from that student (llmr, ketchup_k4,
                                kl, ..., scratch_ketchup_k4)
@@ -81,9 +83,12 @@ class RunSpec:
   baseline: str = "none"
   from_scratch: bool = False
 
-  def directory(self, workdir: str, teacher_from: str = "") -> str:
+  def directory(self, workdir: str, reuse_from: str = "") -> str:
     if self.kind == "teacher":
-      return os.path.join(teacher_from or workdir, "teacher")
+      return os.path.join(reuse_from or workdir, "teacher")
+    if self.kind == "predistill":
+      return os.path.join(reuse_from or workdir, f"seed{self.seed}",
+                          self.name)
     return os.path.join(workdir, f"seed{self.seed}", self.name)
 
 
@@ -155,7 +160,7 @@ def run_config(c: ml_collections.ConfigDict, spec: RunSpec,
   """The pipeline config of one run."""
   cfg = copy.deepcopy(c.base)
   cfg.unlock()
-  teacher_dir = os.path.abspath(os.path.join(c.teacher_from or workdir,
+  teacher_dir = os.path.abspath(os.path.join(c.reuse_from or workdir,
                                              "teacher"))
   if spec.kind == "teacher":
     cfg.seed = c.teacher_seed
@@ -166,7 +171,8 @@ def run_config(c: ml_collections.ConfigDict, spec: RunSpec,
   cfg.teacher.init_from = os.path.join(teacher_dir, "models", "teacher_sft")
   cfg.seed = spec.seed
   predistilled = os.path.abspath(os.path.join(
-      workdir, f"seed{spec.seed}", "predistill", "models", "predistill"))
+      c.reuse_from or workdir, f"seed{spec.seed}", "predistill", "models",
+      "predistill"))
   if spec.kind == "predistill":
     cfg.stages = "predistill"
   elif spec.kind == "continue":
@@ -226,19 +232,40 @@ def _read_json(path: str) -> Any:
     return json.load(f)
 
 
+_SHARED_FIELDS = ("seed", "task", "tokenizer", "max_source_len",
+                  "max_target_len", "teacher", "teacher_sft", "student",
+                  "predistill")
+
+
+def _check_reusable(cfg: ml_collections.ConfigDict, directory: str) -> None:
+  """Refuses to reuse a run whose teacher / pre-distillation settings differ."""
+  with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
+    stored = json.load(f)
+  mine = json.loads(cfg.to_json_best_effort())
+  for field in _SHARED_FIELDS:
+    if stored.get(field) != mine.get(field):
+      raise ValueError(
+          f"config.reuse_from: the run {directory} was made with a different "
+          f"config.base.{field} ({stored.get(field)!r}, this sweep has "
+          f"{mine.get(field)!r}); reuse needs the same teacher and "
+          f"pre-distillation settings")
+
+
 def execute(c: ml_collections.ConfigDict, spec: RunSpec,
             workdir: str) -> tuple[dict[str, Any], bool]:
   """Runs one spec unless its eval.json exists; returns (record, ran)."""
   from ketchup_jax.train import pipeline  # pylint: disable=g-import-not-at-top
-  directory = spec.directory(workdir, c.teacher_from)
+  directory = spec.directory(workdir, c.reuse_from)
   done = os.path.join(directory, "eval.json")
+  cfg = run_config(c, spec, workdir)
+  if spec.kind in ("teacher", "predistill") and c.reuse_from:
+    if not os.path.exists(done):
+      raise ValueError(f"config.reuse_from={c.reuse_from!r}: no finished "
+                       f"{spec.name} at {directory} (no eval.json); run that "
+                       f"sweep first, or leave reuse_from empty")
+    _check_reusable(cfg, directory)
   if os.path.exists(done):
     return _read_json(done), False
-  if spec.kind == "teacher" and c.teacher_from:
-    raise ValueError(f"config.teacher_from={c.teacher_from!r}: no finished "
-                     f"teacher at {directory} (no eval.json); run that sweep "
-                     f"first, or leave teacher_from empty to train one")
-  cfg = run_config(c, spec, workdir)
   start = time.perf_counter()
   pipeline.run(cfg, directory)
   stage = f"rl_k{spec.k}" if spec.kind == "rl" else cfg.stages
@@ -263,12 +290,16 @@ def diagnose(c: ml_collections.ConfigDict, seed: int,
   d = c.diagnostics
   if not d.minibatches:
     return None, False
-  directory = os.path.join(workdir, f"seed{seed}", "predistill")
+  directory = os.path.join(c.reuse_from or workdir, f"seed{seed}",
+                           "predistill")
   path = os.path.join(directory, "diagnostics", "predistill.json")
-  if os.path.exists(path):
-    return _read_json(path), False
   options = diagnostics.Options(ks=tuple(d.ks), minibatches=d.minibatches,
                                 projections=d.projections, seed=seed)
+  if os.path.exists(path):
+    cached = _read_json(path)
+    if (cached["options"] == json.loads(json.dumps(dataclasses.asdict(
+        options))) and cached["split"] == d.split):
+      return cached, False
   return diagnostics.diagnose_workdir(
       directory, student="predistill", options=options, split=d.split,
       batch_size=d.batch_size), True
@@ -487,7 +518,7 @@ def run_sweep(c: ml_collections.ConfigDict, workdir: str, *,
     record, did = execute(c, spec, workdir)
     records.append(record)
     if did:
-      ran.append(spec.directory(workdir, c.teacher_from))
+      ran.append(spec.directory(workdir, c.reuse_from))
     log(f"[sweep {i + 1}/{len(specs)}] {where}: "
         f"{'done' if did else 'reused'} "
         f"{json.dumps(record['metrics'])}", flush=True)

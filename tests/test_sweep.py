@@ -131,3 +131,32 @@ def test_bad_sweep_config_is_refused_before_anything_runs(tmp_path):
   c.seeds = (0, 0)
   with pytest.raises(ValueError, match="config.seeds must be distinct"):
     sweep.run_sweep(c, str(tmp_path / "w"))
+
+
+def test_reuse_from_takes_the_other_sweeps_teacher_and_checks_settings(
+    tmp_path):
+  c = smoke_sweep.get_config()
+  other, mine = tmp_path / "other", str(tmp_path / "mine")
+  c.reuse_from = str(other)
+  teacher_spec, predistill_spec, kl_spec = sweep.plan(c)[:3]
+  cfg = sweep.run_config(c, kl_spec, mine)
+  assert cfg.teacher.init_from == str(other / "teacher/models/teacher_sft")
+  assert cfg.student.init_from == str(
+      other / "seed0/predistill/models/predistill")
+  assert predistill_spec.directory(mine, c.reuse_from) == str(
+      other / "seed0/predistill")
+  assert kl_spec.directory(mine, c.reuse_from) == os.path.join(
+      mine, "seed0", "kl")
+  with pytest.raises(ValueError, match="no finished teacher"):
+    sweep.execute(c, teacher_spec, mine)
+  # A finished teacher made with other settings is refused.
+  (other / "teacher").mkdir(parents=True)
+  (other / "teacher/eval.json").write_text(json.dumps({"metrics": {}}))
+  stored = sweep.run_config(c, teacher_spec, str(other))
+  stored.teacher_sft.steps += 1
+  (other / "teacher/config.json").write_text(stored.to_json_best_effort())
+  with pytest.raises(ValueError, match="different config.base.teacher_sft"):
+    sweep.execute(c, teacher_spec, mine)
+  stored.teacher_sft.steps -= 1
+  (other / "teacher/config.json").write_text(stored.to_json_best_effort())
+  assert sweep.execute(c, teacher_spec, mine) == ({"metrics": {}}, False)

@@ -8,17 +8,18 @@ from configs import demo
 def numbers_base() -> ml_collections.ConfigDict:
   """The demo pipeline (numbers_en_nl, teacher d128, student d32), CPU-sized.
 
-  Half the demo's teacher and pre-distillation budget (the 2 shared cores
-  are the limit): teacher 600 SFT steps, SeqKD pre-distillation 200 steps,
-  then each method 80 updates of 32 rows at lr 1e-4 (constant). Evaluation
-  on the first 512 test examples.
+  A quarter of the demo's teacher budget and half its pre-distillation (the
+  2 shared cores are the limit): teacher 300 SFT steps, SeqKD
+  pre-distillation 150 steps, then each method 60 updates of 32 rows at
+  lr 1e-4 (constant). Evaluation on the first 512 test examples.
   """
   c = demo.get_config()
-  c.teacher_sft.steps = 600
-  c.teacher_sft.warmup_steps = 50
-  c.predistill.steps = 200
+  c.teacher_sft.steps = 300
+  c.teacher_sft.warmup_steps = 30
+  c.predistill.steps = 150
+  c.predistill.warmup_steps = 20
   c.rl.ks = ()
-  c.rl.steps = 80
+  c.rl.steps = 60
   c.eval.max_examples = 512
   # One padded shape per stage: one compile each.
   c.source_buckets = (24,)
@@ -38,9 +39,11 @@ def sweep(base: ml_collections.ConfigDict, *, title: str
   c.base = base
   # Seed of the teacher (trained once per sweep).
   c.teacher_seed = 0
-  # Reuse the teacher of another sweep directory (same base teacher and
-  # tokenizer settings) instead of training one; "" = train it here.
-  c.teacher_from = ""
+  # Another sweep directory whose teacher and pre-distilled students (same
+  # seeds) this sweep uses instead of training its own; its teacher, student,
+  # task and pre-distillation settings must equal `base`'s (checked).
+  # "" = train them here.
+  c.reuse_from = ""
   # Seeds: each gets its own pre-distilled student and runs every method.
   c.seeds = (0, 1, 2)
   # Methods: seqkd, kl, rkl, js, tvd (continue the pre-distilled student with
