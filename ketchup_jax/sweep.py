@@ -463,7 +463,10 @@ def plot(results: dict[str, Any], directory: str,
     ax.set_xticks([k for k, _ in rl], [str(k) for k, _ in rl])
     ax.set_xlabel("K")
     ax.set_ylabel(metric)
-    ax.set_title(f"Test {metric} vs K (mean ± std over seeds)", fontsize=9)
+    n_seeds = max(s["n"] for _, s in rl)
+    ax.set_title(f"Test {metric} vs K (mean ± std, {n_seeds} seeds)"
+                 if n_seeds > 1 else f"Test {metric} vs K (1 seed)",
+                 fontsize=9)
     ax.legend(fontsize=6)
     ax.grid(alpha=0.3)
     save(fig, "metric_vs_k.png")
@@ -485,7 +488,9 @@ def plot(results: dict[str, Any], directory: str,
         ax.fill_between(steps_, mean - std, mean + std, alpha=0.2)
       ax.set_yscale("log")
       ax.set_xlabel("RL step")
-      ax.set_title(title + " (mean ± std over seeds)", fontsize=9)
+      n_seeds = max(len(v) for v in training.values())
+      ax.set_title(title + (f" (mean ± std, {n_seeds} seeds)" if n_seeds > 1
+                            else " (1 seed)"), fontsize=9)
       ax.legend(fontsize=7)
       ax.grid(alpha=0.3)
       save(fig, fname)
