@@ -8,6 +8,8 @@ and lists the methods, the KETCHUP K values, the seeds and the diagnostics.
 Layout of the sweep directory `W`:
 
     W/teacher/                 teacher SFT, once per sweep (seed teacher_seed;
+                               only evaluated if base.stages lacks teacher_sft,
+                               e.g. a FLAN-T5 teacher as in the paper;
                                config.reuse_from=W2 takes W2's teacher and
                                pre-distilled students instead)
     W/seed<s>/predistill/      the pre-distilled student of seed s
@@ -164,11 +166,14 @@ def run_config(c: ml_collections.ConfigDict, spec: RunSpec,
                                              "teacher"))
   if spec.kind == "teacher":
     cfg.seed = c.teacher_seed
-    cfg.stages = "teacher_sft"
+    # A given teacher (e.g. FLAN-T5 from a directory, as in the paper) is
+    # only evaluated.
+    cfg.stages = "teacher_sft" if trains_teacher(c) else "eval"
     return cfg
   if cfg.tokenizer.kind == "word" and not cfg.tokenizer.path:
     cfg.tokenizer.path = os.path.join(teacher_dir, "tokenizer.json")
-  cfg.teacher.init_from = os.path.join(teacher_dir, "models", "teacher_sft")
+  if trains_teacher(c):
+    cfg.teacher.init_from = os.path.join(teacher_dir, "models", "teacher_sft")
   cfg.seed = spec.seed
   predistilled = os.path.abspath(os.path.join(
       c.reuse_from or workdir, f"seed{spec.seed}", "predistill", "models",
@@ -195,6 +200,11 @@ def run_config(c: ml_collections.ConfigDict, spec: RunSpec,
   return cfg
 
 
+def trains_teacher(c: ml_collections.ConfigDict) -> bool:
+  """Whether the sweep trains its teacher (base.stages has teacher_sft)."""
+  return "teacher_sft" in [s.strip() for s in c.base.stages.split(",")]
+
+
 def exported_model(spec: RunSpec) -> str:
   return {"teacher": "teacher_sft", "predistill": "predistill",
           "continue": "predistill"}.get(spec.kind, f"rl_k{spec.k}")
@@ -205,12 +215,14 @@ def exported_model(spec: RunSpec) -> str:
 # --------------------------------------------------------------------------
 
 
-def evaluate_model(run: Any, name: str, model_cfg: Any) -> dict[str, float]:
-  """Greedy decoding of `models/<name>` on the eval split, and its metrics."""
+def evaluate_model(run: Any, name: str, model_cfg: Any,
+                   source: str = "") -> dict[str, float]:
+  """Greedy decoding of `models/<name>` (or `source`) on the eval split."""
   from ketchup_jax.train import evaluate  # pylint: disable=g-import-not-at-top
   from ketchup_jax.train import pipeline  # pylint: disable=g-import-not-at-top
   cfg = run.cfg
-  lm = pipeline.load_model(run, name, f"stage:{name}", model_cfg, cfg.seed)
+  lm = pipeline.load_model(run, name, source or f"stage:{name}", model_cfg,
+                           cfg.seed)
   predictions = evaluate.decode_split(
       pipeline._greedy(run, lm, cfg.eval.max_decode_len), run.eval,  # pylint: disable=protected-access
       batch_size=cfg.eval.batch_size, batch_multiple=run.batch_multiple,
@@ -267,6 +279,16 @@ def execute(c: ml_collections.ConfigDict, spec: RunSpec,
   if os.path.exists(done):
     return _read_json(done), False
   start = time.perf_counter()
+  if spec.kind == "teacher" and not trains_teacher(c):
+    run = pipeline.setup(cfg, directory)
+    pipeline._prepare_workdir(run)  # pylint: disable=protected-access
+    metrics = evaluate_model(run, "teacher", cfg.teacher,
+                             source=cfg.teacher.init_from)
+    record = {"label": spec.label, "seed": None, "kind": spec.kind, "k": 0,
+              "metrics": metrics, "train_seconds": 0.0,
+              "seconds": time.perf_counter() - start}
+    _write_json(done, record)
+    return record, True
   pipeline.run(cfg, directory)
   stage = f"rl_k{spec.k}" if spec.kind == "rl" else cfg.stages
   if not os.path.exists(os.path.join(directory, "stages", f"{stage}.json")):

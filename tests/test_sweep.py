@@ -160,3 +160,15 @@ def test_reuse_from_takes_the_other_sweeps_teacher_and_checks_settings(
   stored.teacher_sft.steps -= 1
   (other / "teacher/config.json").write_text(stored.to_json_best_effort())
   assert sweep.execute(c, teacher_spec, mine) == ({"metrics": {}}, False)
+
+
+def test_a_given_teacher_is_only_evaluated_and_used_as_is():
+  # The paper's setting: a prompted FLAN-T5 teacher, no teacher SFT.
+  c = smoke_sweep.get_config()
+  c.base.stages = "predistill,rl,eval"
+  c.base.teacher.init_from = "/models/flan-t5-xl"
+  teacher_spec, predistill_spec, kl_spec = sweep.plan(c)[:3]
+  assert sweep.run_config(c, teacher_spec, "W").stages == "eval"
+  for spec in (predistill_spec, kl_spec):
+    assert sweep.run_config(c, spec, "W").teacher.init_from == (
+        "/models/flan-t5-xl")

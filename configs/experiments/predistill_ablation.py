@@ -18,9 +18,6 @@ def get_config():
                    "(experiment iii)")
   c.methods = ("ketchup",)
   c.ks = (4,)
-  # One seed: the CPU budget of the shared 2-core machine (the K sweep has
-  # three); add seeds with --config.seeds=0,1,2.
-  c.seeds = (0,)
   c.scratch_ks = (4,)
   c.diagnostics.minibatches = 0
   return c

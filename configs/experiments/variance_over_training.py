@@ -24,8 +24,5 @@ def get_config():
                    "numbers_en_nl (experiment i)")
   c.methods = ("llmr", "ketchup")
   c.ks = (4,)
-  # One seed: the CPU budget of the shared 2-core machine (the K sweep has
-  # three); add seeds with --config.seeds=0,1,2.
-  c.seeds = (0,)
   c.diagnostics.minibatches = 0  # the K sweep has the per-K diagnostics
   return c
