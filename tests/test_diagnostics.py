@@ -151,8 +151,10 @@ def test_projected_estimate_agrees_with_the_full_gradient(tiny):
   proj = diagnostics.gradient_diagnostics(
       student, teacher, batches,
       options=diagnostics.Options(ks=(1, 3), minibatches=4, seed=3,
-                                  projections=3000), **kw)
-  # Relative sd of the R=3000 Gaussian estimate is <= sqrt(2/3000) = 2.6%.
+                                  projections=1000), **kw)
+  # Relative sd of the R=1000 Gaussian estimate: sqrt(2/(rR)) for r equal
+  # eigenvalues, 2.6% for the rank-3 covariance of M=4, 4.5% for the rank-1
+  # squared mean (fixed keys: the test is deterministic).
   for k in (1, 3):
     np.testing.assert_allclose(proj[k]["grad_var"], full[k]["grad_var"],
                                rtol=0.15)
