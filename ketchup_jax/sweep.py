@@ -602,13 +602,28 @@ def main(argv: Sequence[str]) -> None:
     sys.exit(2)
 
 
+def _parse_flags(argv: Sequence[str]) -> Sequence[str]:
+  """absl's parser; a bad or unknown --config.<field> is one line, exit 2."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+  except (AttributeError, KeyError) as e:
+    field = str(e.args[0] if e.args else e).strip("'\"")
+    print(f"error: unknown config field {field!r}; the sweep fields are in "
+          f"configs/experiments/common.py, the pipeline's (under base.) in "
+          f"configs/default.py", file=sys.stderr)
+  sys.exit(2)
+
+
 if __name__ == "__main__":
   from absl import app  # pylint: disable=g-import-not-at-top
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string("workdir", None, "Sweep directory.")
-  config_flags.DEFINE_config_file("config", None,
-                                  "Sweep config (configs/experiments/*.py).",
-                                  lock_config=True)
+  config_flags.DEFINE_config_file(
+      "config", None, "Sweep config (configs/experiments/*.py).",
+      lock_config=True)
   flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main)
+  app.run(main, flags_parser=_parse_flags)

@@ -172,3 +172,22 @@ def test_a_given_teacher_is_only_evaluated_and_used_as_is():
   for spec in (predistill_spec, kl_spec):
     assert sweep.run_config(c, spec, "W").teacher.init_from == (
         "/models/flan-t5-xl")
+
+
+@pytest.mark.parametrize("arg,message", [
+    ("--config.bogus=1", "unknown config field 'bogus'"),
+    ("--config.methods=('ppo',)", "config.methods must be a non-empty list"),
+])
+def test_command_line_error_is_one_line_and_exit_2(tmp_path, arg, message):
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  repo = pathlib.Path(__file__).resolve().parents[1]
+  out = subprocess.run(
+      [sys.executable, "-m", "ketchup_jax.sweep",
+       "--config=configs/experiments/smoke_sweep.py",
+       f"--workdir={tmp_path / 'w'}", arg],
+      cwd=repo, capture_output=True, text=True, timeout=300, check=False)
+  assert out.returncode == 2
+  errors = [l for l in out.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and message in errors[0]
+  assert not (tmp_path / "w").exists()
