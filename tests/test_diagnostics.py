@@ -198,8 +198,10 @@ def test_teacher_followed_greedily_has_zero_bias_for_every_k(tiny):
   assert got[1]["grad_var"] > 0
 
 
+# The branches where the mirror could drift: the bootstrap value and the
+# teacher-expected baseline (one case: each compile costs ~20 s on 2 cores).
 @pytest.mark.parametrize("unfinished,baseline", [
-    ("terminal", "batch_mean"), ("bootstrap", "teacher_expected")])
+    ("bootstrap", "teacher_expected")])
 def test_loss_is_the_one_rl_step_minimises(tiny, unfinished, baseline):
   config, student, teacher = tiny
   rl = steps.RLConfig(k=2, max_decode_len=LENGTH, unfinished=unfinished,
