@@ -131,6 +131,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.rl.temperature = 1.0
   c.rl.top_k = 0
   c.rl.top_p = 1.0
+  # Every N steps (0 = never), log the gradient variance, return variance and
+  # bias of the run's K over `diag_minibatches` fresh rollout minibatches to
+  # metrics.jsonl (stage rl_k<K>_diag; ketchup_jax/diagnostics.py).
+  c.rl.diag_every = 0
+  c.rl.diag_minibatches = 8
 
   c.eval = ml_collections.ConfigDict(dict(
       # Split to evaluate on.

@@ -109,6 +109,13 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.{stage}: {e}") from None
   for k in rl_ks(cfg):
     steps.RLConfig.from_config(cfg.rl, k=k)
+  every, minibatches = cfg.rl.get("diag_every", 0), cfg.rl.get(
+      "diag_minibatches", 8)
+  if not isinstance(every, int) or every < 0 or not isinstance(
+      minibatches, int) or minibatches < 2:
+    raise ValueError(f"config.rl.diag_every must be an int >= 0 and "
+                     f"config.rl.diag_minibatches an int >= 2, got "
+                     f"{every!r} and {minibatches!r}")
   for name in ("max_decode_len", "batch_size", "diag_batches"):
     if not isinstance(cfg.eval[name], int) or cfg.eval[name] < 1:
       raise ValueError(f"config.eval.{name} must be an int >= 1, got "
@@ -343,8 +350,13 @@ def _state_shardings(run: Run, lm: models.T5LM,
 
 def train_stage(run: Run, stage: str, lm: models.T5LM, step_fn: Callable,
                 optim: state_lib.OptimConfig, *, batch_size: int, seed: int,
-                teacher: models.T5LM | None = None) -> models.T5LM:
+                teacher: models.T5LM | None = None,
+                hook: Callable[[int, Any], None] | None = None
+                ) -> models.T5LM:
   """Runs `step_fn` for the stage's micro-steps, with checkpoints and logs.
+
+  `hook(step, state)`, if given, is called at the start and after every step
+  (it decides itself when to act; the RL stage's gradient diagnostics).
 
   Resumes from the stage's latest checkpoint (parameters, optimizer state,
   step, RNG; the data position is the step).
@@ -382,6 +394,8 @@ def train_stage(run: Run, stage: str, lm: models.T5LM, step_fn: Callable,
                   disable=not run.is_main, dynamic_ncols=True)
   tick, tick_step = time.perf_counter(), start
   previous_streak = None
+  if hook is not None and start == 0:
+    hook(0, state)
   for step in range(start, total):
     batch = distributed.put_batch(next(data), batch_sharding, batch_size)
     args = (state, teacher.params, batch) if with_teacher else (state, batch)
@@ -404,6 +418,8 @@ def train_stage(run: Run, stage: str, lm: models.T5LM, step_fn: Callable,
       run.writer.write(stage, done, metrics)
       run.writer.log_line(stage, done, total, metrics, _LOG_KEYS)
       bar.set_postfix(loss=f"{float(metrics['loss']):.4g}")
+    if hook is not None:
+      hook(done, state)
     if done % cfg.checkpoint_every == 0 and done < total:
       _save(ckpt, done, state)
     # A signal to any process stops all of them at the same step. With
@@ -612,10 +628,16 @@ def stage_rl(run: Run, k: int) -> None:
   step_fn = functools.partial(steps.rl_step,
                               models=_models(run, student, teacher),
                               optim=optim, rl=rl)
+  hook = None
+  if cfg.rl.get("diag_every", 0):
+    from ketchup_jax import diagnostics  # pylint: disable=g-import-not-at-top
+    hook = diagnostics.training_hook(
+        run, name, teacher, student, k=k, every=cfg.rl.diag_every,
+        minibatches=cfg.rl.diag_minibatches)
   # Every K starts from the same student with the same seed: paired runs.
   student = train_stage(run, name, student, step_fn, optim,
                         batch_size=cfg.rl.batch_size, seed=cfg.seed + 2,
-                        teacher=teacher)
+                        teacher=teacher, hook=hook)
   _export(run, name, student)
   _mark_done(run, name, {"checksum": params_checksum(student.params)})
 

@@ -1,0 +1,536 @@
+"""Gradient-variance, return-variance and bias of the K-step return (SPEC §2, §5).
+
+For a student, a teacher and a task, draw M independent rollout minibatches.
+For each minibatch `m`: one student rollout and one teacher pass; then, for
+every K in a list, the policy-gradient estimate `g_m^K` of exactly the loss the
+RL stage minimises (`steps.rl_step`: same rollout settings, same unfinished-
+row handling, baseline, weight, clip and entropy term). All K share the same
+rollouts and teacher pass, so the comparison between K is paired.
+
+Per K it reports
+
+  grad_var       trace of the covariance of `g_m^K` across minibatches,
+                 `1/(M-1) sum_m ||g_m - g_bar||^2` (unbiased);
+  grad_mean_sq   `||g_bar||^2`, the squared norm of the mean gradient (signal);
+  return_var ... the `returns.return_diagnostics` of the pooled M minibatches:
+                 return variance (`return_var`, and `return_var_k1`), and the
+                 bias `Ĝ - G` (`bias_mean`, `bias_std`, `bias_max`).
+
+Two estimators of `grad_var`:
+  full           the flattened gradient (exact; memory M x #params per K).
+  projections=R  the gradient projected on R fixed Gaussian directions u_r
+                 (drawn from one key, the same for every minibatch and K):
+                 `grad_var ~= 1/R sum_r Var_m(u_r . g_m)`, unbiased for the
+                 trace because E[u u^T] = I. Memory M x R; for large models.
+
+Command line, on a finished pipeline run directory:
+
+  python -m ketchup_jax.diagnostics --workdir=RUN --ks=1,2,4,8,16 \
+      --minibatches=16 [--student=predistill] [--projections=0]
+
+writes `RUN/diagnostics/<student>.json` and `.md` and prints the table.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tqdm
+
+from ketchup_jax import losses
+from ketchup_jax import returns
+from ketchup_jax.models import t5
+from ketchup_jax.train import steps
+
+Batch = dict[str, jax.Array]
+
+RETURN_KEYS = ("return_mean", "return_var", "return_var_k1", "bias_mean",
+               "bias_std", "bias_max")
+
+
+# --------------------------------------------------------------------------
+# The pieces of `steps.rl_step`, split so the gradient can be taken per K
+# --------------------------------------------------------------------------
+
+
+def score_rollouts(student_params: Any, teacher_params: Any, batch: Batch,
+                   sample_rng: jax.Array, *, models: steps.Models,
+                   rl: steps.RLConfig) -> dict[str, jax.Array]:
+  """Steps 1-2 of `steps.rl_step`: rollout, teacher Q-values, loss mask.
+
+  Mirrors `rl_step` line for line (tests compare the losses), without the K.
+
+  Returns:
+    A dict of arrays: actions, mask, loss_mask, scale, q_taken, values,
+    bootstrap_value (zeros unless rl.unfinished == "bootstrap"),
+    teacher_values (expected values; used by baseline "teacher_expected"),
+    behavior_logprobs, decoder_inputs.
+  """
+  length = rl.max_decode_len
+  rollout = models.sample(
+      student_params, models.student, batch, sample_rng,
+      max_new_tokens=length, temperature=rl.temperature, top_k=rl.top_k,
+      top_p=rl.top_p)
+  actions = rollout.tokens  # [B, T]
+  mask = steps.length_mask(rollout.lengths, length)
+  real_row = batch["example_mask"] > 0  # [B]
+  mask = mask * real_row[:, None]
+  finished = rollout.done & real_row
+
+  teacher_actions = actions
+  if rl.unfinished == "bootstrap":
+    teacher_actions = jnp.pad(actions, ((0, 0), (0, 1)))
+  teacher_inputs = t5.shift_right(teacher_actions, models.teacher)
+  teacher_mask = jnp.ones_like(teacher_inputs)
+  teacher_logits = jax.lax.stop_gradient(models.forward(
+      teacher_params, models.teacher, batch["input_ids"],
+      batch["attention_mask"], teacher_inputs, teacher_mask))
+  bootstrap_value = jnp.zeros(actions.shape[:1], jnp.float32)
+  if rl.unfinished == "bootstrap":
+    _, all_values = returns.teacher_q_values(
+        teacher_logits, teacher_actions, teacher_mask,
+        center=rl.center_logits, value=rl.value)
+    bootstrap_value = jnp.where(finished, 0.0, all_values[:, length])
+    teacher_logits = teacher_logits[:, :length]
+
+  q_taken, values = returns.teacher_q_values(
+      teacher_logits, actions, mask, center=rl.center_logits, value=rl.value)
+  _, teacher_values = returns.teacher_q_values(
+      teacher_logits, actions, mask, center=rl.center_logits,
+      value="expected")
+  if rl.unfinished == "drop":
+    loss_mask = mask * finished[:, None]
+    n_real = jnp.maximum(jnp.sum(real_row), 1)
+    scale = jnp.sum(finished) / n_real
+  else:
+    loss_mask = mask
+    scale = jnp.ones((), jnp.float32)
+  return {
+      "actions": actions, "mask": mask, "loss_mask": loss_mask,
+      "scale": jnp.asarray(scale, jnp.float32), "q_taken": q_taken,
+      "values": values, "bootstrap_value": bootstrap_value,
+      "teacher_values": teacher_values,
+      "behavior_logprobs": rollout.logprobs,
+      "decoder_inputs": t5.shift_right(actions, models.student),
+  }
+
+
+def k_returns(scored: dict[str, jax.Array], rl: steps.RLConfig,
+              k: int) -> jax.Array:
+  """Step 3 of `steps.rl_step`: the K-step return (bootstrap included)."""
+  g = returns.k_step_returns(scored["q_taken"], scored["values"],
+                             scored["mask"], k)
+  if rl.unfinished == "bootstrap":
+    g = g - scored["bootstrap_value"][:, None] * scored["mask"]
+  return g
+
+
+def pg_objective(student_logits: jax.Array, scored: dict[str, jax.Array],
+                 g: jax.Array, rl: steps.RLConfig) -> jax.Array:
+  """Step 4 of `steps.rl_step`: the scalar loss it differentiates."""
+  total, count = losses.policy_gradient_loss(
+      student_logits, scored["actions"], g, scored["loss_mask"],
+      baseline=rl.baseline,
+      teacher_values=(scored["teacher_values"]
+                      if rl.baseline == "teacher_expected" else None),
+      weight=rl.weight, behavior_logprobs=scored["behavior_logprobs"],
+      denom=rl.denom, reward_clip=rl.reward_clip,
+      entropy_coef=rl.entropy_coef)
+  return total / jnp.maximum(count, 1.0) * scored["scale"]
+
+
+def student_logits_fn(batch: Batch, scored: dict[str, jax.Array],
+                      models: steps.Models) -> Callable[[Any], jax.Array]:
+  """params -> the student's teacher-forced logits on the rollout."""
+  def logits(params):
+    return models.forward(params, models.student, batch["input_ids"],
+                          batch["attention_mask"], scored["decoder_inputs"],
+                          scored["mask"])
+  return logits
+
+
+# --------------------------------------------------------------------------
+# Per-minibatch gradients for every K
+# --------------------------------------------------------------------------
+
+
+def _tree_normal(key: jax.Array, like: Any) -> Any:
+  leaves, treedef = jax.tree.flatten(like)
+  keys = jax.random.split(key, len(leaves))
+  return treedef.unflatten([
+      jax.random.normal(k, x.shape, jnp.float32)
+      for k, x in zip(keys, leaves)])
+
+
+def project(grad: Any, key: jax.Array, num: int) -> jax.Array:
+  """[R] projections `u_r . grad` on R Gaussian directions from `key`.
+
+  Direction r is drawn from `fold_in(key, r)`, one at a time (`lax.map`), so
+  memory stays at one parameter-sized tree whatever R is.
+  """
+  def one(r):
+    u = _tree_normal(jax.random.fold_in(key, r), grad)
+    return sum(jnp.vdot(a.astype(jnp.float32), b.astype(jnp.float32))
+               for a, b in zip(jax.tree.leaves(u), jax.tree.leaves(grad)))
+  return jax.lax.map(one, jnp.arange(num))
+
+
+def flatten(grad: Any) -> jax.Array:
+  """The gradient pytree as one float32 vector (leaf order of the tree)."""
+  return jnp.concatenate([jnp.ravel(x).astype(jnp.float32)
+                          for x in jax.tree.leaves(grad)])
+
+
+def minibatch_gradients(student_params: Any, teacher_params: Any,
+                        batch: Batch, sample_rng: jax.Array,
+                        proj_key: jax.Array, *, models: steps.Models,
+                        rl: steps.RLConfig, ks: tuple[int, ...],
+                        projections: int = 0
+                        ) -> tuple[jax.Array, jax.Array,
+                                   dict[str, jax.Array]]:
+  """One minibatch: the PG gradient for every K from one rollout.
+
+  One student forward builds the VJP; each K's loss gives a cotangent on the
+  logits, and the VJP maps it to the parameter gradient: the chain rule for
+  the same loss `rl_step` differentiates, with the forward done once.
+
+  Returns:
+    (vectors, losses, scored): `vectors` [len(ks), D] flattened gradients
+    (projections == 0) or [len(ks), R] projections; `losses` [len(ks)] the
+    loss values; `scored` as from `score_rollouts`.
+  """
+  scored = score_rollouts(student_params, teacher_params, batch, sample_rng,
+                          models=models, rl=rl)
+  logits, vjp = jax.vjp(student_logits_fn(batch, scored, models),
+                        student_params)
+  vectors, values = [], []
+  for k in ks:
+    g = k_returns(scored, rl, k)
+    loss, ct = jax.value_and_grad(pg_objective)(logits, scored, g, rl)
+    (grad,) = vjp(ct)
+    vectors.append(project(grad, proj_key, projections) if projections
+                   else flatten(grad))
+    values.append(loss)
+  return jnp.stack(vectors), jnp.stack(values), scored
+
+
+# --------------------------------------------------------------------------
+# Variance estimators
+# --------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=16)
+def _jitted(models: steps.Models, rl: steps.RLConfig, ks: tuple[int, ...],
+            projections: int) -> Callable[..., Any]:
+  """One compiled `minibatch_gradients` per static setting (hook reuse)."""
+  return jax.jit(functools.partial(
+      minibatch_gradients, models=models, rl=rl, ks=ks,
+      projections=projections))
+
+
+def trace_covariance(vectors: np.ndarray) -> float:
+  """`1/(M-1) sum_m ||x_m - x_bar||^2` for x [M, D] (float64)."""
+  x = np.asarray(vectors, np.float64)
+  if x.shape[0] < 2:
+    raise ValueError(f"need at least 2 minibatches, got {x.shape[0]}")
+  dev = x - x.mean(axis=0, keepdims=True)
+  return float(np.sum(dev * dev) / (x.shape[0] - 1))
+
+
+def projected_trace(projections: np.ndarray) -> float:
+  """Trace estimate from projections [M, R] on directions with E[uu^T] = I.
+
+  `1/R sum_r Var_m(p[:, r])` (unbiased variance over m). Gaussian directions
+  make it an unbiased estimate of `trace_covariance`; the directions of an
+  orthonormal basis of the whole space, each scaled by sqrt(D), make it equal
+  (`sum_r (u_r . x)^2 = D ||x||^2`).
+  """
+  p = np.asarray(projections, np.float64)
+  return trace_covariance(p) / p.shape[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Options:
+  """What `gradient_diagnostics` measures.
+
+  Attributes:
+    ks: The K values, all from the same rollouts.
+    minibatches: M, independent rollout minibatches (>= 2).
+    projections: 0 for the full gradient, else R random directions.
+    seed: Seed of the rollouts and the directions.
+  """
+  ks: tuple[int, ...] = (1, 2, 4, 8, 16)
+  minibatches: int = 16
+  projections: int = 0
+  seed: int = 0
+
+  def __post_init__(self):
+    if not self.ks or any(isinstance(k, bool) or not isinstance(k, int)
+                          or k < 1 for k in self.ks):
+      raise ValueError(f"ks must be a non-empty list of ints >= 1, got "
+                       f"{self.ks!r}")
+    if not isinstance(self.minibatches, int) or self.minibatches < 2:
+      raise ValueError(f"minibatches must be an int >= 2 (a variance needs "
+                       f"two), got {self.minibatches!r}")
+    if not isinstance(self.projections, int) or self.projections < 0:
+      raise ValueError(f"projections must be an int >= 0 (0 = full "
+                       f"gradient), got {self.projections!r}")
+
+
+def gradient_diagnostics(student_params: Any, teacher_params: Any,
+                         batches: Sequence[Batch] | Any, *,
+                         models: steps.Models, rl: steps.RLConfig,
+                         options: Options, progress: bool = False,
+                         put: Callable[[Batch], Batch] | None = None
+                         ) -> dict[int, dict[str, float]]:
+  """Per-K gradient variance, return variance and bias (module docstring).
+
+  Args:
+    student_params, teacher_params: Parameter pytrees.
+    batches: An iterable yielding at least `options.minibatches` batches
+      (dicts with input_ids, attention_mask, example_mask).
+    models: Static model description (`steps.Models`).
+    rl: The RL options (its `k` is ignored; `options.ks` are used).
+    options: What to measure.
+    progress: Show a progress bar.
+    put: Optional placement of each batch (e.g. `jax.device_put` with a
+      sharding).
+
+  Returns:
+    {K: {"grad_var", "grad_mean_sq", "grad_var_rel", "loss_mean",
+         "finished_fraction", *RETURN_KEYS}}.
+  """
+  ks = tuple(options.ks)
+  fn = _jitted(models, rl, ks, options.projections)
+  base = jax.random.PRNGKey(options.seed)
+  proj_key = jax.random.fold_in(base, 1 << 30)
+  iterator = iter(batches)
+  vectors, loss_values, qs, vs, ms, finished = [], [], [], [], [], []
+  for m in tqdm.trange(options.minibatches, desc="diagnostics",
+                       disable=not progress, leave=False):
+    batch = next(iterator)
+    if put is not None:
+      batch = put(batch)
+    vec, lv, scored = fn(student_params, teacher_params, batch,
+                         jax.random.fold_in(base, m), proj_key)
+    vectors.append(np.asarray(jax.device_get(vec), np.float64))
+    loss_values.append(np.asarray(jax.device_get(lv), np.float64))
+    qs.append(scored["q_taken"]), vs.append(scored["values"])
+    ms.append(scored["loss_mask"])
+    finished.append(float(scored["scale"]))
+  vectors = np.stack(vectors)  # [M, len(ks), D or R]
+  width = max(q.shape[1] for q in qs)
+  pad = lambda x: jnp.pad(x, ((0, 0), (0, width - x.shape[1])))
+  q, v, mask = (jnp.concatenate([pad(x) for x in xs])
+                for xs in (qs, vs, ms))
+  out = {}
+  for i, k in enumerate(ks):
+    x = vectors[:, i]
+    var = (projected_trace(x) if options.projections else
+           trace_covariance(x))
+    mean = x.mean(axis=0)
+    mean_sq = float(mean @ mean)
+    if options.projections:
+      mean_sq /= options.projections
+    diag = returns.return_diagnostics(q, v, mask, k)
+    out[k] = {
+        "grad_var": var,
+        "grad_mean_sq": mean_sq,
+        "grad_var_rel": var / mean_sq if mean_sq > 0 else float("inf"),
+        "loss_mean": float(np.mean([lv[i] for lv in loss_values])),
+        "finished_fraction": float(np.mean(finished)),
+        **{name: float(diag[name]) for name in RETURN_KEYS},
+    }
+  return out
+
+
+def table(diag: dict[int, dict[str, float]], *, title: str = "") -> str:
+  """Markdown table of `gradient_diagnostics` output, one row per K."""
+  lines = ([title, ""] if title else []) + [
+      "| K | grad var (trace) | ‖mean grad‖² | var/‖mean‖² | return var | "
+      "bias mean | bias std | bias max |",
+      "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  for k, d in diag.items():
+    lines.append(
+        f"| {k} | {d['grad_var']:.4g} | {d['grad_mean_sq']:.4g} | "
+        f"{d['grad_var_rel']:.3g} | {d['return_var']:.4g} | "
+        f"{d['bias_mean']:.4g} | {d['bias_std']:.4g} | {d['bias_max']:.4g} |")
+  return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------
+# On a pipeline run: a finished run directory, or inside the RL stage
+# --------------------------------------------------------------------------
+
+
+def run_diagnostics(run: Any, student: Any, teacher: Any, *,
+                    options: Options, split: str = "train",
+                    batch_size: int | None = None, progress: bool = True,
+                    k: int = 1) -> dict[int, dict[str, float]]:
+  """`gradient_diagnostics` for a `pipeline.Run` and two loaded `T5LM`s.
+
+  Minibatches come from `split` ("train" or the run's eval split), shuffled
+  with `options.seed` (independent of the training data order).
+  """
+  from ketchup_jax.train import pipeline  # pylint: disable=g-import-not-at-top
+  cfg = run.cfg
+  data = run.train if split == "train" else run.eval
+  rl = steps.RLConfig.from_config(cfg.rl, k=k)
+  models = pipeline._models(run, student, teacher)  # pylint: disable=protected-access
+  batches = run.batches(data, batch_size=batch_size or cfg.rl.batch_size,
+                        seed=10_000 + options.seed)
+  sharding = run.batch_sharding()
+  return gradient_diagnostics(
+      student.params, teacher.params, batches, models=models, rl=rl,
+      options=options, progress=progress and run.is_main,
+      put=lambda b: jax.device_put(b, sharding))
+
+
+def training_hook(run: Any, stage: str, teacher: Any, student_like: Any, *,
+                  k: int, every: int, minibatches: int
+                  ) -> Callable[[int, Any], None]:
+  """A `pipeline.train_stage` hook: gradient/return variance every N steps.
+
+  Logs `grad_var`, `grad_mean_sq`, `return_var`, `bias_mean` of the stage's
+  own K (at the current parameters) to metrics.jsonl under `<stage>_diag`.
+  It uses its own data order and RNG, so training is unchanged by it.
+  """
+  options = Options(ks=(k,), minibatches=minibatches, seed=run.cfg.seed + 7)
+
+  def hook(step: int, state: Any) -> None:
+    if step % every:
+      return
+    student = dataclasses.replace(student_like, params=state.params)
+    diag = run_diagnostics(run, student, teacher, options=options,
+                           progress=False, k=k)[k]
+    run.writer.write(f"{stage}_diag", step, {
+        name: diag[name] for name in (
+            "grad_var", "grad_mean_sq", "return_var", "bias_mean",
+            "loss_mean")})
+  return hook
+
+
+def _parse_ks(text: str) -> tuple[int, ...]:
+  try:
+    ks = tuple(int(s) for s in text.split(",") if s.strip())
+  except ValueError:
+    ks = ()
+  if not ks or any(k < 1 for k in ks):
+    raise ValueError(f"--ks must be a comma-separated list of ints >= 1, "
+                     f"e.g. 1,2,4,8,16; got {text!r}")
+  return ks
+
+
+def load_run(workdir: str) -> Any:
+  """A `pipeline.Run` for a finished run directory (reads config.json)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from ketchup_jax.train import pipeline  # pylint: disable=g-import-not-at-top
+  path = os.path.join(workdir, "config.json")
+  if not os.path.isfile(path):
+    raise ValueError(f"--workdir {workdir!r} is not a pipeline run directory "
+                     f"(no config.json); give the DIR of a run of "
+                     f"`python -m ketchup_jax.main`")
+  with open(path, encoding="utf-8") as f:
+    cfg = ml_collections.ConfigDict(json.load(f))
+  return pipeline.setup(cfg, workdir)
+
+
+def diagnose_workdir(workdir: str, *, student: str, options: Options,
+                     split: str = "train", batch_size: int = 0,
+                     progress: bool = True) -> dict[str, Any]:
+  """Runs the diagnostics on `workdir/models/<student>` and writes the files.
+
+  Returns:
+    {"student", "split", "options", "seconds", "by_k": {K: {...}}}.
+  """
+  from ketchup_jax.train import pipeline  # pylint: disable=g-import-not-at-top
+  run = load_run(workdir)
+  if split not in ("train", run.cfg.eval.split):
+    raise ValueError(f"--split must be 'train' or the run's eval split "
+                     f"{run.cfg.eval.split!r}, got {split!r}")
+  models_dir = run.path("models")
+  have = sorted(os.listdir(models_dir)) if os.path.isdir(models_dir) else []
+  if student not in have:
+    raise ValueError(f"--student={student!r}: no model {run.path('models', student)}; "
+                     f"this run has: {', '.join(have) or 'none'}")
+  teacher_lm = pipeline.load_model(
+      run, "teacher", pipeline._teacher_source(run), run.cfg.teacher,  # pylint: disable=protected-access
+      run.cfg.seed)
+  student_lm = pipeline.load_model(run, "student", f"stage:{student}",
+                                   run.cfg.student, run.cfg.seed)
+  start = time.perf_counter()
+  by_k = run_diagnostics(run, student_lm, teacher_lm, options=options,
+                         split=split, batch_size=batch_size or None,
+                         progress=progress)
+  result = {"student": student, "split": split,
+            "options": dataclasses.asdict(options),
+            "batch_size": batch_size or run.cfg.rl.batch_size,
+            "seconds": time.perf_counter() - start,
+            "by_k": {str(k): d for k, d in by_k.items()}}
+  if run.is_main:
+    out = run.path("diagnostics")
+    os.makedirs(out, exist_ok=True)
+    with open(os.path.join(out, f"{student}.json"), "w",
+              encoding="utf-8") as f:
+      json.dump(result, f, indent=1)
+    with open(os.path.join(out, f"{student}.md"), "w", encoding="utf-8") as f:
+      f.write(table(by_k, title=_title(result)))
+  return result
+
+
+def _title(result: dict[str, Any]) -> str:
+  o = result["options"]
+  how = (f"{o['projections']} random projections" if o["projections"]
+         else "full gradient")
+  return (f"Student `{result['student']}`, {o['minibatches']} minibatches of "
+          f"{result['batch_size']} from split `{result['split']}`, {how}; "
+          f"all K on the same rollouts.")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+  import argparse  # pylint: disable=g-import-not-at-top
+  parser = argparse.ArgumentParser(
+      prog="python -m ketchup_jax.diagnostics",
+      description="Gradient variance, return variance and bias per K on a "
+      "finished pipeline run.")
+  parser.add_argument("--workdir", required=True, help="Pipeline run DIR.")
+  parser.add_argument("--ks", default="1,2,4,8,16",
+                      help="Comma-separated K values (default 1,2,4,8,16).")
+  parser.add_argument("--minibatches", type=int, default=16,
+                      help="M independent rollout minibatches (>= 2).")
+  parser.add_argument("--projections", type=int, default=0,
+                      help="0: full gradient; R > 0: R random directions.")
+  parser.add_argument("--student", default="predistill",
+                      help="Model under DIR/models/ (default predistill).")
+  parser.add_argument("--split", default="train")
+  parser.add_argument("--batch_size", type=int, default=0,
+                      help="Rows per minibatch (default: config rl.batch_size).")
+  parser.add_argument("--seed", type=int, default=0)
+  args = parser.parse_args(argv)
+  try:
+    options = Options(ks=_parse_ks(args.ks), minibatches=args.minibatches,
+                      projections=args.projections, seed=args.seed)
+    if args.batch_size < 0:
+      raise ValueError(f"--batch_size must be >= 0, got {args.batch_size}")
+    result = diagnose_workdir(args.workdir, student=args.student,
+                              options=options, split=args.split,
+                              batch_size=args.batch_size)
+  except (ValueError, OSError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+  print(table({int(k): d for k, d in result["by_k"].items()},
+              title=_title(result)))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

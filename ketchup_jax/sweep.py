@@ -1,0 +1,629 @@
+"""Sweep runner: the paper's comparison (SPEC §4) on any task, one command.
+
+    python -m ketchup_jax.sweep --config=configs/experiments/k_sweep.py \
+        --workdir=runs/k_sweep [--config.seeds=0,1]
+
+A sweep config (see configs/experiments/) holds a pipeline config (`base`)
+and lists the methods, the KETCHUP K values, the seeds and the diagnostics.
+Layout of the sweep directory `W`:
+
+    W/teacher/                 teacher SFT, once per sweep (seed teacher_seed;
+                               only evaluated if base.stages lacks teacher_sft,
+                               e.g. a FLAN-T5 teacher as in the paper;
+                               config.reuse_from=W2 takes W2's teacher and
+                               pre-distilled students instead)
+    W/seed<s>/predistill/      the pre-distilled student of seed s
+    W/seed<s>/<run>/           one method from that student (llmr, ketchup_k4,
+                               kl, ..., scratch_ketchup_k4)
+    W/<run dir>/eval.json      greedy test metrics: marks the run finished
+    W/seed<s>/predistill/diagnostics/predistill.json   per-K diagnostics
+    W/results.json, W/results.md, W/plots/*.png
+
+Fairness ("same budget"): every method of a seed starts from the same
+pre-distilled student and makes the same number of optimizer updates
+(`base.rl.steps`) on batches of the same size (`base.rl.batch_size`), with the
+same learning-rate schedule, and the same data order (RL runs use data seed
+`seed + 2`; the word-level and SeqKD continuations are run with `seed + 1` so
+their stage seed is also `seed + 2`). LLMR and KETCHUP sample their own
+rollouts; SeqKD continues on the teacher's greedy outputs, KL/JS/TVD on the
+gold targets teacher-forced (the library's `word_kd_step`). The
+"no pre-distillation" variant starts RL from the random initialisation the
+pre-distillation of the same seed started from.
+
+Finished runs (their eval.json) and diagnostics are reused, so an interrupted
+sweep resumes by rerunning the same command; the tables and plots are always
+rebuilt from the files.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Sequence
+
+from absl import logging
+import ml_collections
+import numpy as np
+
+METHODS = ("seqkd", "kl", "rkl", "js", "tvd", "llmr", "ketchup")
+WORD_METHODS = ("seqkd", "kl", "rkl", "js", "tvd")
+_METHOD_LABELS = {"seqkd": "SeqKD", "kl": "KL", "rkl": "RKL", "js": "JS",
+                  "tvd": "TVD"}
+
+
+# --------------------------------------------------------------------------
+# The runs of a sweep
+# --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+  """One pipeline run of the sweep.
+
+  Attributes:
+    name: Directory name under W/seed<s>/ (or "teacher").
+    label: Row label of the results table.
+    seed: The sweep seed (None for the teacher).
+    kind: "teacher", "predistill", "rl" or "continue".
+    k: K of an RL run.
+    method: Word-level method of a "continue" run.
+    baseline: rl.baseline of an RL run.
+    from_scratch: RL from the random init instead of the pre-distilled
+      student.
+  """
+  name: str
+  label: str
+  seed: int | None
+  kind: str
+  k: int = 0
+  method: str = ""
+  baseline: str = "none"
+  from_scratch: bool = False
+
+  def directory(self, workdir: str, reuse_from: str = "") -> str:
+    if self.kind == "teacher":
+      return os.path.join(reuse_from or workdir, "teacher")
+    if self.kind == "predistill":
+      return os.path.join(reuse_from or workdir, f"seed{self.seed}",
+                          self.name)
+    return os.path.join(workdir, f"seed{self.seed}", self.name)
+
+
+def _rl_label(k: int, baseline: str = "none", scratch: bool = False) -> str:
+  label = "LLMR (K=1)" if k == 1 else f"KETCHUP (K={k})"
+  if baseline != "none":
+    label += f", baseline {baseline}"
+  if scratch:
+    label += ", no pre-distillation"
+  return label
+
+
+def check_sweep_config(c: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first bad field."""
+  from ketchup_jax.train import pipeline  # pylint: disable=g-import-not-at-top
+  bad = [m for m in c.methods if m not in METHODS]
+  if bad or not c.methods:
+    raise ValueError(f"config.methods must be a non-empty list from "
+                     f"{METHODS}, got {tuple(c.methods)!r}")
+  seeds = tuple(c.seeds)
+  if not seeds or any(isinstance(s, bool) or not isinstance(s, int)
+                      or s < 0 for s in seeds) or len(set(seeds)) != len(seeds):
+    raise ValueError(f"config.seeds must be distinct ints >= 0, got {seeds!r}")
+  for name in ("ks", "baseline_ks", "scratch_ks"):
+    ks = tuple(c[name])
+    if any(isinstance(k, bool) or not isinstance(k, int) or k < 1
+           for k in ks):
+      raise ValueError(f"config.{name} must hold ints >= 1, got {ks!r}")
+  if "ketchup" in c.methods and not tuple(c.ks):
+    raise ValueError("config.ks must list the KETCHUP K values when methods "
+                     "include 'ketchup', got ()")
+  from ketchup_jax import losses  # pylint: disable=g-import-not-at-top
+  for b in c.baselines:
+    if b not in losses.BASELINES or b == "none":
+      raise ValueError(f"config.baselines must hold values from "
+                       f"{losses.BASELINES[1:]}, got {tuple(c.baselines)!r}")
+  d = c.diagnostics
+  if d.minibatches and d.minibatches < 2:
+    raise ValueError(f"config.diagnostics.minibatches must be 0 (off) or "
+                     f">= 2, got {d.minibatches!r}")
+  pipeline.check_config(c.base)
+
+
+def plan(c: ml_collections.ConfigDict) -> list[RunSpec]:
+  """Every run of the sweep, in the order they are run."""
+  specs = [RunSpec("teacher", "teacher", None, "teacher")]
+  for s in c.seeds:
+    specs.append(RunSpec("predistill",
+                         f"pre-distilled ({c.base.predistill.method})", s,
+                         "predistill"))
+    for m in c.methods:
+      if m in WORD_METHODS:
+        specs.append(RunSpec(m, _METHOD_LABELS[m], s, "continue", method=m))
+      elif m == "llmr":
+        specs.append(RunSpec("llmr", _rl_label(1), s, "rl", k=1))
+      else:
+        specs.extend(RunSpec(f"ketchup_k{k}", _rl_label(k), s, "rl", k=k)
+                     for k in c.ks)
+    for b in c.baselines:
+      specs.extend(RunSpec(f"k{k}_{b}", _rl_label(k, b), s, "rl", k=k,
+                           baseline=b) for k in c.baseline_ks)
+    specs.extend(RunSpec(f"scratch_k{k}", _rl_label(k, scratch=True), s, "rl",
+                         k=k, from_scratch=True) for k in c.scratch_ks)
+  return specs
+
+
+def run_config(c: ml_collections.ConfigDict, spec: RunSpec,
+               workdir: str) -> ml_collections.ConfigDict:
+  """The pipeline config of one run."""
+  cfg = copy.deepcopy(c.base)
+  cfg.unlock()
+  teacher_dir = os.path.abspath(os.path.join(c.reuse_from or workdir,
+                                             "teacher"))
+  if spec.kind == "teacher":
+    cfg.seed = c.teacher_seed
+    # A given teacher (e.g. FLAN-T5 from a directory, as in the paper) is
+    # only evaluated.
+    cfg.stages = "teacher_sft" if trains_teacher(c) else "eval"
+    return cfg
+  if cfg.tokenizer.kind == "word" and not cfg.tokenizer.path:
+    cfg.tokenizer.path = os.path.join(teacher_dir, "tokenizer.json")
+  if trains_teacher(c):
+    cfg.teacher.init_from = os.path.join(teacher_dir, "models", "teacher_sft")
+  cfg.seed = spec.seed
+  predistilled = os.path.abspath(os.path.join(
+      c.reuse_from or workdir, f"seed{spec.seed}", "predistill", "models",
+      "predistill"))
+  if spec.kind == "predistill":
+    cfg.stages = "predistill"
+  elif spec.kind == "continue":
+    # Same budget and data order as the RL runs (module docstring).
+    cfg.stages = "predistill"
+    cfg.seed = spec.seed + 1
+    cfg.student.init_from = predistilled
+    cfg.predistill.method = spec.method
+    for field in ("steps", "batch_size", "learning_rate", "schedule",
+                  "warmup_steps", "weight_decay", "max_grad_norm",
+                  "grad_accum"):
+      cfg.predistill[field] = cfg.rl[field]
+  else:
+    cfg.stages = "rl"
+    cfg.rl.ks = (spec.k,)
+    cfg.rl.k = spec.k
+    cfg.rl.baseline = spec.baseline
+    if not spec.from_scratch:
+      cfg.student.init_from = predistilled
+  return cfg
+
+
+def trains_teacher(c: ml_collections.ConfigDict) -> bool:
+  """Whether the sweep trains its teacher (base.stages has teacher_sft)."""
+  return "teacher_sft" in [s.strip() for s in c.base.stages.split(",")]
+
+
+def exported_model(spec: RunSpec) -> str:
+  return {"teacher": "teacher_sft", "predistill": "predistill",
+          "continue": "predistill"}.get(spec.kind, f"rl_k{spec.k}")
+
+
+# --------------------------------------------------------------------------
+# Running
+# --------------------------------------------------------------------------
+
+
+def evaluate_model(run: Any, name: str, model_cfg: Any,
+                   source: str = "") -> dict[str, float]:
+  """Greedy decoding of `models/<name>` (or `source`) on the eval split."""
+  from ketchup_jax.train import evaluate  # pylint: disable=g-import-not-at-top
+  from ketchup_jax.train import pipeline  # pylint: disable=g-import-not-at-top
+  cfg = run.cfg
+  lm = pipeline.load_model(run, name, source or f"stage:{name}", model_cfg,
+                           cfg.seed)
+  predictions = evaluate.decode_split(
+      pipeline._greedy(run, lm, cfg.eval.max_decode_len), run.eval,  # pylint: disable=protected-access
+      batch_size=cfg.eval.batch_size, batch_multiple=run.batch_multiple,
+      tokenizer=run.tokenizer, desc=f"eval {name}",
+      source_buckets=tuple(cfg.source_buckets) or None)
+  return evaluate.score(run.task.metric_names, predictions,
+                        run.eval_references)
+
+
+def _write_json(path: str, obj: Any) -> None:
+  tmp = path + ".tmp"
+  with open(tmp, "w", encoding="utf-8") as f:
+    json.dump(obj, f, indent=1)
+  os.replace(tmp, path)
+
+
+def _read_json(path: str) -> Any:
+  with open(path, encoding="utf-8") as f:
+    return json.load(f)
+
+
+_SHARED_FIELDS = ("seed", "task", "tokenizer", "max_source_len",
+                  "max_target_len", "teacher", "teacher_sft", "student",
+                  "predistill")
+
+
+def _check_reusable(cfg: ml_collections.ConfigDict, directory: str) -> None:
+  """Refuses to reuse a run whose teacher / pre-distillation settings differ."""
+  with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
+    stored = json.load(f)
+  mine = json.loads(cfg.to_json_best_effort())
+  for field in _SHARED_FIELDS:
+    if stored.get(field) != mine.get(field):
+      raise ValueError(
+          f"config.reuse_from: the run {directory} was made with a different "
+          f"config.base.{field} ({stored.get(field)!r}, this sweep has "
+          f"{mine.get(field)!r}); reuse needs the same teacher and "
+          f"pre-distillation settings")
+
+
+def execute(c: ml_collections.ConfigDict, spec: RunSpec,
+            workdir: str) -> tuple[dict[str, Any], bool]:
+  """Runs one spec unless its eval.json exists; returns (record, ran)."""
+  from ketchup_jax.train import pipeline  # pylint: disable=g-import-not-at-top
+  directory = spec.directory(workdir, c.reuse_from)
+  done = os.path.join(directory, "eval.json")
+  cfg = run_config(c, spec, workdir)
+  if spec.kind in ("teacher", "predistill") and c.reuse_from:
+    if not os.path.exists(done):
+      raise ValueError(f"config.reuse_from={c.reuse_from!r}: no finished "
+                       f"{spec.name} at {directory} (no eval.json); run that "
+                       f"sweep first, or leave reuse_from empty")
+    _check_reusable(cfg, directory)
+  if os.path.exists(done):
+    return _read_json(done), False
+  start = time.perf_counter()
+  if spec.kind == "teacher" and not trains_teacher(c):
+    run = pipeline.setup(cfg, directory)
+    pipeline._prepare_workdir(run)  # pylint: disable=protected-access
+    metrics = evaluate_model(run, "teacher", cfg.teacher,
+                             source=cfg.teacher.init_from)
+    record = {"label": spec.label, "seed": None, "kind": spec.kind, "k": 0,
+              "metrics": metrics, "train_seconds": 0.0,
+              "seconds": time.perf_counter() - start}
+    _write_json(done, record)
+    return record, True
+  pipeline.run(cfg, directory)
+  stage = f"rl_k{spec.k}" if spec.kind == "rl" else cfg.stages
+  if not os.path.exists(os.path.join(directory, "stages", f"{stage}.json")):
+    raise RuntimeError(f"run {directory} stopped before finishing (preempted?);"
+                       f" rerun the sweep to resume it")
+  train_s = time.perf_counter() - start
+  run = pipeline.setup(cfg, directory)
+  model_cfg = cfg.teacher if spec.kind == "teacher" else cfg.student
+  metrics = evaluate_model(run, exported_model(spec), model_cfg)
+  record = {"label": spec.label, "seed": spec.seed, "kind": spec.kind,
+            "k": spec.k, "metrics": metrics, "train_seconds": train_s,
+            "seconds": time.perf_counter() - start}
+  _write_json(done, record)
+  return record, True
+
+
+def diagnose(c: ml_collections.ConfigDict, seed: int,
+             workdir: str) -> tuple[dict[str, Any] | None, bool]:
+  """Per-K diagnostics of seed's pre-distilled student (cached)."""
+  from ketchup_jax import diagnostics  # pylint: disable=g-import-not-at-top
+  d = c.diagnostics
+  if not d.minibatches:
+    return None, False
+  directory = os.path.join(c.reuse_from or workdir, f"seed{seed}",
+                           "predistill")
+  path = os.path.join(directory, "diagnostics", "predistill.json")
+  options = diagnostics.Options(ks=tuple(d.ks), minibatches=d.minibatches,
+                                projections=d.projections, seed=seed)
+  if os.path.exists(path):
+    cached = _read_json(path)
+    if (cached["options"] == json.loads(json.dumps(dataclasses.asdict(
+        options))) and cached["split"] == d.split):
+      return cached, False
+  return diagnostics.diagnose_workdir(
+      directory, student="predistill", options=options, split=d.split,
+      batch_size=d.batch_size), True
+
+
+# --------------------------------------------------------------------------
+# Aggregation
+# --------------------------------------------------------------------------
+
+
+def mean_std(values: Sequence[float]) -> dict[str, float]:
+  """Mean and sample standard deviation (ddof 1; 0 for one value)."""
+  x = np.asarray(values, np.float64)
+  return {"mean": float(x.mean()),
+          "std": float(x.std(ddof=1)) if len(x) > 1 else 0.0,
+          "n": int(len(x))}
+
+
+def aggregate(records: Sequence[dict[str, Any]],
+              diags: dict[int, dict[str, Any]],
+              training: dict[str, dict[int, list[dict[str, float]]]],
+              *, task: str, metric_names: Sequence[str]) -> dict[str, Any]:
+  """Mean ± std over seeds of every row's metrics and of the diagnostics."""
+  rows: dict[str, dict[str, Any]] = {}
+  for r in records:
+    row = rows.setdefault(r["label"], {"kind": r["kind"], "k": r["k"],
+                                       "per_seed": {}})
+    row["per_seed"][str(r["seed"])] = r["metrics"]
+  for row in rows.values():
+    row["metrics"] = {m: mean_std([s[m] for s in row["per_seed"].values()])
+                      for m in metric_names}
+  by_k: dict[str, dict[str, Any]] = {}
+  for seed, d in sorted(diags.items()):
+    for k, values in d["by_k"].items():
+      entry = by_k.setdefault(k, {})
+      for key, value in values.items():
+        entry.setdefault(key, {}).setdefault("per_seed", {})[str(seed)] = value
+  for entry in by_k.values():
+    for stats in entry.values():
+      stats.update(mean_std(list(stats["per_seed"].values())))
+  return {"task": task, "metric_names": list(metric_names), "rows": rows,
+          "diagnostics": by_k, "training": training}
+
+
+def _fmt(stats: dict[str, float], digits: int = 2) -> str:
+  if stats["n"] > 1:
+    return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
+  return f"{stats['mean']:.{digits}f}"
+
+
+def _fmt_g(stats: dict[str, float]) -> str:
+  if stats["n"] > 1:
+    return f"{stats['mean']:.4g} ± {stats['std']:.2g}"
+  return f"{stats['mean']:.4g}"
+
+
+def results_markdown(results: dict[str, Any], *, title: str = "") -> str:
+  """The paper-shaped table (method x metric, mean ± std) and diagnostics."""
+  names = results["metric_names"]
+  seeds = sorted({s for r in results["rows"].values() for s in r["per_seed"]
+                  if s != "None"})
+  lines = ([f"## {title}", ""] if title else []) + [
+      f"Task `{results['task']}`; mean ± std (sample std) over seeds "
+      f"{', '.join(seeds)} (the teacher is trained once).", "",
+      "| method | " + " | ".join(names) + " |",
+      "|---|" + "---:|" * len(names)]
+  for label, row in results["rows"].items():
+    lines.append(f"| {label} | " + " | ".join(
+        _fmt(row["metrics"][n]) for n in names) + " |")
+  diag = results["diagnostics"]
+  if diag:
+    lines += ["", "Diagnostics of the pre-distilled student (all K on the "
+              "same rollouts, per seed; mean ± std over seeds):", "",
+              "| K | grad var (trace) | ‖mean grad‖² | return var | "
+              "bias mean | bias std | bias max |",
+              "|---:|---:|---:|---:|---:|---:|---:|"]
+    for k, d in sorted(diag.items(), key=lambda kv: int(kv[0])):
+      cells = [_fmt_g(d[key]) if key in d else "–" for key in (
+          "grad_var", "grad_mean_sq", "return_var", "bias_mean", "bias_std",
+          "bias_max")]
+      lines.append(f"| {k} | " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def read_training_diagnostics(directory: str) -> list[dict[str, float]]:
+  """The `rl_k<K>_diag` records of a run's metrics.jsonl (training hook)."""
+  path = os.path.join(directory, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  out = []
+  with open(path, encoding="utf-8") as f:
+    for line in f:
+      rec = json.loads(line)
+      if rec.get("stage", "").endswith("_diag"):
+        out.append(rec)
+  # A resumed run may log a step twice; keep the last.
+  return sorted({r["step"]: r for r in out}.values(), key=lambda r: r["step"])
+
+
+# --------------------------------------------------------------------------
+# Plots
+# --------------------------------------------------------------------------
+
+
+def plot(results: dict[str, Any], directory: str,
+         metric: str | None = None) -> list[str]:
+  """grad var / bias / return var vs K, metric vs K, curves over training."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  os.makedirs(directory, exist_ok=True)
+  written = []
+
+  def save(fig, name):
+    path = os.path.join(directory, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    written.append(path)
+
+  diag = results["diagnostics"]
+  if diag:
+    ks = sorted(int(k) for k in diag)
+    for key, title, fname, logy in (
+        ("grad_var", "Policy-gradient variance (trace of covariance)",
+         "grad_var_vs_k.png", True),
+        ("bias_mean", "Bias of the K-step return, mean Ĝ − G",
+         "bias_vs_k.png", False),
+        ("return_var", "Return variance Var[Ĝ]", "return_var_vs_k.png",
+         True)):
+      fig, ax = plt.subplots(figsize=(4.6, 3.3))
+      mean = [diag[str(k)][key]["mean"] for k in ks]
+      std = [diag[str(k)][key]["std"] for k in ks]
+      ax.errorbar(ks, mean, yerr=std, marker="o", capsize=3)
+      ax.set_xscale("log", base=2)
+      ax.set_xticks(ks, [str(k) for k in ks])
+      if logy:
+        ax.set_yscale("log")
+      ax.set_xlabel("K")
+      ax.set_title(title, fontsize=9)
+      ax.grid(alpha=0.3)
+      save(fig, fname)
+
+  metric = metric or results["metric_names"][0]
+  rows = results["rows"]
+  rl = sorted((r["k"], r["metrics"][metric]) for label, r in rows.items()
+              if r["kind"] == "rl" and "baseline" not in label
+              and "no pre-distillation" not in label)
+  if rl:
+    fig, ax = plt.subplots(figsize=(4.6, 3.3))
+    ax.errorbar([k for k, _ in rl], [s["mean"] for _, s in rl],
+                yerr=[s["std"] for _, s in rl], marker="o", capsize=3,
+                label="LLMR (K=1) / KETCHUP")
+    styles = iter(["--", ":", "-.", (0, (1, 3)), (0, (5, 2)), (0, (3, 1, 1, 1))])
+    for label, r in rows.items():
+      if r["kind"] in ("continue", "predistill"):
+        ax.axhline(r["metrics"][metric]["mean"], ls=next(styles, "--"),
+                   color="gray" if r["kind"] == "predistill" else None,
+                   lw=1, label=label)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([k for k, _ in rl], [str(k) for k, _ in rl])
+    ax.set_xlabel("K")
+    ax.set_ylabel(metric)
+    n_seeds = max(s["n"] for _, s in rl)
+    ax.set_title(f"Test {metric} vs K (mean ± std, {n_seeds} seeds)"
+                 if n_seeds > 1 else f"Test {metric} vs K (1 seed)",
+                 fontsize=9)
+    ax.legend(fontsize=6)
+    ax.grid(alpha=0.3)
+    save(fig, "metric_vs_k.png")
+
+  training = results.get("training") or {}
+  if training:
+    for key, title, fname in (
+        ("grad_var", "Policy-gradient variance during RL", "grad_var_train.png"),
+        ("return_var", "Return variance during RL", "return_var_train.png")):
+      fig, ax = plt.subplots(figsize=(4.6, 3.3))
+      for label, per_seed in training.items():
+        curves = [c for c in per_seed.values() if c]
+        n = min(len(c) for c in curves)
+        steps_ = [c["step"] for c in curves[0][:n]]
+        vals = np.array([[c[i][key] for i in range(n)] for c in curves])
+        mean, std = vals.mean(0), (vals.std(0, ddof=1) if len(vals) > 1
+                                   else np.zeros(n))
+        ax.plot(steps_, mean, marker=".", label=label)
+        ax.fill_between(steps_, mean - std, mean + std, alpha=0.2)
+      ax.set_yscale("log")
+      ax.set_xlabel("RL step")
+      n_seeds = max(len(v) for v in training.values())
+      ax.set_title(title + (f" (mean ± std, {n_seeds} seeds)" if n_seeds > 1
+                            else " (1 seed)"), fontsize=9)
+      ax.legend(fontsize=7)
+      ax.grid(alpha=0.3)
+      save(fig, fname)
+  return written
+
+
+# --------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------
+
+
+def run_sweep(c: ml_collections.ConfigDict, workdir: str, *,
+              log=print) -> dict[str, Any]:
+  """Runs (or reuses) every run, then writes results.json/.md and plots."""
+  from ketchup_jax.train import pipeline  # pylint: disable=g-import-not-at-top
+  check_sweep_config(c)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"--workdir {workdir!r} exists and is not a directory")
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "sweep_config.json"), "w",
+            encoding="utf-8") as f:
+    f.write(c.to_json_best_effort(indent=1, sort_keys=True))
+  specs = plan(c)
+  started = time.perf_counter()
+  records, diags, ran = [], {}, []
+  for i, spec in enumerate(specs):
+    where = "teacher" if spec.seed is None else f"seed {spec.seed} {spec.name}"
+    log(f"[sweep {i + 1}/{len(specs)}] {where}: "
+        f"{time.perf_counter() - started:.0f} s elapsed", flush=True)
+    record, did = execute(c, spec, workdir)
+    records.append(record)
+    if did:
+      ran.append(spec.directory(workdir, c.reuse_from))
+    log(f"[sweep {i + 1}/{len(specs)}] {where}: "
+        f"{'done' if did else 'reused'} "
+        f"{json.dumps(record['metrics'])}", flush=True)
+    if spec.kind == "predistill":
+      diag, did = diagnose(c, spec.seed, workdir)
+      if diag is not None:
+        diags[spec.seed] = diag
+        if did:
+          ran.append(spec.directory(workdir) + "/diagnostics")
+        log(f"[sweep] seed {spec.seed} diagnostics "
+            f"{'done' if did else 'reused'}", flush=True)
+  training: dict[str, dict[int, list[dict[str, float]]]] = {}
+  for spec in specs:
+    if spec.kind == "rl":
+      curve = read_training_diagnostics(spec.directory(workdir))
+      if curve:
+        training.setdefault(spec.label, {})[spec.seed] = curve
+  task = pipeline.data_lib.get_task(c.base.task.name,
+                                    **c.base.task.options.to_dict())
+  results = aggregate(records, diags, training, task=task.name,
+                      metric_names=task.metric_names)
+  results["ran"] = ran
+  results["seconds"] = time.perf_counter() - started
+  _write_json(os.path.join(workdir, "results.json"), results)
+  with open(os.path.join(workdir, "results.md"), "w", encoding="utf-8") as f:
+    f.write(results_markdown(results, title=c.title))
+  plot(results, os.path.join(workdir, "plots"), c.metric or None)
+  log(results_markdown(results, title=c.title), flush=True)
+  return results
+
+
+class _QuietOrbax:
+  """Drops Orbax's INFO lines (one per file written), as ketchup_jax.main."""
+
+  def filter(self, record) -> bool:
+    return record.levelno >= 30 or "/orbax/" not in record.pathname
+
+
+def main(argv: Sequence[str]) -> None:
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  del argv
+  import jax  # pylint: disable=g-import-not-at-top
+  logging.get_absl_logger().addFilter(_QuietOrbax())
+  if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+    # The runs of a sweep compile the same steps again and again.
+    jax.config.update("jax_compilation_cache_dir",
+                      os.path.join(os.path.abspath(flags.FLAGS.workdir),
+                                   ".jax_cache"))
+  try:
+    run_sweep(flags.FLAGS.config, flags.FLAGS.workdir)
+  except (ValueError, OSError, FloatingPointError, RuntimeError) as e:
+    logging.error("%s: %s", type(e).__name__, e)
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _parse_flags(argv: Sequence[str]) -> Sequence[str]:
+  """absl's parser; a bad or unknown --config.<field> is one line, exit 2."""
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  try:
+    return flags.FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+  except (AttributeError, KeyError) as e:
+    field = str(e.args[0] if e.args else e).strip("'\"")
+    print(f"error: unknown config field {field!r}; the sweep fields are in "
+          f"configs/experiments/common.py, the pipeline's (under base.) in "
+          f"configs/default.py", file=sys.stderr)
+  sys.exit(2)
+
+
+if __name__ == "__main__":
+  from absl import app  # pylint: disable=g-import-not-at-top
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string("workdir", None, "Sweep directory.")
+  config_flags.DEFINE_config_file(
+      "config", None, "Sweep config (configs/experiments/*.py).",
+      lock_config=True)
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main, flags_parser=_parse_flags)
