@@ -46,9 +46,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
-from ketchup_jax import losses
 from ketchup_jax import returns
-from ketchup_jax.models import t5
 from ketchup_jax.train import steps
 
 Batch = dict[str, jax.Array]
@@ -62,89 +60,10 @@ RETURN_KEYS = ("return_mean", "return_var", "return_var_k1", "bias_mean",
 # --------------------------------------------------------------------------
 
 
-def score_rollouts(student_params: Any, teacher_params: Any, batch: Batch,
-                   sample_rng: jax.Array, *, models: steps.Models,
-                   rl: steps.RLConfig) -> dict[str, jax.Array]:
-  """Steps 1-2 of `steps.rl_step`: rollout, teacher Q-values, loss mask.
-
-  Mirrors `rl_step` line for line (tests compare the losses), without the K.
-
-  Returns:
-    A dict of arrays: actions, mask, loss_mask, scale, q_taken, values,
-    bootstrap_value (zeros unless rl.unfinished == "bootstrap"),
-    teacher_values (expected values; used by baseline "teacher_expected"),
-    behavior_logprobs, decoder_inputs.
-  """
-  length = rl.max_decode_len
-  rollout = models.sample(
-      student_params, models.student, batch, sample_rng,
-      max_new_tokens=length, temperature=rl.temperature, top_k=rl.top_k,
-      top_p=rl.top_p)
-  actions = rollout.tokens  # [B, T]
-  mask = steps.length_mask(rollout.lengths, length)
-  real_row = batch["example_mask"] > 0  # [B]
-  mask = mask * real_row[:, None]
-  finished = rollout.done & real_row
-
-  teacher_actions = actions
-  if rl.unfinished == "bootstrap":
-    teacher_actions = jnp.pad(actions, ((0, 0), (0, 1)))
-  teacher_inputs = t5.shift_right(teacher_actions, models.teacher)
-  teacher_mask = jnp.ones_like(teacher_inputs)
-  teacher_logits = jax.lax.stop_gradient(models.forward(
-      teacher_params, models.teacher, batch["input_ids"],
-      batch["attention_mask"], teacher_inputs, teacher_mask))
-  bootstrap_value = jnp.zeros(actions.shape[:1], jnp.float32)
-  if rl.unfinished == "bootstrap":
-    _, all_values = returns.teacher_q_values(
-        teacher_logits, teacher_actions, teacher_mask,
-        center=rl.center_logits, value=rl.value)
-    bootstrap_value = jnp.where(finished, 0.0, all_values[:, length])
-    teacher_logits = teacher_logits[:, :length]
-
-  q_taken, values = returns.teacher_q_values(
-      teacher_logits, actions, mask, center=rl.center_logits, value=rl.value)
-  _, teacher_values = returns.teacher_q_values(
-      teacher_logits, actions, mask, center=rl.center_logits,
-      value="expected")
-  if rl.unfinished == "drop":
-    loss_mask = mask * finished[:, None]
-    n_real = jnp.maximum(jnp.sum(real_row), 1)
-    scale = jnp.sum(finished) / n_real
-  else:
-    loss_mask = mask
-    scale = jnp.ones((), jnp.float32)
-  return {
-      "actions": actions, "mask": mask, "loss_mask": loss_mask,
-      "scale": jnp.asarray(scale, jnp.float32), "q_taken": q_taken,
-      "values": values, "bootstrap_value": bootstrap_value,
-      "teacher_values": teacher_values,
-      "behavior_logprobs": rollout.logprobs,
-      "decoder_inputs": t5.shift_right(actions, models.student),
-  }
-
-
-def k_returns(scored: dict[str, jax.Array], rl: steps.RLConfig,
-              k: int) -> jax.Array:
-  """Step 3 of `steps.rl_step`: the K-step return (bootstrap included)."""
-  g = returns.k_step_returns(scored["q_taken"], scored["values"],
-                             scored["mask"], k)
-  if rl.unfinished == "bootstrap":
-    g = g - scored["bootstrap_value"][:, None] * scored["mask"]
-  return g
-
-
-def pg_objective(student_logits: jax.Array, scored: dict[str, jax.Array],
+def pg_objective(student_logits: jax.Array, scored: dict[str, Any],
                  g: jax.Array, rl: steps.RLConfig) -> jax.Array:
-  """Step 4 of `steps.rl_step`: the scalar loss it differentiates."""
-  total, count = losses.policy_gradient_loss(
-      student_logits, scored["actions"], g, scored["loss_mask"],
-      baseline=rl.baseline,
-      teacher_values=(scored["teacher_values"]
-                      if rl.baseline == "teacher_expected" else None),
-      weight=rl.weight, behavior_logprobs=scored["behavior_logprobs"],
-      denom=rl.denom, reward_clip=rl.reward_clip,
-      entropy_coef=rl.entropy_coef)
+  """The scalar loss `steps.rl_step` differentiates, for a given return."""
+  total, count = steps.rollout_loss(student_logits, scored, g, rl)
   return total / jnp.maximum(count, 1.0) * scored["scale"]
 
 
@@ -206,15 +125,15 @@ def minibatch_gradients(student_params: Any, teacher_params: Any,
   Returns:
     (vectors, losses, scored): `vectors` [len(ks), D] flattened gradients
     (projections == 0) or [len(ks), R] projections; `losses` [len(ks)] the
-    loss values; `scored` as from `score_rollouts`.
+    loss values; `scored` as from `steps.score_rollout`.
   """
-  scored = score_rollouts(student_params, teacher_params, batch, sample_rng,
-                          models=models, rl=rl)
+  scored = steps.score_rollout(student_params, teacher_params, batch,
+                               sample_rng, models=models, rl=rl)
   logits, vjp = jax.vjp(student_logits_fn(batch, scored, models),
                         student_params)
   vectors, values = [], []
   for k in ks:
-    g = k_returns(scored, rl, k)
+    g = steps.rollout_returns(scored, rl, k)
     loss, ct = jax.value_and_grad(pg_objective)(logits, scored, g, rl)
     (grad,) = vjp(ct)
     vectors.append(project(grad, proj_key, projections) if projections
@@ -326,7 +245,8 @@ def gradient_diagnostics(student_params: Any, teacher_params: Any,
     loss_values.append(np.asarray(jax.device_get(lv), np.float64))
     qs.append(scored["q_taken"]), vs.append(scored["values"])
     ms.append(scored["loss_mask"])
-    finished.append(float(scored["scale"]))
+    real = max(float(jnp.sum(scored["real_row"])), 1.0)
+    finished.append(float(jnp.sum(scored["finished"])) / real)
   vectors = np.stack(vectors)  # [M, len(ks), D or R]
   width = max(q.shape[1] for q in qs)
   pad = lambda x: jnp.pad(x, ((0, 0), (0, width - x.shape[1])))

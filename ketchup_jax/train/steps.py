@@ -203,21 +203,25 @@ def word_kd_step(state: state_lib.TrainState, teacher_params: Any,
   return state, {"loss": loss, "tokens": count, **info}
 
 
-def rl_step(state: state_lib.TrainState, teacher_params: Any, batch: Batch,
-            *, models: Models, optim: state_lib.OptimConfig, rl: RLConfig
-            ) -> tuple[state_lib.TrainState, Metrics]:
-  """One KETCHUP step on a micro-batch of sources (SPEC §2–3).
+def score_rollout(params: Any, teacher_params: Any, batch: Batch,
+                  sample_rng: jax.Array, *, models: Models, rl: RLConfig
+                  ) -> dict[str, Any]:
+  """Steps 1-2 of `rl_step`: student rollout, teacher Q-values, loss mask.
 
-  1. Roll out the student (the jitted KV-cache sampler).
-  2. Teacher-forced teacher logits on the rollout -> Q-values and values.
-  3. K-step returns (and, from the same pass, the K = 1 diagnostics).
-  4. Student log-probs by a teacher-forced forward -> policy-gradient loss.
-  5. AdamW update (skipped if not finite).
+  Everything the policy-gradient loss needs except the K-step return, so that
+  `rl_step` and the per-K diagnostics (`ketchup_jax.diagnostics`) share one
+  implementation and all K can be scored from the same rollout.
+
+  Returns:
+    A dict: actions, mask (EOS included), loss_mask, scale (the finished
+    fraction under "drop", else 1), q_taken, values, bootstrap_value (None
+    unless rl.unfinished == "bootstrap"), teacher_values (None unless
+    rl.baseline == "teacher_expected"), behavior_logprobs, decoder_inputs,
+    lengths, finished, real_row.
   """
-  rng, sample_rng = jax.random.split(state.rng)
   length = rl.max_decode_len
   rollout = models.sample(
-      state.params, models.student, batch, sample_rng, max_new_tokens=length,
+      params, models.student, batch, sample_rng, max_new_tokens=length,
       temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p)
   actions = rollout.tokens  # [B, T]
   mask = length_mask(rollout.lengths, length)  # [B, T], EOS included
@@ -244,11 +248,6 @@ def rl_step(state: state_lib.TrainState, teacher_params: Any, batch: Batch,
 
   q_taken, values = returns.teacher_q_values(
       teacher_logits, actions, mask, center=rl.center_logits, value=rl.value)
-  g = returns.k_step_returns(q_taken, values, mask, rl.k)  # [B, T]
-  if bootstrap_value is not None:
-    # V_{T+1} is the teacher's value of the next state instead of 0; it
-    # enters every chain once, through Ĝ_T.
-    g = g - bootstrap_value[:, None] * mask
   teacher_values = None
   if rl.baseline == "teacher_expected":
     _, teacher_values = returns.teacher_q_values(
@@ -262,35 +261,80 @@ def rl_step(state: state_lib.TrainState, teacher_params: Any, batch: Batch,
   else:
     loss_mask = mask
     scale = 1.0
+  return {
+      "actions": actions, "mask": mask, "loss_mask": loss_mask,
+      "scale": jnp.asarray(scale, jnp.float32), "q_taken": q_taken,
+      "values": values, "bootstrap_value": bootstrap_value,
+      "teacher_values": teacher_values,
+      "behavior_logprobs": rollout.logprobs,
+      "decoder_inputs": t5.shift_right(actions, models.student),
+      "lengths": rollout.lengths * real_row, "finished": finished,
+      "real_row": real_row,
+  }
 
-  decoder_inputs = t5.shift_right(actions, models.student)
+
+def rollout_returns(scored: dict[str, Any], rl: RLConfig, k: int) -> jax.Array:
+  """Step 3 of `rl_step`: the [B, T] K-step returns of a scored rollout."""
+  g = returns.k_step_returns(scored["q_taken"], scored["values"],
+                             scored["mask"], k)
+  if scored["bootstrap_value"] is not None:
+    # V_{T+1} is the teacher's value of the next state instead of 0; it
+    # enters every chain once, through Ĝ_T.
+    g = g - scored["bootstrap_value"][:, None] * scored["mask"]
+  return g
+
+
+def rollout_loss(student_logits: jax.Array, scored: dict[str, Any],
+                 g: jax.Array, rl: RLConfig) -> tuple[jax.Array, jax.Array]:
+  """Step 4 of `rl_step`: the policy-gradient loss as `(sum, count)`."""
+  return losses.policy_gradient_loss(
+      student_logits, scored["actions"], g, scored["loss_mask"],
+      baseline=rl.baseline, teacher_values=scored["teacher_values"],
+      weight=rl.weight, behavior_logprobs=scored["behavior_logprobs"],
+      denom=rl.denom, reward_clip=rl.reward_clip,
+      entropy_coef=rl.entropy_coef)
+
+
+def rl_step(state: state_lib.TrainState, teacher_params: Any, batch: Batch,
+            *, models: Models, optim: state_lib.OptimConfig, rl: RLConfig
+            ) -> tuple[state_lib.TrainState, Metrics]:
+  """One KETCHUP step on a micro-batch of sources (SPEC §2–3).
+
+  1. Roll out the student (the jitted KV-cache sampler).
+  2. Teacher-forced teacher logits on the rollout -> Q-values and values.
+  3. K-step returns (and, from the same pass, the K = 1 diagnostics).
+  4. Student log-probs by a teacher-forced forward -> policy-gradient loss.
+  5. AdamW update (skipped if not finite).
+  """
+  rng, sample_rng = jax.random.split(state.rng)
+  scored = score_rollout(state.params, teacher_params, batch, sample_rng,
+                         models=models, rl=rl)
+  g = rollout_returns(scored, rl, rl.k)  # [B, T]
+  mask = scored["mask"]
 
   def loss_fn(params):
     logits = models.forward(params, models.student, batch["input_ids"],
-                            batch["attention_mask"], decoder_inputs,
+                            batch["attention_mask"], scored["decoder_inputs"],
                             mask)  # [B, T, V]
-    total, count = losses.policy_gradient_loss(
-        logits, actions, g, loss_mask, baseline=rl.baseline,
-        teacher_values=teacher_values, weight=rl.weight,
-        behavior_logprobs=rollout.logprobs, denom=rl.denom,
-        reward_clip=rl.reward_clip, entropy_coef=rl.entropy_coef)
+    total, count = rollout_loss(logits, scored, g, rl)
     logp = jax.nn.log_softmax(logits, axis=-1)
     entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)  # [B, T]
     mean_entropy = jnp.sum(entropy * mask) / jnp.maximum(jnp.sum(mask), 1)
-    return _mean(total, count) * scale, (count, mean_entropy)
+    return _mean(total, count) * scored["scale"], (count, mean_entropy)
 
   state, loss, (count, entropy), info = _minimize(state, optim, rng, loss_fn)
-  diag = returns.return_diagnostics(q_taken, values, loss_mask, rl.k)
-  real = jnp.maximum(jnp.sum(real_row), 1)
+  diag = returns.return_diagnostics(scored["q_taken"], scored["values"],
+                                    scored["loss_mask"], rl.k)
+  real = jnp.maximum(jnp.sum(scored["real_row"]), 1)
   return state, {
       "loss": loss,
       # Rollout tokens generated (what tokens_per_s counts) and tokens in the
       # loss (fewer when unfinished rows are dropped).
-      "tokens": jnp.sum(rollout.lengths * real_row).astype(jnp.float32),
+      "tokens": jnp.sum(scored["lengths"]).astype(jnp.float32),
       "loss_tokens": count,
       "entropy": jax.lax.stop_gradient(entropy),
-      "finished_fraction": jnp.sum(finished) / real,
-      "rollout_length": jnp.sum(rollout.lengths * real_row) / real,
+      "finished_fraction": jnp.sum(scored["finished"]) / real,
+      "rollout_length": jnp.sum(scored["lengths"]) / real,
       **diag,
       **info,
   }
