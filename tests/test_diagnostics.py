@@ -198,8 +198,9 @@ def test_teacher_followed_greedily_has_zero_bias_for_every_k(tiny):
   assert got[1]["grad_var"] > 0
 
 
-# The branches where the mirror could drift: the bootstrap value and the
-# teacher-expected baseline (one case: each compile costs ~20 s on 2 cores).
+# The per-K gradient goes through a VJP of the logits rather than rl_step's
+# value_and_grad; the loss must still be rl_step's, including the bootstrap
+# value and the teacher-expected baseline (one case: a compile costs ~20 s).
 @pytest.mark.parametrize("unfinished,baseline", [
     ("bootstrap", "teacher_expected")])
 def test_loss_is_the_one_rl_step_minimises(tiny, unfinished, baseline):
