@@ -14,9 +14,11 @@ Timing: warm-up step of each side (ours: compilation + one step), then
 `--repeats` alternating steps; tokens/s = B * new_tokens / median step time.
 
 Peak memory: each side runs again alone in a fresh subprocess that imports
-only its own framework, loads the two models, and runs the warm-up plus two
-steps; we report that process's peak resident set size (VmHWM) and its
-RSS right after the imports (the framework's own share).
+only its own framework, loads the two models, and runs the warm-up plus one
+step; we report that process's peak resident set size (VmHWM) during the
+warm-up (for JAX: compilation included), the peak of the following step
+alone (VmHWM reset through /proc/self/clear_refs), and the RSS right after
+the imports (the framework's own share).
 
     python -m benchmarks.rl_step [--device=cpu|gpu|tpu] [--repeats 3] [--quick]
 """
@@ -130,6 +132,23 @@ def build_torch(args, student_dir: str, teacher_dir: str):
   return run
 
 
+def _matmul_probe(device_flag: str, n: int, sink: list[float]):
+  """A callable timing the best of 3 n x n JAX matmuls (FLOP/s -> sink)."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  accel = device_flag != "cpu"
+  a = jax.device_put(jnp.ones((n, n), jnp.bfloat16 if accel else jnp.float32),
+                     common.jax_device(device_flag))
+  fn = jax.jit(lambda x, y: x @ y)
+
+  def probe():
+    best = min(common.timed(lambda: fn(a, a).block_until_ready())[0]
+               for _ in range(3))
+    sink.append(2.0 * n**3 / best)
+
+  return probe
+
+
 def memory_child(args) -> None:
   """Subprocess body: one side alone; prints one JSON line."""
   rss_start = _rss_mib()
@@ -144,11 +163,23 @@ def memory_child(args) -> None:
     run, _ = build_jax(args, args.student_dir, args.teacher_dir)
   else:
     run = build_torch(args, args.student_dir, args.teacher_dir)
-  for _ in range(3):
-    run()
+  run()  # Warm-up (compilation for JAX).
+  peak_warmup = _peak_rss_mib()
+  # Reset the peak (Linux: "5" > clear_refs), so the next figure is the peak
+  # of a steady-state step alone, without compilation.
+  try:
+    with open("/proc/self/clear_refs", "w") as f:
+      f.write("5")
+    reset = True
+  except OSError:
+    reset = False
+  run()
   print(json.dumps({"side": args.memory_side, "rss_start_mib": rss_start,
                     "rss_after_imports_mib": rss_imports,
-                    "peak_rss_mib": _peak_rss_mib()}))
+                    "peak_rss_with_warmup_mib": peak_warmup,
+                    "peak_rss_mib": (_peak_rss_mib() if reset else
+                                     max(peak_warmup, _peak_rss_mib())),
+                    "peak_reset": reset}))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -186,8 +217,12 @@ def main(argv: list[str] | None = None) -> None:
     common.save_random_t5(args.teacher, t_dir, seed=2)
     run_jax, compile_s = build_jax(args, s_dir, t_dir)
     run_torch = build_torch(args, s_dir, t_dir)
+    peaks = []
+    matmul = _matmul_probe(args.device, 256 if args.quick else 2048, peaks)
     warm, times, outs = common.interleaved(
-        {"jax": run_jax, "torch": run_torch}, args.repeats)
+        {"jax": run_jax, "torch": run_torch, "matmul": matmul}, args.repeats)
+    outs.pop("matmul")
+    peaks = peaks[1:]  # Drop the warm-up (compilation).
     if outs["jax"] != outs["torch"]:
       raise RuntimeError(f"token counts differ: {outs}")
     memory: dict[str, Any] = {}
@@ -216,8 +251,15 @@ def main(argv: list[str] | None = None) -> None:
       "jax_compile_s": compile_s, "jax_warmup_s": warm["jax"],
       "torch_warmup_s": warm["torch"],
       "jax_s": times["jax"], "torch_s": times["torch"],
+      # The machine's matmul peak measured between the steps, under the same
+      # load: the MFU denominator (benchmarks.mfu).
+      "matmul_peak_gflops_during_steps": common.median(peaks) / 1e9,
       "jax_peak_rss_mib": memory.get("jax", {}).get("peak_rss_mib"),
       "torch_peak_rss_mib": memory.get("torch", {}).get("peak_rss_mib"),
+      "jax_peak_rss_with_warmup_mib": memory.get("jax", {}).get(
+          "peak_rss_with_warmup_mib"),
+      "torch_peak_rss_with_warmup_mib": memory.get("torch", {}).get(
+          "peak_rss_with_warmup_mib"),
       "jax_rss_after_imports_mib": memory.get("jax", {}).get(
           "rss_after_imports_mib"),
       "torch_rss_after_imports_mib": memory.get("torch", {}).get(
@@ -231,11 +273,14 @@ def main(argv: list[str] | None = None) -> None:
        ("ratio_median_of_pairs", "ratio", ".2f"),
        ("jax_compile_s", "compile s", ".1f"),
        ("jax_peak_rss_mib", "jax MiB", ".0f"),
-       ("torch_peak_rss_mib", "torch MiB", ".0f")], [row])
+       ("torch_peak_rss_mib", "torch MiB", ".0f"),
+       ("jax_peak_rss_with_warmup_mib", "jax MiB+w", ".0f"),
+       ("torch_peak_rss_with_warmup_mib", "torch MiB+w", ".0f")], [row])
   common.write_json("rl_step", {
       **info, "repeats": args.repeats, "dtype": "float32",
-      "memory_method": "peak RSS (/proc VmHWM) of a subprocess running one side alone"
-                       " (models loaded, warm-up + 2 steps)",
+      "memory_method": "peak RSS (/proc VmHWM) of a subprocess running one"
+                       " side alone: during the warm-up, and (peak_rss) of"
+                       " the next step after resetting the peak",
       "note": "ratio = jax tokens/s / torch tokens/s", "rows": [row]},
                     args.out)
 

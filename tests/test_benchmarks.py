@@ -46,14 +46,16 @@ def test_all_benchmarks_write_every_figure(tmp_path):
   (r,) = data["rows"]
   _finite(r, ["jax_step_s", "torch_step_s", "jax_tokens_per_s",
               "torch_tokens_per_s", "ratio", "ratio_median_of_pairs",
-              "jax_compile_s", "jax_warmup_s", "torch_warmup_s"])
+              "jax_compile_s", "jax_warmup_s", "torch_warmup_s",
+              "matmul_peak_gflops_during_steps"])
   assert r["tokens_per_step"] == r["batch"] * r["new_tokens"]
 
   mfu.main(["--quick", "--rl_step_json", out["rl_step"], "--out", out["mfu"]])
   data = json.load(open(out["mfu"]))
   assert "2 FLOPs per multiply-add" in data["formula"]
   (r,) = data["rows"]
-  _finite(r, ["step_gflops", "peak_gflops", "jax_achieved_gflops",
+  _finite(r, ["step_gflops", "peak_gflops", "mfu_denominator_gflops",
+              "jax_achieved_gflops",
               "torch_achieved_gflops", "jax_mfu", "torch_mfu"])
   assert data["peak"]["jax_flops_per_s"] > 0
 
