@@ -93,17 +93,23 @@ def timed(fn: Callable[[], Any]) -> tuple[float, Any]:
   return time.perf_counter() - start, out
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], repeats: int
+def interleaved(fns: dict[str, Callable[[], Any]], repeats: int,
+                warmups: dict[str, Callable[[], Any]] | None = None
                 ) -> tuple[dict[str, float], dict[str, list[float]],
                            dict[str, Any]]:
   """Warm-up of each side, then `repeats` alternating timed calls.
+
+  Args:
+    fns: Side name -> the timed call.
+    repeats: Timed calls per side.
+    warmups: Optional cheaper warm-up call per side (default: the call).
 
   Returns:
     (warmup seconds per side, per-repetition seconds per side, last outputs).
   """
   warmup, outputs = {}, {}
   for name, fn in fns.items():
-    warmup[name], outputs[name] = timed(fn)
+    warmup[name], outputs[name] = timed((warmups or {}).get(name, fn))
   times: dict[str, list[float]] = {name: [] for name in fns}
   for rep in range(repeats):
     order = list(fns) if rep % 2 == 0 else list(fns)[::-1]
