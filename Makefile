@@ -23,8 +23,15 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m ketchup_jax.main --config=configs/demo.py --workdir=runs/demo
 
+# Four benchmarks against numpy / PyTorch + transformers, ~25 min on 2 CPU
+# cores; tables on stdout, JSON in benchmarks/results/. BENCH_ARGS passes
+# flags to every script, e.g. BENCH_ARGS=--device=gpu or BENCH_ARGS=--quick.
+BENCH_ARGS ?=
 bench: $(STAMP)
-	$(PY) -m benchmarks.returns
+	$(PY) -m benchmarks.returns $(BENCH_ARGS)
+	$(PY) -m benchmarks.rollout $(BENCH_ARGS)
+	$(PY) -m benchmarks.rl_step $(BENCH_ARGS)
+	$(PY) -m benchmarks.mfu $(BENCH_ARGS)
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -175,6 +175,23 @@ def test_filter_logits_numbers():
                              rtol=1e-6)
 
 
+def test_inverse_cdf_categorical_frequencies():
+  # 300 entries: three blocks of 128, the last one partial; zero-probability
+  # entries (filtered tokens) in every block must never be drawn.
+  probs = np.zeros(300)
+  probs[[0, 5, 127, 128, 200, 299]] = [0.3, 0.1, 0.05, 0.25, 0.2, 0.1]
+  logp = jnp.log(jnp.asarray(probs, jnp.float32))[None]
+  n = 40000
+  keys = jax.random.split(jax.random.key(3), n)
+  draws = np.asarray(jax.jit(jax.vmap(
+      lambda k: sampling.categorical(k, logp)))(keys))[:, 0]
+  freq = np.bincount(draws, minlength=300) / n
+  assert set(np.flatnonzero(freq)) <= set(np.flatnonzero(probs))
+  # 5 standard errors of a binomial proportion.
+  np.testing.assert_allclose(freq, probs,
+                             atol=5 * np.sqrt(0.25 / n))
+
+
 def test_forward_grad_inside_user_jit_and_option_errors(hf_pair):
   _, lm = hf_pair[False]
   ids, mask = map(jnp.asarray, _inputs(7, 131))

@@ -213,21 +213,32 @@ class Attention(_Base):
     return self._project(x, self.k), self._project(x, self.v)
 
   def __call__(self, x: jax.Array, key: jax.Array, value: jax.Array,
-               bias: jax.Array) -> jax.Array:
+               bias: jax.Array, heads_first: bool = False) -> jax.Array:
     """Attends from `x` to precomputed keys / values.
 
     Args:
       x: Queries' inputs `[batch, q_len, embed]`.
-      key: `[batch, k_len, heads, kv]`.
-      value: `[batch, k_len, heads, kv]`.
+      key: `[batch, k_len, heads, kv]` (`[batch, heads, k_len, kv]` if
+        `heads_first`).
+      value: Same layout as `key`.
       bias: float32 additive bias (relative positions + mask), broadcastable
         to `[batch, heads, q_len, k_len]`.
+      heads_first: Keys / values are `[batch, heads, k_len, kv]`, the layout
+        of the decoding caches: the batched matmuls then read them in place
+        instead of transposing the whole cache at every decoding step.
 
     Returns:
       `[batch, q_len, embed]` in the compute dtype.
     """
     dtype = self.config.dtype
     q = self._project(x, self.q)  # [batch, q_len, heads, kv]
+    if heads_first:
+      scores = jnp.einsum("bqhd,bhkd->bhqk", q, key.astype(dtype),
+                          preferred_element_type=jnp.float32)
+      probs = jax.nn.softmax(scores + bias, axis=-1).astype(dtype)
+      out = jnp.einsum("bhqk,bhkd->bhqd", probs, value.astype(dtype))
+      y = jnp.einsum("bhqd,hde->bqe", out, self.o.astype(dtype))
+      return self._constrain(y, (_BATCH, _LENGTH, _EMBED))
     scores = jnp.einsum("bqhd,bkhd->bhqk", q, key.astype(dtype),
                         preferred_element_type=jnp.float32)
     probs = jax.nn.softmax(scores + bias, axis=-1).astype(dtype)
@@ -315,9 +326,10 @@ class DecoderLayer(_Base):
     Args:
       x: `[batch, length, embed]` (length 1 when decoding with a cache).
       self_bias: float32 bias `[batch|1, heads|1, length, k_len]`.
-      cross_kv: Encoder keys and values, each `[batch, src_len, heads, kv]`.
+      cross_kv: Encoder keys and values, each `[batch, src_len, heads, kv]`
+        (`[batch, heads, src_len, kv]` when decoding with a cache).
       cross_bias: float32 bias `[batch, 1, 1, src_len]`.
-      cache: Self-attention keys / values `[batch, max_len, heads, kv]`; the
+      cache: Self-attention keys / values `[batch, heads, max_len, kv]`; the
         new ones are written at `index`.
       index: Scalar int32 position of `x` in the cache.
 
@@ -326,16 +338,18 @@ class DecoderLayer(_Base):
     """
     h = self.self_attention_norm(x)
     k, v = self.self_attention.key_value(h)  # [batch, length, heads, kv]
-    if cache is not None:
-      start = (0, index, 0, 0)
-      k = jax.lax.dynamic_update_slice(cache[0], k.astype(cache[0].dtype),
-                                       start)
-      v = jax.lax.dynamic_update_slice(cache[1], v.astype(cache[1].dtype),
-                                       start)
+    heads_first = cache is not None
+    if heads_first:
+      start = (0, 0, index, 0)
+      k = jax.lax.dynamic_update_slice(
+          cache[0], jnp.swapaxes(k, 1, 2).astype(cache[0].dtype), start)
+      v = jax.lax.dynamic_update_slice(
+          cache[1], jnp.swapaxes(v, 1, 2).astype(cache[1].dtype), start)
       cache = (k, v)
-    x = x + self.self_attention(h, k, v, self_bias)
+    x = x + self.self_attention(h, k, v, self_bias, heads_first)
     h = self.cross_attention_norm(x)
-    x = x + self.cross_attention(h, cross_kv[0], cross_kv[1], cross_bias)
+    x = x + self.cross_attention(h, cross_kv[0], cross_kv[1], cross_bias,
+                                 heads_first)
     x = x + self.mlp(self.mlp_norm(x))
     return x, cache
 
@@ -435,7 +449,7 @@ class Decoder(_Base):
   def step(self, x: jax.Array, index: jax.Array, cache: tuple[Any, ...],
            cross_kv: tuple[Any, ...], cross_bias: jax.Array
            ) -> tuple[jax.Array, tuple[Any, ...]]:
-    max_len = cache[0][0].shape[1]
+    max_len = cache[0][0].shape[2]
     allowed = jnp.arange(max_len) <= index  # Keys written so far.
     bias = (self.relpos_bias.at(index, max_len) +
             jnp.where(allowed, 0.0, _NEG_INF)[None, None, None, :])
@@ -521,9 +535,11 @@ class DecodeCache(NamedTuple):
 
   Attributes:
     self_kv: Per decoder layer, `(keys, values)` of the decoder's
-      self-attention, each `[batch, max_len, heads, kv]`, preallocated.
+      self-attention, each `[batch, heads, max_len, kv]`, preallocated.
     cross_kv: Per decoder layer, `(keys, values)` of the cross-attention over
-      the encoder output, each `[batch, src_len, heads, kv]`, computed once.
+      the encoder output, each `[batch, heads, src_len, kv]`, computed once.
+      (Heads before positions: the attention matmuls of a decoding step read
+      both caches without transposing them.)
     attention_mask: Encoder padding mask `[batch, src_len]`.
     index: Scalar int32, the position the next `decode_step` writes.
   """
@@ -642,12 +658,16 @@ def init_decode_cache(
   batch = encoded.shape[0]
   cross_kv = _model(config, mesh, rules).apply(
       {"params": params}, encoded, method=T5.cross_key_value)
-  shape = (batch, max_len, config.num_heads, config.d_kv)
+  axes = (_BATCH, _HEADS, _LENGTH, _KV)
+  cross_kv = jax.tree.map(
+      lambda a: partitioning.with_logical_constraint(
+          jnp.swapaxes(a, 1, 2), axes, mesh=mesh, rules=rules), cross_kv)
+  shape = (batch, config.num_heads, max_len, config.d_kv)
 
   def zeros() -> jax.Array:
-    z = jnp.zeros(shape, config.dtype)  # [batch, max_len, heads, kv]
-    return partitioning.with_logical_constraint(
-        z, (_BATCH, _LENGTH, _HEADS, _KV), mesh=mesh, rules=rules)
+    z = jnp.zeros(shape, config.dtype)  # [batch, heads, max_len, kv]
+    return partitioning.with_logical_constraint(z, axes, mesh=mesh,
+                                                rules=rules)
 
   self_kv = tuple((zeros(), zeros()) for _ in range(config.num_decoder_layers))
   return DecodeCache(self_kv=self_kv, cross_kv=cross_kv,

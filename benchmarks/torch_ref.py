@@ -1,0 +1,104 @@
+"""PyTorch + transformers reference implementations the benchmarks compare to.
+
+Written for these benchmarks from SPEC §1-3 and the loop the KETCHUP / LLMR
+papers describe (sample from the student with `generate`, score the sample
+with a teacher-forced teacher pass, turn the teacher's logits into per-token
+returns, REINFORCE backward, optimizer step); no code was taken from the
+authors' repository.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def k_step_returns(q: torch.Tensor, v: torch.Tensor, lengths: torch.Tensor,
+                   k: int) -> torch.Tensor:
+  """SPEC §2 K-step returns, a backward loop over positions (batched rows).
+
+      Ĝ_T = Q_T(a_T);  Ĝ_t = Q_t(a_t) - V_{n(t)} + Ĝ_{n(t)},  n(t) = min(t+K, T)
+
+  with T = lengths - 1 per row; positions past T are 0.
+
+  Args:
+    q: [B, T] float, Q_t(a_t).
+    v: [B, T] float, V_t.
+    lengths: [B] int64, real tokens per row (>= 1).
+    k: jump length K >= 1.
+
+  Returns:
+    [B, T] float Ĝ.
+  """
+  b_size, t_size = q.shape
+  out = torch.zeros_like(q)
+  rows = torch.arange(b_size, device=q.device)
+  last = lengths - 1
+  out[rows, last] = q[rows, last]
+  for t in range(t_size - 2, -1, -1):
+    live = t < last
+    n = torch.clamp(last, max=t + k)
+    value = q[:, t] - v[rows, n] + out[rows, n]
+    out[:, t] = torch.where(live, value, out[:, t])
+  return out
+
+
+def shift_right(tokens: torch.Tensor, start: int) -> torch.Tensor:
+  first = torch.full_like(tokens[:, :1], start)
+  return torch.cat([first, tokens[:, :-1]], dim=1)
+
+
+class RLStep:
+  """One KETCHUP step in PyTorch, as the authors' loop is structured.
+
+  1. `student.generate` (sampling, no gradient) for `new_tokens` tokens.
+  2. Teacher forward on the sample (teacher forcing, no gradient):
+     Q_t(a) = logit - mean over the vocabulary, V_t = max_a Q_t(a).
+  3. K-step returns (`k_step_returns`), clipped to [-clip, clip].
+  4. Student forward on the sample, loss = -sum(A_t log pi(a_t)) / tokens,
+     `backward()`.
+  5. Global-norm gradient clipping and `torch.optim.AdamW`.
+  """
+
+  def __init__(self, student, teacher, *, k: int, new_tokens: int,
+               learning_rate: float, weight_decay: float, clip: float,
+               max_grad_norm: float):
+    self.student, self.teacher = student, teacher
+    self.k, self.new_tokens, self.clip = k, new_tokens, clip
+    self.max_grad_norm = max_grad_norm
+    self.optimizer = torch.optim.AdamW(
+        student.parameters(), lr=learning_rate, betas=(0.9, 0.999), eps=1e-8,
+        weight_decay=weight_decay)
+    self.start = student.config.decoder_start_token_id
+
+  def __call__(self, input_ids: torch.Tensor,
+               attention_mask: torch.Tensor) -> dict[str, float]:
+    with torch.no_grad():
+      sample = self.student.generate(
+          input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
+          temperature=1.0, top_k=0, top_p=1.0, num_beams=1,
+          max_new_tokens=self.new_tokens, min_new_tokens=self.new_tokens)
+      actions = sample[:, 1:]  # [B, T], without the decoder start token.
+      decoder_inputs = shift_right(actions, self.start)
+      teacher_logits = self.teacher(
+          input_ids=input_ids, attention_mask=attention_mask,
+          decoder_input_ids=decoder_inputs).logits.float()  # [B, T, V]
+      q_all = teacher_logits - teacher_logits.mean(dim=-1, keepdim=True)
+      q_taken = q_all.gather(-1, actions[..., None])[..., 0]
+      values = q_all.max(dim=-1).values
+      lengths = torch.full((actions.shape[0],), actions.shape[1],
+                           dtype=torch.long, device=actions.device)
+      returns = k_step_returns(q_taken, values, lengths, self.k)
+      advantages = returns.clamp(-self.clip, self.clip)
+    logits = self.student(input_ids=input_ids, attention_mask=attention_mask,
+                          decoder_input_ids=decoder_inputs).logits
+    logp = F.log_softmax(logits.float(), dim=-1)
+    logp_taken = logp.gather(-1, actions[..., None])[..., 0]
+    loss = -(advantages * logp_taken).sum() / actions.numel()
+    self.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    if self.max_grad_norm > 0:
+      torch.nn.utils.clip_grad_norm_(self.student.parameters(),
+                                     self.max_grad_norm)
+    self.optimizer.step()
+    return {"loss": float(loss.detach()), "tokens": int(actions.numel())}
