@@ -254,8 +254,15 @@ def _check_reusable(cfg: ml_collections.ConfigDict, directory: str) -> None:
   with open(os.path.join(directory, "config.json"), encoding="utf-8") as f:
     stored = json.load(f)
   mine = json.loads(cfg.to_json_best_effort())
+
+  def results_part(value: Any) -> Any:
+    # Rematerialisation changes memory and time, never the numbers.
+    if isinstance(value, dict):
+      return {k: v for k, v in value.items() if k != "remat"}
+    return value
+
   for field in _SHARED_FIELDS:
-    if stored.get(field) != mine.get(field):
+    if results_part(stored.get(field)) != results_part(mine.get(field)):
       raise ValueError(
           f"config.reuse_from: the run {directory} was made with a different "
           f"config.base.{field} ({stored.get(field)!r}, this sweep has "
