@@ -23,8 +23,9 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m ketchup_jax.main --config=configs/demo.py --workdir=runs/demo
 
-# Four benchmarks against numpy / PyTorch + transformers, ~25 min on 2 CPU
-# cores; tables on stdout, JSON in benchmarks/results/. BENCH_ARGS passes
+# Four benchmarks against numpy / PyTorch + transformers; tables on stdout,
+# JSON in benchmarks/results/. The full rollout grid (T5-base, 128 tokens)
+# takes long on 2 CPU cores (see benchmarks/NOTES.md). BENCH_ARGS passes
 # flags to every script, e.g. BENCH_ARGS=--device=gpu or BENCH_ARGS=--quick.
 BENCH_ARGS ?=
 bench: $(STAMP)
