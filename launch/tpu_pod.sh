@@ -2,7 +2,7 @@
 # Runs ketchup_jax on every host of a Cloud TPU VM pod slice (v4-16, v5e-16, ...).
 #
 #   TPU_NAME=my-v4-16 ZONE=us-central2-b bash launch/tpu_pod.sh \
-#       --config=configs/xsum_k4.py --workdir=gs://bucket/runs/xsum   # or a shared path
+#       --config=configs/xsum_k4.py --workdir=/mnt/shared/runs/xsum
 #
 # 1. copies this repository to ~/ketchup_jax on every worker (gcloud ... scp --worker=all);
 # 2. on every worker: builds ~/ketchup_jax/.venv from the pinned requirements once, then
@@ -10,7 +10,8 @@
 # 3. starts the same command on every worker at once (ssh --worker=all --command=...).
 #    --config.distributed.initialize=cluster lets jax.distributed find the other hosts
 #    through the TPU metadata; process 0 writes logs and results, all take part in the
-#    Orbax checkpoints, so --workdir must be the same storage on every host.
+#    Orbax checkpoints, so --workdir must be a POSIX path on storage every host
+#    mounts (NFS, Filestore, a gcsfuse mount); gs:// URLs are not supported.
 #
 # The arguments are passed to `python -m ketchup_jax.main` (--config first). Mesh: the
 # default is data parallel over all chips; for FSDP within the slice add e.g.
