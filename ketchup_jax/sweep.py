@@ -223,12 +223,8 @@ def evaluate_model(run: Any, name: str, model_cfg: Any,
   cfg = run.cfg
   lm = pipeline.load_model(run, name, source or f"stage:{name}", model_cfg,
                            cfg.seed)
-  predictions = evaluate.decode_split(
-      pipeline._greedy(run, lm, cfg.eval.max_decode_len), run.eval,  # pylint: disable=protected-access
-      batch_size=cfg.eval.batch_size, batch_multiple=run.batch_multiple,
-      tokenizer=run.tokenizer, desc=f"eval {name}",
-      source_buckets=tuple(cfg.source_buckets) or None)
-  return evaluate.score(run.task.metric_names, predictions,
+  return evaluate.score(run.task.metric_names,
+                        pipeline.eval_predictions(run, lm, name),
                         run.eval_references)
 
 

@@ -712,6 +712,16 @@ def return_diagnostics_by_k(run: Run, student: models.T5LM,
           for k in cfg.eval.diag_ks}
 
 
+def eval_predictions(run: Run, lm: models.T5LM, label: str) -> list[str]:
+  """Greedy outputs of `lm` on the eval split, in order (what eval scores)."""
+  cfg = run.cfg
+  return evaluate.decode_split(
+      _greedy(run, lm, cfg.eval.max_decode_len), run.eval,
+      batch_size=cfg.eval.batch_size, batch_multiple=run.batch_multiple,
+      tokenizer=run.tokenizer, desc=f"eval {label}",
+      source_buckets=tuple(cfg.source_buckets) or None)
+
+
 def stage_eval(run: Run) -> dict[str, Any]:
   cfg = run.cfg
   results: dict[str, Any] = {"task": run.task.name, "split": cfg.eval.split,
@@ -726,11 +736,7 @@ def stage_eval(run: Run) -> dict[str, Any]:
     if label == "teacher":
       teacher = lm
     start = time.perf_counter()
-    predictions = evaluate.decode_split(
-        _greedy(run, lm, cfg.eval.max_decode_len), run.eval,
-        batch_size=cfg.eval.batch_size, batch_multiple=run.batch_multiple,
-        tokenizer=run.tokenizer, desc=f"eval {label}",
-        source_buckets=tuple(cfg.source_buckets) or None)
+    predictions = eval_predictions(run, lm, label)
     scores = evaluate.score(run.task.metric_names, predictions,
                             run.eval_references)
     results["models"][label] = {
