@@ -74,7 +74,8 @@ def make_mesh(
   `dcn_*` part of an axis only ever crosses granules.
 
   Args:
-    data: Data-parallel size within a granule; -1 takes the devices left over.
+    data: Data-parallel size within a granule. Any one of `data`, `fsdp` and
+      `tensor` may be -1: it takes the devices left over.
     fsdp: Fully-sharded-data-parallel size within a granule.
     tensor: Tensor-parallel size within a granule.
     dcn_data: Data-parallel size across granules.
@@ -89,23 +90,36 @@ def make_mesh(
     ValueError: if the axis sizes do not multiply to the number of devices.
   """
   devices = list(jax.devices() if devices is None else devices)
-  for name, size in (("fsdp", fsdp), ("tensor", tensor), ("dcn_data", dcn_data),
-                     ("dcn_fsdp", dcn_fsdp), ("dcn_tensor", dcn_tensor)):
+  for name, size in (("dcn_data", dcn_data), ("dcn_fsdp", dcn_fsdp),
+                     ("dcn_tensor", dcn_tensor)):
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
       raise ValueError(f"mesh.{name} must be an int >= 1, got {size!r}")
+  sizes = {"data": data, "fsdp": fsdp, "tensor": tensor}
+  for name, size in sizes.items():
+    if isinstance(size, bool) or not isinstance(size, int) or (
+        size < 1 and size != -1):
+      raise ValueError(f"mesh.{name} must be an int >= 1 or -1 (the devices "
+                       f"left over), got {size!r}")
+  free = [name for name, size in sizes.items() if size == -1]
+  if len(free) > 1:
+    raise ValueError(f"at most one of mesh.data, mesh.fsdp, mesh.tensor may "
+                     f"be -1, got {free}")
   granules = dcn_data * dcn_fsdp * dcn_tensor
   if len(devices) % granules:
     raise ValueError(
         f"mesh dcn_data * dcn_fsdp * dcn_tensor = {granules} must divide the "
         f"device count {len(devices)}")
   n = len(devices) // granules  # devices per granule
-  if data == -1:
-    if n % (fsdp * tensor):
+  if free:
+    fixed = math.prod(size for size in sizes.values() if size != -1)
+    if n % fixed:
+      others = " * ".join(name for name in sizes if name != free[0])
       raise ValueError(
-          f"fsdp * tensor = {fsdp * tensor} must divide the device count {n}"
+          f"{others} = {fixed} must divide the device count {n}"
           + (" of one granule" if granules > 1 else ""))
-    data = n // (fsdp * tensor)
-  if data < 1 or data * fsdp * tensor != n:
+    sizes[free[0]] = n // fixed
+  data, fsdp, tensor = sizes["data"], sizes["fsdp"], sizes["tensor"]
+  if data * fsdp * tensor != n:
     raise ValueError(
         f"mesh shape (data={data}, fsdp={fsdp}, tensor={tensor}) must multiply"
         f" to the device count {n}" + (

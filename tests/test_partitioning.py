@@ -24,6 +24,15 @@ def test_make_mesh_shapes_and_errors():
     partitioning.make_mesh(data=3, fsdp=2, tensor=2)
   with pytest.raises(ValueError, match="fsdp \\* tensor = 3 must divide"):
     partitioning.make_mesh(fsdp=3)
+  # Any one axis may take the devices left over.
+  assert dict(partitioning.make_mesh(data=2, fsdp=-1).shape) == {
+      "data": 2, "fsdp": 4, "tensor": 1}
+  assert dict(partitioning.make_mesh(data=1, fsdp=2, tensor=-1).shape) == {
+      "data": 1, "fsdp": 2, "tensor": 4}
+  with pytest.raises(ValueError, match=r"at most one .* got \['data', 'fsdp'\]"):
+    partitioning.make_mesh(data=-1, fsdp=-1)
+  with pytest.raises(ValueError, match="mesh.tensor must be an int >= 1 or -1"):
+    partitioning.make_mesh(tensor=0)
 
 
 def test_logical_to_spec_rules_duplicates_and_divisibility():
