@@ -202,6 +202,17 @@ def to_host(x: Any) -> np.ndarray:
   return np.asarray(jax.device_get(x))
 
 
+def max_over_processes(x: np.ndarray) -> np.ndarray:
+  """The elementwise maximum of an int array over all processes (host side).
+
+  Every process must call it at the same point, with the same shape.
+  """
+  x = np.asarray(x)
+  if jax.process_count() == 1:
+    return x
+  return np.asarray(multihost_utils.process_allgather(x)).max(axis=0)
+
+
 def batch_rows(sharding: jax.sharding.Sharding,
                batch_size: int) -> tuple[int, int]:
   """The rows `[start, stop)` of a global batch that this process feeds.

@@ -1,4 +1,6 @@
 """Tests of tokenisation, bucketing and the resumable batch iterator."""
+import itertools
+
 import numpy as np
 import pytest
 
@@ -150,3 +152,92 @@ def test_custom_buckets_and_validation_errors():
     batching.BatchIterator(data, batch_size=32)
   with pytest.raises(ValueError, match="batch_size must be divisible by process_count"):
     batching.BatchIterator(data, batch_size=4, process_count=3)
+
+
+class _CountingTokenizer(tokenizers.ByteTokenizer):
+  """A byte tokenizer that records every text it encodes."""
+
+  def __init__(self):
+    super().__init__()
+    self.seen: list[str] = []
+
+  def encode_batch(self, texts):
+    self.seen.extend(texts)
+    return super().encode_batch(texts)
+
+
+def test_lazy_rows_equal_eager_tokenisation_and_count_stats():
+  examples = _examples(20) + [{"source": "x" * 40, "target": ""}]
+  eager = batching.tokenize(examples, TOK, max_source_len=16, max_target_len=8,
+                            prefix="p:")
+  lazy = batching.LazyTokenized(examples, TOK, max_source_len=16,
+                                max_target_len=8, prefix="p:")
+  assert len(lazy) == 21 and lazy.pad_id == TOK.pad_id
+  src, tgt = lazy.rows([20, 3, 3])
+  for got, want in zip(src + tgt, [eager.sources[i] for i in (20, 3, 3)] +
+                       [eager.targets[i] for i in (20, 3, 3)]):
+    np.testing.assert_array_equal(got, want)
+  assert lazy.stats == {"num_examples": 3, "truncated_sources": 1,
+                        "truncated_targets": 0, "empty_sources": 0,
+                        "empty_targets": 1}
+  with pytest.raises(ValueError, match="max_source_len must be a positive int"):
+    batching.LazyTokenized(examples, TOK, max_source_len=0, max_target_len=8)
+
+
+@pytest.mark.parametrize("processes", [1, 2, 4])
+def test_per_host_lazy_batches_equal_the_global_batch(processes):
+  """P simulated processes, each tokenising only its rows, in lockstep threads.
+
+  The length agreement is a real rendezvous (a barrier), like the collective:
+  every process's rows, padded to the agreed bucket, stacked in process order,
+  are the single-process batch of the eagerly tokenised split, step by step,
+  over two epochs and after a resume in the middle of one.
+  """
+  import threading  # pylint: disable=g-import-not-at-top
+  n, b, steps, start = 50, 8, 14, 3  # 6 steps per epoch: steps 3..16
+  examples = _examples(n)
+  kw = dict(batch_size=b, seed=5, start_step=start)
+  want = list(itertools.islice(batching.BatchIterator(_data(n), **kw), steps))
+  barrier = threading.Barrier(processes)
+  shared: list = [None] * processes
+  got: list = [None] * processes
+  toks = [_CountingTokenizer() for _ in range(processes)]
+
+  def run(p):
+    def agree(local):
+      shared[p] = local
+      barrier.wait()
+      out = np.max(np.stack(shared), axis=0)
+      barrier.wait()
+      return out
+    lazy = batching.LazyTokenized(examples, toks[p], max_source_len=16,
+                                  max_target_len=8)
+    it = batching.BatchIterator(lazy, process_index=p, process_count=processes,
+                                agree_lengths=agree, **kw)
+    got[p] = list(itertools.islice(it, steps))
+
+  threads = [threading.Thread(target=run, args=(p,)) for p in range(processes)]
+  for t in threads:
+    t.start()
+  for t in threads:
+    t.join(timeout=60)
+  for step in range(steps):
+    for key, value in want[step].items():
+      np.testing.assert_array_equal(
+          np.concatenate([got[p][step][key] for p in range(processes)]), value,
+          err_msg=f"step {step} {key}")
+  # Each process tokenised only its own rows, b / P of each batch (sources
+  # and targets): steps 3..16 touch the 3 remaining batches of epoch 0 and
+  # all 6 of epochs 1 and 2 (an epoch is planned whole at its first batch).
+  for tok in toks:
+    assert len(tok.seen) == 2 * (3 + 6 + 6) * b // processes
+
+
+def test_lazy_data_fed_in_part_needs_a_length_agreement():
+  lazy = batching.LazyTokenized(_examples(16), TOK, max_source_len=16,
+                                max_target_len=8)
+  with pytest.raises(ValueError, match="needs agree_lengths"):
+    batching.BatchIterator(lazy, batch_size=8, process_index=1, process_count=2)
+  # The whole batch on one process: no agreement needed.
+  batch = next(batching.BatchIterator(lazy, batch_size=8))
+  assert batch["input_ids"].shape[0] == 8

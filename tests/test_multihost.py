@@ -24,6 +24,7 @@ on failure or on its own timeout; this test ends the launchers with SIGTERM
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -152,6 +153,14 @@ def test_every_process_checkpoints_and_process_0_writes(runs, n):
     assert f"process {i}/{n} on " in text
     # Only process 0 prints the per-step log lines.
     assert ("[rl_k2] step 3/3" in text) == (i == 0)
+    # Per-host input: each process tokenised only its 8 / n rows of each
+    # batch of 8 (smoke.py's rl.batch_size) of the epoch (planned whole).
+    assert "each process tokenises its own rows of every batch" in text
+    found = re.search(r"\[rl_k2\] per-host input: process (\d+) tokenised "
+                      r"(\d+) rows of the (\d+)-example train split", text)
+    assert found, text[-2000:]
+    proc, rows, size = map(int, found.groups())
+    assert proc == i and rows == size // 8 * (8 // n), (rows, size)
 
 
 # --------------------------------------------------------------------------

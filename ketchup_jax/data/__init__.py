@@ -3,7 +3,8 @@
 Nothing here imports or calls a model; the pipeline hands a model what
 :mod:`ketchup_jax.data.batching` produces.
 """
-from ketchup_jax.data.batching import (Batch, BatchIterator, TokenizedExamples,
+from ketchup_jax.data.batching import (Batch, BatchIterator, LazyTokenized,
+                                       TokenizedExamples,
                                        bucket_length, collate, default_buckets,
                                        tokenize)
 from ketchup_jax.data.tasks import SPLITS, Task, get_task, split_of, task_names
@@ -11,7 +12,8 @@ from ketchup_jax.data.tokenizers import (ByteTokenizer, HFTokenizer, Tokenizer,
                                          WordTokenizer, get_tokenizer)
 
 __all__ = [
-    "SPLITS", "Batch", "BatchIterator", "ByteTokenizer", "HFTokenizer", "Task",
+    "SPLITS", "Batch", "BatchIterator", "ByteTokenizer", "HFTokenizer",
+    "LazyTokenized", "Task",
     "TokenizedExamples", "Tokenizer", "WordTokenizer", "bucket_length", "collate",
     "default_buckets", "get_task", "get_tokenizer", "split_of", "task_names",
     "tokenize",

@@ -20,7 +20,7 @@ the iterator's position is one integer, the global step: an iterator started at
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -52,6 +52,12 @@ class TokenizedExamples:
 
   def __len__(self) -> int:
     return len(self.sources)
+
+  def rows(self, indices: Sequence[int]) -> tuple[list[np.ndarray],
+                                                  list[np.ndarray]]:
+    """The sources and targets of examples ``indices``, in that order."""
+    return ([self.sources[i] for i in indices],
+            [self.targets[i] for i in indices])
 
 
 def _encode_capped(ids: list[int], *, max_len: int, eos_id: int) -> tuple[np.ndarray,
@@ -99,6 +105,57 @@ def tokenize(examples: Sequence[Mapping[str, str]], tokenizer: Tokenizer, *,
     targets.append(t)
   return TokenizedExamples(sources, targets, max_source_len, max_target_len,
                            tokenizer.pad_id, stats)
+
+
+class LazyTokenized:
+  """A split whose examples are tokenised only when a batch needs them.
+
+  Per-host input: with several processes, each :class:`BatchIterator` asks for
+  its own rows of every global batch, so a process tokenises only the examples
+  its devices are fed (about ``1/process_count`` of the split per epoch)
+  instead of the whole split. The token ids are exactly :func:`tokenize`'s.
+  Nothing is cached here; the iterator keeps one epoch's rows.
+
+  Args:
+    examples: ``{"source", "target"}`` dicts (the raw text of the split).
+    tokenizer: Any :class:`Tokenizer`.
+    max_source_len: Source cap, EOS included (>= 1).
+    max_target_len: Target cap, EOS included (>= 1).
+    prefix: Prompt prefix prepended to every source.
+
+  Attributes:
+    stats: :class:`TokenizedExamples` counts, summed over every row tokenised
+      so far by this process (``num_examples`` counts rows tokenised, with
+      repeats across epochs).
+  """
+
+  def __init__(self, examples: Sequence[Mapping[str, str]], tokenizer: Tokenizer,
+               *, max_source_len: int, max_target_len: int, prefix: str = ""):
+    for name, value in (("max_source_len", max_source_len),
+                        ("max_target_len", max_target_len)):
+      if not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    self._examples = examples
+    self._tokenizer = tokenizer
+    self._prefix = prefix
+    self.max_source_len = max_source_len
+    self.max_target_len = max_target_len
+    self.pad_id = tokenizer.pad_id
+    self.stats = {"num_examples": 0, "truncated_sources": 0,
+                  "truncated_targets": 0, "empty_sources": 0, "empty_targets": 0}
+
+  def __len__(self) -> int:
+    return len(self._examples)
+
+  def rows(self, indices: Sequence[int]) -> tuple[list[np.ndarray],
+                                                  list[np.ndarray]]:
+    """Tokenises examples ``indices`` (one batched tokenizer call)."""
+    part = tokenize([self._examples[i] for i in indices], self._tokenizer,
+                    max_source_len=self.max_source_len,
+                    max_target_len=self.max_target_len, prefix=self._prefix)
+    for key, count in part.stats.items():
+      self.stats[key] += count
+    return part.sources, part.targets
 
 
 def default_buckets(max_len: int, *, min_len: int = 8) -> tuple[int, ...]:
@@ -210,6 +267,16 @@ class BatchIterator:
     local_rows: ``(start, stop)``: yield these rows of every global batch instead
       of the ``process_index`` slice (the rows this process's devices hold, from
       :func:`ketchup_jax.distributed.batch_rows`).
+    agree_lengths: For :class:`LazyTokenized` data when this iterator yields only
+      part of each batch: maps this process's ``[steps, 2]`` int array of
+      longest (source, target) rows per batch to the elementwise maximum over
+      all processes (:func:`ketchup_jax.distributed.max_over_processes`), so
+      every process pads to the same bucket without tokenising the others'
+      rows. Called once per epoch, by every process at the same step.
+
+  With :class:`LazyTokenized` data the iterator tokenises, at the first batch
+  of each epoch, its own rows of the epoch's remaining batches (one tokenizer
+  call) and keeps only those.
   """
 
   def __init__(self, data: TokenizedExamples, *, batch_size: int,
@@ -217,7 +284,8 @@ class BatchIterator:
                drop_remainder: bool = True, num_epochs: int | None = None,
                start_step: int = 0, source_buckets: Sequence[int] | None = None,
                target_buckets: Sequence[int] | None = None, process_index: int = 0,
-               process_count: int = 1, local_rows: tuple[int, int] | None = None):
+               process_count: int = 1, local_rows: tuple[int, int] | None = None,
+               agree_lengths: Callable[[np.ndarray], np.ndarray] | None = None):
     if not isinstance(batch_size, int) or batch_size < 1:
       raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if not isinstance(batch_multiple, int) or batch_multiple < 1:
@@ -264,6 +332,16 @@ class BatchIterator:
       self._rows = slice(start, stop)
     self._order_epoch = -1
     self._order = np.arange(n)
+    self._lazy = not isinstance(data, TokenizedExamples)
+    partial = self._rows != slice(0, batch_size)
+    if self._lazy and partial and agree_lengths is None:
+      raise ValueError("LazyTokenized data fed in part (local_rows or "
+                       "process_count > 1) needs agree_lengths, the maximum "
+                       "over processes of each batch's longest rows")
+    self._agree = agree_lengths
+    self._plan_epoch = -1
+    self._plan: tuple[int, list[tuple[list[np.ndarray], list[np.ndarray]]],
+                      np.ndarray] | None = None
 
   @property
   def steps_per_epoch(self) -> int:
@@ -291,20 +369,45 @@ class BatchIterator:
   def __iter__(self) -> Iterator[Batch]:
     return self
 
+  def _lazy_plan(self, epoch: int, index: int
+                 ) -> tuple[list[np.ndarray], list[np.ndarray], int, int]:
+    """This process's rows of batch ``index`` and the batch's raw max lengths."""
+    if self._plan_epoch != epoch or index < self._plan[0]:
+      order = self._epoch_order(epoch)
+      b = self._batch_size
+      local = [order[i * b:(i + 1) * b][self._rows]
+               for i in range(index, self._steps_per_epoch)]
+      sources, targets = self._data.rows([int(i) for rows in local for i in rows])
+      batches, pos = [], 0
+      lengths = np.ones((len(local), 2), dtype=np.int32)
+      for j, rows in enumerate(local):
+        src, tgt = sources[pos:pos + len(rows)], targets[pos:pos + len(rows)]
+        pos += len(rows)
+        if src:
+          lengths[j] = max(len(r) for r in src), max(len(r) for r in tgt)
+        batches.append((src, tgt))
+      if self._agree is not None:
+        lengths = np.asarray(self._agree(lengths))
+      self._plan, self._plan_epoch = (index, batches, lengths), epoch
+    first, batches, lengths = self._plan
+    src, tgt = batches[index - first]
+    return src, tgt, int(lengths[index - first, 0]), int(lengths[index - first, 1])
+
   def __next__(self) -> Batch:
     epoch, index = divmod(self._step, self._steps_per_epoch)
     if self._num_epochs is not None and epoch >= self._num_epochs:
       raise StopIteration
-    order = self._epoch_order(epoch)
-    global_rows = order[index * self._batch_size:(index + 1) * self._batch_size]
-    # The bucket is chosen from the global batch so every process pads alike.
-    s_len = bucket_length(max(len(self._data.sources[i]) for i in global_rows),
-                          self._source_buckets)
-    t_len = bucket_length(max(len(self._data.targets[i]) for i in global_rows),
-                          self._target_buckets)
-    rows = global_rows[self._rows]
+    if self._lazy:
+      sources, targets, s_max, t_max = self._lazy_plan(epoch, index)
+    else:
+      order = self._epoch_order(epoch)
+      global_rows = order[index * self._batch_size:(index + 1) * self._batch_size]
+      # The bucket is chosen from the global batch so every process pads alike.
+      s_max = max(len(self._data.sources[i]) for i in global_rows)
+      t_max = max(len(self._data.targets[i]) for i in global_rows)
+      sources, targets = self._data.rows(global_rows[self._rows])
     self._step += 1
-    return collate([self._data.sources[i] for i in rows],
-                   [self._data.targets[i] for i in rows], pad_id=self._data.pad_id,
-                   source_buckets=(s_len,), target_buckets=(t_len,),
+    return collate(sources, targets, pad_id=self._data.pad_id,
+                   source_buckets=(bucket_length(s_max, self._source_buckets),),
+                   target_buckets=(bucket_length(t_max, self._target_buckets),),
                    num_rows=self._rows.stop - self._rows.start)

@@ -144,7 +144,7 @@ class Run:
   mesh: jax.sharding.Mesh
   task: data_lib.Task
   tokenizer: data_lib.Tokenizer
-  train: data_lib.TokenizedExamples
+  train: data_lib.TokenizedExamples | data_lib.LazyTokenized
   eval: data_lib.TokenizedExamples
   eval_references: list[str]
   writer: writer_lib.MetricWriter | None = None
@@ -160,7 +160,8 @@ class Run:
     return data_lib.BatchIterator(
         data, batch_size=batch_size, batch_multiple=self.batch_multiple,
         source_buckets=tuple(self.cfg.source_buckets) or None,
-        target_buckets=tuple(self.cfg.target_buckets) or None, **kwargs)
+        target_buckets=tuple(self.cfg.target_buckets) or None,
+        agree_lengths=distributed.max_over_processes, **kwargs)
 
   @property
   def is_main(self) -> bool:
@@ -210,21 +211,27 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
   logging.info("%s", distributed.mesh_layout(mesh))
   task = data_lib.get_task(cfg.task.name, **cfg.task.options.to_dict())
   tokenizer = _make_tokenizer(cfg, task, workdir)
-  tok = functools.partial(data_lib.tokenize, tokenizer=tokenizer,
-                          max_source_len=cfg.max_source_len,
-                          max_target_len=cfg.max_target_len,
-                          prefix=task.prefix)
-  train = tok(task.examples("train"))
-  if not len(train):
+  caps = dict(tokenizer=tokenizer, max_source_len=cfg.max_source_len,
+              max_target_len=cfg.max_target_len, prefix=task.prefix)
+  train_examples = task.examples("train")
+  if not train_examples:
     raise ValueError(f"task {task.name!r} has no examples in split 'train'")
+  if jax.process_count() > 1:
+    # Per-host input: each process tokenises only the rows it feeds (its
+    # slice of every global batch), when the batch is drawn.
+    train = data_lib.LazyTokenized(train_examples, **caps)
+    logging.info("data train: %d examples, each process tokenises its own "
+                 "rows of every batch", len(train))
+  else:
+    train = data_lib.tokenize(train_examples, **caps)
+    logging.info("data train: %s", train.stats)
   eval_examples = _limit(task.examples(cfg.eval.split), cfg.eval.max_examples)
   if not eval_examples:
     raise ValueError(f"task {task.name!r} has no examples in split "
                      f"{cfg.eval.split!r}")
-  evaluation = tok(eval_examples)
-  for name, stats in (("train", train.stats), (cfg.eval.split,
-                                                evaluation.stats)):
-    logging.info("data %s: %s", name, stats)
+  # Every process decodes whole eval batches (eval output is gathered).
+  evaluation = data_lib.tokenize(eval_examples, **caps)
+  logging.info("data %s: %s", cfg.eval.split, evaluation.stats)
   for stage in ("teacher_sft", "predistill", "rl"):
     if cfg[stage].batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
       raise ValueError(
@@ -436,6 +443,11 @@ def train_stage(run: Run, stage: str, lm: models.T5LM, step_fn: Callable,
       raise Preempted(stage, done, total,
                       run.stop.signal_name or "signal to another process")
   bar.close()
+  if isinstance(run.train, data_lib.LazyTokenized):
+    logging.info("[%s] per-host input: process %d tokenised %d rows of the "
+                 "%d-example train split so far (%s)", stage,
+                 jax.process_index(), run.train.stats["num_examples"],
+                 len(run.train), run.train.stats)
   if previous_streak is not None:  # None: resumed at the final step
     _check_nonfinite(run, stage, total, previous_streak)
   if ckpt.latest_step() != total:
