@@ -18,7 +18,7 @@ install: $(STAMP)
 
 # pytest exits 5 when it collects nothing; make treats that as a failure like any other.
 test: $(STAMP)
-	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=15 tests $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(PY) -m ketchup_jax.main --config=configs/demo.py --workdir=runs/demo

@@ -27,6 +27,8 @@ def test_make_mesh_shapes_and_errors():
   # Any one axis may take the devices left over.
   assert dict(partitioning.make_mesh(data=2, fsdp=-1).shape) == {
       "data": 2, "fsdp": 4, "tensor": 1}
+  assert dict(partitioning.make_mesh(data=1, fsdp=-1).shape) == {
+      "data": 1, "fsdp": 8, "tensor": 1}
   assert dict(partitioning.make_mesh(data=1, fsdp=2, tensor=-1).shape) == {
       "data": 1, "fsdp": 2, "tensor": 4}
   with pytest.raises(ValueError, match=r"at most one .* got \['data', 'fsdp'\]"):
