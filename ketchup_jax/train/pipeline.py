@@ -383,6 +383,10 @@ def train_stage(run: Run, stage: str, lm: models.T5LM, step_fn: Callable,
     state = restored
   start = int(state.step)
   total = optim.micro_steps
+  dropped = run.writer.rewind(stage, start)
+  if dropped:
+    logging.info("[%s] resuming at step %d: dropped %d metrics.jsonl records "
+                 "of the steps being redone", stage, start, dropped)
   batch_sharding = run.batch_sharding()
   # Each process reads only its rows of every global batch; the global batch
   # order is the same whatever the number of processes.

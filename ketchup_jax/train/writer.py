@@ -52,6 +52,37 @@ class MetricWriter:
       self._tb.add_scalar(f"{stage}/{name}", value, int(step))
     self._tb.flush()
 
+  def rewind(self, stage: str, step: int) -> int:
+    """Drops `stage`'s records (and its `_diag` ones) after `step`.
+
+    A stage resumed from its checkpoint at `step` redoes the later steps, so
+    their records from the interrupted run go: every (stage, step) stays in
+    `metrics.jsonl` once. A line cut short by a kill is dropped as well.
+
+    Returns:
+      The number of lines dropped.
+    """
+    if not self.enabled or not os.path.exists(self._jsonl):
+      return 0
+    with open(self._jsonl, encoding="utf-8") as f:
+      lines = f.read().splitlines()
+    kept = []
+    for line in lines:
+      try:
+        record = json.loads(line)
+      except json.JSONDecodeError:
+        continue
+      if record.get("stage") in (stage, f"{stage}_diag") and (
+          record.get("step", 0) > step):
+        continue
+      kept.append(line)
+    if len(kept) != len(lines):
+      tmp = self._jsonl + ".tmp"
+      with open(tmp, "w", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in kept))
+      os.replace(tmp, self._jsonl)
+    return len(lines) - len(kept)
+
   def log_line(self, stage: str, step: int, total: int,
                metrics: Mapping[str, Any], keys: tuple[str, ...]) -> None:
     """One human-readable line with the chosen metrics."""
