@@ -161,8 +161,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Where the frozen teacher lives in the predistill (seqkd only) and rl
   # stages (ketchup_jax/train/teacher_slice.py). devices: 0 = on the
   # student's mesh above, sharded like the student; N > 0 = on its own mesh
-  # of the last N devices (whole processes when there are several), the
-  # student and `mesh` on the rest. data/fsdp/tensor: the teacher mesh's
+  # of the last N devices, the student and `mesh` on the rest (one process
+  # only, for now). data/fsdp/tensor: the teacher mesh's
   # shape, one of them may be -1 (the devices left over). With its own mesh
   # the teacher holds no memory on the student's devices, but its devices
   # idle during the student's rollout and update, and each step sends the

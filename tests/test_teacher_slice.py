@@ -206,3 +206,24 @@ def test_pipeline_predistill_and_rl_with_the_teacher_on_its_own_devices(
   for stage in ("predistill", "rl_k2"):
     assert (workdir / "stages" / f"{stage}.json").exists()
     assert (workdir / "models" / stage / "model.safetensors").exists()
+
+
+def test_memory_of_the_own_slice_layout_and_readme_table():
+  from ketchup_jax import memory  # pylint: disable=g-import-not-at-top
+  from ketchup_jax.models import config as config_lib  # pylint: disable=g-import-not-at-top
+  teacher, student = (config_lib.get_config(n) for n in ("xl", "t5-large"))
+  kw = dict(global_batch=16, source_len=512, target_len=128, remat="none")
+  split = memory.own_slice_bytes(teacher, student, student_devices=4,
+                                 teacher_devices=4, **kw)
+  shared = memory.rl_step_bytes(teacher, student, devices=8, **kw)
+  # Each side holds only its own model, over half the devices.
+  assert "teacher params" not in split["student"]
+  assert split["teacher"]["teacher params"] == pytest.approx(
+      memory.param_count(teacher) * 2 / 4, rel=1e-3)
+  assert split["student"]["student params+grads+adam"] == pytest.approx(
+      2 * shared["student params+grads+adam"], rel=1e-3)
+  assert split["teacher"]["activations"] == memory.teacher_forward_bytes(
+      teacher, batch=4, source_len=512, target_len=128)
+  readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md"
+            ).read_text()
+  assert memory.slice_table() in readme

@@ -2,8 +2,8 @@
 
 By default the frozen teacher lives on the student's mesh, FSDP-sharded like
 the student, and one jitted `steps.rl_step` does rollout, teacher pass and
-update. With `teacher_mesh.devices = N`, the last N devices (whole processes
-when there are several) form a second mesh that holds only the teacher; the
+update. With `teacher_mesh.devices = N`, the last N devices form a second
+mesh that holds only the teacher; the
 student, its optimizer state and the data stay on the others. One RL step is
 then three jitted pieces, built from the same functions as `steps.rl_step`:
 
@@ -18,7 +18,8 @@ Only [B, S] / [B, T] / [B] arrays cross between the meshes, never the
 losses agree with the same-mesh step up to float rounding. SeqKD
 pre-distillation is split the same way (the teacher's greedy outputs cross);
 word-level distillation (kl/rkl/js/tvd, which needs [B, T, V] teacher logits
-next to the student's) and the RL gradient diagnostics are refused.
+next to the student's) and the RL gradient diagnostics are refused, and so
+is a run of several processes (for now: see `make_teacher_mesh`).
 """
 
 from __future__ import annotations
@@ -89,7 +90,9 @@ def split_devices(n_teacher: int,
   """(student devices, teacher devices): the teacher takes the last N.
 
   Devices are ordered by (process, id). With several processes the teacher
-  must take whole processes, so that no host feeds both meshes.
+  must take whole processes, so that no host feeds both meshes (the rule
+  for when `make_teacher_mesh` accepts several processes; it refuses them
+  for now).
 
   Raises:
     ValueError: if N leaves the student no device, exceeds the devices, or
@@ -137,6 +140,14 @@ def make_teacher_mesh(cfg: ml_collections.ConfigDict,
   if not n:
     return None, None
   check_config(cfg)
+  if jax.process_count() > 1:
+    # Each process feeds the rows of the batch its devices hold
+    # (`distributed.batch_rows`); a process holding only teacher devices
+    # would feed none, which the data path does not handle yet.
+    raise ValueError(
+        f"config.teacher_mesh.devices={n} with {jax.process_count()} "
+        f"processes is not supported yet (a process holding only teacher "
+        f"devices feeds no batch rows); set teacher_mesh.devices=0")
   student, teacher = split_devices(n, devices)
   data, fsdp, tensor = _resolve(
       {a: cfg.teacher_mesh.get(a, 1) for a in _SIZES}, n)
