@@ -2,6 +2,7 @@
 
     python -m ketchup_jax.memory            # the README table (Markdown)
     python -m ketchup_jax.memory --batch=32 --source_len=512 --target_len=128
+    python -m ketchup_jax.memory --own_slice  # + the teacher on its own devices
 
 What is counted, per device, with every parameter sharded by the logical rules
 of `ketchup_jax.partitioning` over a pure-FSDP mesh (`fsdp` = all devices):
@@ -344,15 +345,20 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--target_len", type=int, default=128)
   parser.add_argument("--teacher", default="xl")
   parser.add_argument("--students", default="t5-base,t5-large")
+  parser.add_argument("--own_slice", action="store_true",
+                      help="also the teacher on its own half of the devices "
+                      "(config.teacher_mesh), for the last student")
   args = parser.parse_args(argv)
   try:
     print(table(global_batch=args.batch, source_len=args.source_len,
                 target_len=args.target_len, teacher_name=args.teacher,
                 students=tuple(args.students.split(","))), end="")
-    print()
-    print(slice_table(global_batch=args.batch, source_len=args.source_len,
-                      target_len=args.target_len, teacher_name=args.teacher,
-                      students=tuple(args.students.split(",")[-1:])), end="")
+    if args.own_slice:
+      print()
+      print(slice_table(global_batch=args.batch, source_len=args.source_len,
+                        target_len=args.target_len, teacher_name=args.teacher,
+                        students=tuple(args.students.split(",")[-1:])),
+            end="")
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -208,7 +208,7 @@ def test_pipeline_predistill_and_rl_with_the_teacher_on_its_own_devices(
     assert (workdir / "models" / stage / "model.safetensors").exists()
 
 
-def test_memory_of_the_own_slice_layout_and_readme_table():
+def test_memory_of_the_own_slice_layout_and_readme_table(capsys):
   from ketchup_jax import memory  # pylint: disable=g-import-not-at-top
   from ketchup_jax.models import config as config_lib  # pylint: disable=g-import-not-at-top
   teacher, student = (config_lib.get_config(n) for n in ("xl", "t5-large"))
@@ -227,3 +227,5 @@ def test_memory_of_the_own_slice_layout_and_readme_table():
   readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md"
             ).read_text()
   assert memory.slice_table() in readme
+  assert memory.main(["--own_slice"]) == 0
+  assert memory.slice_table() in capsys.readouterr().out

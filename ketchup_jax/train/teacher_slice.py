@@ -171,8 +171,13 @@ def check_batch_sizes(cfg: ml_collections.ConfigDict, mesh: Mesh) -> None:
 
 
 class SplitStep:
-  """A step whose pieces run on two meshes; `pipeline.train_stage` calls
-  `compile(...)` instead of wrapping it in one `jax.jit`."""
+  """A step whose pieces run on two meshes.
+
+  `pipeline.train_stage` calls `compile(state shardings, batch sharding,
+  replicated sharding)` instead of wrapping the step in one `jax.jit`; the
+  result is called like a jitted step: `(state, teacher_params, batch) ->
+  (state, metrics)`, the state donated.
+  """
 
   def compile(self, state_shardings: Any, batch: NamedSharding,
               replicated: NamedSharding) -> Callable:
