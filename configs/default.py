@@ -158,6 +158,18 @@ def get_config() -> ml_collections.ConfigDict:
   # usual choice). Each mesh axis is ici * dcn long.
   c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, tensor=1,
                                           dcn_data=1, dcn_fsdp=1, dcn_tensor=1))
+  # Where the frozen teacher lives in the predistill (seqkd only) and rl
+  # stages (ketchup_jax/train/teacher_slice.py). devices: 0 = on the
+  # student's mesh above, sharded like the student; N > 0 = on its own mesh
+  # of the last N devices, the student and `mesh` on the rest (one process
+  # only, for now). data/fsdp/tensor: the teacher mesh's
+  # shape, one of them may be -1 (the devices left over). With its own mesh
+  # the teacher holds no memory on the student's devices, but its devices
+  # idle during the student's rollout and update, and each step sends the
+  # rollout there and its [B, T] Q-values back. teacher_sft and eval run on
+  # `mesh`; predistill kl/rkl/js/tvd and rl.diag_every > 0 are refused.
+  c.teacher_mesh = ml_collections.ConfigDict(dict(devices=0, data=1, fsdp=-1,
+                                                  tensor=1))
   # Multi-process runs (jax.distributed; see ketchup_jax/distributed.py and
   # launch/). "auto": explicit settings below or $KETCHUP_COORDINATOR_ADDRESS,
   # $KETCHUP_NUM_PROCESSES, $KETCHUP_PROCESS_ID if given, else a TPU pod or a

@@ -2,6 +2,7 @@
 
     python -m ketchup_jax.memory            # the README table (Markdown)
     python -m ketchup_jax.memory --batch=32 --source_len=512 --target_len=128
+    python -m ketchup_jax.memory --own_slice  # + the teacher on its own devices
 
 What is counted, per device, with every parameter sharded by the logical rules
 of `ketchup_jax.partitioning` over a pure-FSDP mesh (`fsdp` = all devices):
@@ -21,6 +22,11 @@ The parameter counts are exact (`param_count`, checked against
 analytic estimate from the layer code (which tensors a backward pass keeps),
 not a compiler's measurement; XLA fuses some of them away and adds buffers of
 its own, so treat them as +-30 %.
+
+`slice_table` does the same for the teacher on its own devices
+(`config.teacher_mesh`, `ketchup_jax/train/teacher_slice.py`): the teacher's
+parameters, gathered weights and forward pass on its devices only, the student
+state, rollout and backward pass on the others.
 """
 
 from __future__ import annotations
@@ -252,6 +258,85 @@ def table(*, global_batch: int = 16, source_len: int = 512,
   return "\n".join(lines) + "\n"
 
 
+def own_slice_bytes(teacher: T5Config, student: T5Config, *,
+                    student_devices: int, teacher_devices: int,
+                    global_batch: int, source_len: int, target_len: int,
+                    remat: str, teacher_bytes: int = 2
+                    ) -> dict[str, dict[str, int]]:
+  """Per-device bytes with the teacher on its own devices (pure FSDP each).
+
+  Returns:
+    {"student": parts of one student device, "teacher": parts of one teacher
+    device}, each with a "total".
+  """
+  for n in (student_devices, teacher_devices):
+    if global_batch % n:
+      raise ValueError(f"global_batch={global_batch} must be a multiple of "
+                       f"the device count {n}")
+  s_local, s_largest = sharded_param_elements(student, fsdp=student_devices)
+  t_local, t_largest = sharded_param_elements(teacher, fsdp=teacher_devices)
+  kw = dict(source_len=source_len, target_len=target_len)
+  b_s, b_t = global_batch // student_devices, global_batch // teacher_devices
+  on_student = {
+      "student params+grads+adam": s_local * 16,
+      "gathered weights": 2 * s_largest,
+      "activations": max(rollout_bytes(student, batch=b_s, **kw),
+                         activation_bytes(student, batch=b_s, remat=remat,
+                                          **kw)),
+  }
+  on_teacher = {
+      "teacher params": t_local * teacher_bytes,
+      "gathered weights": 2 * t_largest,
+      "activations": teacher_forward_bytes(teacher, batch=b_t, **kw),
+  }
+  for parts in (on_student, on_teacher):
+    parts["total"] = sum(parts.values())
+  return {"student": on_student, "teacher": on_teacher}
+
+
+def slice_table(*, global_batch: int = 16, source_len: int = 512,
+                target_len: int = 128, teacher_name: str = "xl",
+                students: tuple[str, ...] = ("t5-large",),
+                accelerators: tuple[Accelerator, ...] = ACCELERATORS) -> str:
+  """The README's table for the teacher on half the devices."""
+  teacher = config_lib.get_config(teacher_name)
+  lines = [
+      f"The same step with the teacher on its own half of the devices "
+      f"(`teacher_mesh.devices` = half), pure FSDP on each half. GiB per "
+      f"device:", "",
+      "| student | accelerator | student + teacher devices | student device "
+      "(state / activations none, full / total none, full) | teacher device "
+      "(params / activations / total) | shared mesh total none / full | "
+      "fits (none / full) |",
+      "|---|---|---|---:|---:|---:|---|"]
+  g = lambda x: f"{x / GiB:.2f}"
+  for name in students:
+    student = config_lib.get_config(name)
+    for acc in accelerators:
+      half = acc.devices // 2
+      kw = dict(global_batch=global_batch, source_len=source_len,
+                target_len=target_len)
+      none, full = (own_slice_bytes(teacher, student, student_devices=half,
+                                    teacher_devices=half, remat=r, **kw)
+                    for r in ("none", "full"))
+      shared = [rl_step_bytes(teacher, student, devices=acc.devices,
+                              remat=r, **kw)["total"]
+                for r in ("none", "full")]
+      fits = lambda p: "yes" if max(
+          p["student"]["total"], p["teacher"]["total"]) <= (
+              acc.bytes_per_device) else "no"
+      st, te = none["student"], none["teacher"]
+      lines.append(
+          f"| {name} ({param_count(student) / 1e6:.0f} M) | {acc.name} | "
+          f"{half} + {half} | {g(st['student params+grads+adam'])} / "
+          f"{g(st['activations'])}, {g(full['student']['activations'])} / "
+          f"{g(st['total'])}, {g(full['student']['total'])} | "
+          f"{g(te['teacher params'])} / {g(te['activations'])} / "
+          f"{g(te['total'])} | {g(shared[0])} / {g(shared[1])} | "
+          f"{fits(none)} / {fits(full)} |")
+  return "\n".join(lines) + "\n"
+
+
 def main(argv: list[str] | None = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--batch", type=int, default=16,
@@ -260,11 +345,20 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--target_len", type=int, default=128)
   parser.add_argument("--teacher", default="xl")
   parser.add_argument("--students", default="t5-base,t5-large")
+  parser.add_argument("--own_slice", action="store_true",
+                      help="also the teacher on its own half of the devices "
+                      "(config.teacher_mesh), for the last student")
   args = parser.parse_args(argv)
   try:
     print(table(global_batch=args.batch, source_len=args.source_len,
                 target_len=args.target_len, teacher_name=args.teacher,
                 students=tuple(args.students.split(","))), end="")
+    if args.own_slice:
+      print()
+      print(slice_table(global_batch=args.batch, source_len=args.source_len,
+                        target_len=args.target_len, teacher_name=args.teacher,
+                        students=tuple(args.students.split(",")[-1:])),
+            end="")
   except ValueError as e:
     print(f"error: {e}", file=sys.stderr)
     return 2

@@ -51,6 +51,7 @@ from ketchup_jax.train import checkpoints
 from ketchup_jax.train import evaluate
 from ketchup_jax.train import state as state_lib
 from ketchup_jax.train import steps
+from ketchup_jax.train import teacher_slice
 from ketchup_jax.train import writer as writer_lib
 
 STAGES = ("teacher_sft", "predistill", "rl", "eval")
@@ -86,6 +87,7 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first bad field."""
   parse_stages(cfg.stages)
   rl_ks(cfg)
+  teacher_slice.check_config(cfg)
   for name in ("max_source_len", "max_target_len"):
     if not isinstance(cfg[name], int) or cfg[name] < 1:
       raise ValueError(f"config.{name} must be an int >= 1, got {cfg[name]!r}")
@@ -149,6 +151,8 @@ class Run:
   eval_references: list[str]
   writer: writer_lib.MetricWriter | None = None
   stop: StopRequest | None = None
+  # The teacher's own mesh (config.teacher_mesh.devices > 0), else None.
+  teacher_mesh: jax.sharding.Mesh | None = None
 
   @property
   def batch_multiple(self) -> int:
@@ -204,11 +208,17 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
   Writes nothing.
   """
   check_config(cfg)
+  student_devices, teacher_mesh = teacher_slice.make_teacher_mesh(cfg)
   mesh = partitioning.make_mesh(
       data=cfg.mesh.data, fsdp=cfg.mesh.fsdp, tensor=cfg.mesh.tensor,
       **{f"dcn_{a}": cfg.mesh.get(f"dcn_{a}", 1)
-         for a in ("data", "fsdp", "tensor")})
+         for a in ("data", "fsdp", "tensor")},
+      **({} if student_devices is None else {"devices": student_devices}))
   logging.info("%s", distributed.mesh_layout(mesh))
+  if teacher_mesh is not None:
+    logging.info("teacher's own mesh: %s", distributed.mesh_layout(
+        teacher_mesh))
+    teacher_slice.check_batch_sizes(cfg, teacher_mesh)
   task = data_lib.get_task(cfg.task.name, **cfg.task.options.to_dict())
   tokenizer = _make_tokenizer(cfg, task, workdir)
   caps = dict(tokenizer=tokenizer, max_source_len=cfg.max_source_len,
@@ -242,7 +252,8 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
                    cfg.student.init_from, declared_vocab(cfg.student, tokenizer))
   return Run(cfg=cfg, workdir=workdir, mesh=mesh, task=task,
              tokenizer=tokenizer, train=train, eval=evaluation,
-             eval_references=[ex["target"] for ex in eval_examples])
+             eval_references=[ex["target"] for ex in eval_examples],
+             teacher_mesh=teacher_mesh)
 
 
 # --------------------------------------------------------------------------
@@ -272,9 +283,13 @@ def declared_vocab(model_cfg: ml_collections.ConfigDict,
 
 
 def load_model(run: Run, role: str, init_from: str,
-               model_cfg: ml_collections.ConfigDict,
-               seed: int) -> models.T5LM:
-  """Builds or loads a model from an `init_from` spec (see configs/default)."""
+               model_cfg: ml_collections.ConfigDict, seed: int, *,
+               mesh: jax.sharding.Mesh | None = None) -> models.T5LM:
+  """Builds or loads a model from an `init_from` spec (see configs/default).
+
+  On `mesh` (the teacher's own mesh), else on `run.mesh`.
+  """
+  mesh = run.mesh if mesh is None else mesh
   kw = dict(dtype=jnp.dtype(model_cfg.dtype),
             param_dtype=jnp.dtype(model_cfg.param_dtype))
   if init_from.startswith("scratch:"):
@@ -282,15 +297,15 @@ def load_model(run: Run, role: str, init_from: str,
     overrides.setdefault("vocab_size",
                          _round_up(run.tokenizer.vocab_size, 8))
     lm = models.init(init_from[len("scratch:"):], jax.random.PRNGKey(seed),
-                     mesh=run.mesh, **overrides, **kw)
+                     mesh=mesh, **overrides, **kw)
   elif init_from.startswith("stage:"):
     path = run.path("models", init_from[len("stage:"):])
     if not os.path.isdir(path):
       raise ValueError(f"{role}.init_from={init_from!r}: no model at {path}; "
                        f"run that stage first")
-    lm = models.load(path, mesh=run.mesh, **kw)
+    lm = models.load(path, mesh=mesh, **kw)
   else:
-    lm = models.load(init_from, mesh=run.mesh, **kw)
+    lm = models.load(init_from, mesh=mesh, **kw)
   if lm.config.vocab_size < run.tokenizer.vocab_size:
     raise ValueError(
         f"{role} vocabulary has {lm.config.vocab_size} entries but the "
@@ -395,12 +410,15 @@ def train_stage(run: Run, stage: str, lm: models.T5LM, step_fn: Callable,
                      local_rows=distributed.batch_rows(batch_sharding,
                                                        batch_size))
   with_teacher = teacher is not None
-  jitted = jax.jit(
-      step_fn, donate_argnums=0,
-      in_shardings=(shardings,) + ((jax.tree.map(
-          lambda x: x.sharding, teacher.params),) if with_teacher else ()) + (
-              batch_sharding,),
-      out_shardings=(shardings, run.replicated()))
+  if isinstance(step_fn, teacher_slice.SplitStep):  # the teacher's own mesh
+    jitted = step_fn.compile(shardings, batch_sharding, run.replicated())
+  else:
+    jitted = jax.jit(
+        step_fn, donate_argnums=0,
+        in_shardings=(shardings,) + ((jax.tree.map(
+            lambda x: x.sharding, teacher.params),) if with_teacher else ()) + (
+                batch_sharding,),
+        out_shardings=(shardings, run.replicated()))
   bar = tqdm.tqdm(total=total, initial=start, desc=stage, unit="step",
                   disable=not run.is_main, dynamic_ncols=True)
   tick, tick_step = time.perf_counter(), start
@@ -610,13 +628,17 @@ def stage_teacher_sft(run: Run) -> None:
 def stage_predistill(run: Run) -> None:
   cfg = run.cfg
   teacher = load_model(run, "teacher", _teacher_source(run), cfg.teacher,
-                       cfg.seed)
+                       cfg.seed, mesh=run.teacher_mesh)
   student = load_model(run, "student", cfg.student.init_from, cfg.student,
                        cfg.seed + 1)
   _check_loaded_vocab(teacher, student)
   optim = state_lib.OptimConfig.from_config(cfg.predistill)
   mods = _models(run, student, teacher)
-  if cfg.predistill.method == "seqkd":
+  if run.teacher_mesh is not None:  # seqkd (check_config refuses the rest)
+    step_fn = teacher_slice.SeqKDStep(
+        models=mods, teacher_mesh=run.teacher_mesh, optim=optim,
+        max_decode_len=cfg.predistill.max_decode_len)
+  elif cfg.predistill.method == "seqkd":
     step_fn = functools.partial(
         steps.seqkd_step, models=mods, optim=optim,
         max_decode_len=cfg.predistill.max_decode_len)
@@ -635,7 +657,7 @@ def stage_rl(run: Run, k: int) -> None:
   cfg = run.cfg
   name = f"rl_k{k}"
   teacher = load_model(run, "teacher", _teacher_source(run), cfg.teacher,
-                       cfg.seed)
+                       cfg.seed, mesh=run.teacher_mesh)
   student = load_model(run, "student", _student_start(run), cfg.student,
                        cfg.seed + 1)
   _check_loaded_vocab(teacher, student)
@@ -644,6 +666,10 @@ def stage_rl(run: Run, k: int) -> None:
   step_fn = functools.partial(steps.rl_step,
                               models=_models(run, student, teacher),
                               optim=optim, rl=rl)
+  if run.teacher_mesh is not None:
+    step_fn = teacher_slice.RLStep(models=_models(run, student, teacher),
+                                   teacher_mesh=run.teacher_mesh, optim=optim,
+                                   rl=rl)
   hook = None
   if cfg.rl.get("diag_every", 0):
     from ketchup_jax import diagnostics  # pylint: disable=g-import-not-at-top

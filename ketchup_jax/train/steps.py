@@ -167,18 +167,36 @@ def supervised_step(state: state_lib.TrainState, batch: Batch, *,
                     batch["decoder_attention_mask"], rng)
 
 
+def seqkd_targets(teacher_params: Any, batch: Batch, rng: jax.Array, *,
+                  models: Models, max_decode_len: int
+                  ) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """The teacher's greedy outputs: tokens, target mask [B, T], done [B]."""
+  out = models.sample(teacher_params, models.teacher, batch, rng,
+                      max_new_tokens=max_decode_len)
+  return out.tokens, length_mask(out.lengths, max_decode_len), out.done
+
+
+def seqkd_update(state: state_lib.TrainState, batch: Batch, targets: jax.Array,
+                 target_mask: jax.Array, done: jax.Array, *, models: Models,
+                 optim: state_lib.OptimConfig
+                 ) -> tuple[state_lib.TrainState, Metrics]:
+  """The student's cross-entropy update on `seqkd_targets`' outputs."""
+  rng, _ = jax.random.split(state.rng)
+  state, metrics = _ce_update(state, models, optim, batch, targets,
+                              target_mask, rng)
+  metrics["teacher_finished"] = jnp.mean(done.astype(jnp.float32))
+  return state, metrics
+
+
 def seqkd_step(state: state_lib.TrainState, teacher_params: Any, batch: Batch,
                *, models: Models, optim: state_lib.OptimConfig,
                max_decode_len: int) -> tuple[state_lib.TrainState, Metrics]:
   """SeqKD: cross-entropy on the teacher's greedy output for the sources."""
   rng, _ = jax.random.split(state.rng)
-  out = models.sample(teacher_params, models.teacher, batch, rng,
-                      max_new_tokens=max_decode_len)
-  target_mask = length_mask(out.lengths, max_decode_len)
-  state, metrics = _ce_update(state, models, optim, batch, out.tokens,
-                              target_mask, rng)
-  metrics["teacher_finished"] = jnp.mean(out.done.astype(jnp.float32))
-  return state, metrics
+  targets, target_mask, done = seqkd_targets(
+      teacher_params, batch, rng, models=models, max_decode_len=max_decode_len)
+  return seqkd_update(state, batch, targets, target_mask, done, models=models,
+                      optim=optim)
 
 
 def word_kd_step(state: state_lib.TrainState, teacher_params: Any,
@@ -203,32 +221,43 @@ def word_kd_step(state: state_lib.TrainState, teacher_params: Any,
   return state, {"loss": loss, "tokens": count, **info}
 
 
-def score_rollout(params: Any, teacher_params: Any, batch: Batch,
-                  sample_rng: jax.Array, *, models: Models, rl: RLConfig
-                  ) -> dict[str, Any]:
-  """Steps 1-2 of `rl_step`: student rollout, teacher Q-values, loss mask.
-
-  Everything the policy-gradient loss needs except the K-step return, so that
-  `rl_step` and the per-K diagnostics (`ketchup_jax.diagnostics`) share one
-  implementation and all K can be scored from the same rollout.
+def student_rollout(params: Any, batch: Batch, sample_rng: jax.Array, *,
+                    models: Models, rl: RLConfig) -> dict[str, Any]:
+  """Step 1 of `rl_step`: the student's rollout and its masks (student mesh).
 
   Returns:
-    A dict: actions, mask (EOS included), loss_mask, scale (the finished
-    fraction under "drop", else 1), q_taken, values, bootstrap_value (None
-    unless rl.unfinished == "bootstrap"), teacher_values (None unless
-    rl.baseline == "teacher_expected"), behavior_logprobs, decoder_inputs,
-    lengths, finished, real_row.
+    A dict: actions, mask (EOS included), finished, real_row,
+    behavior_logprobs, lengths (the sampler's, padding rows included).
   """
   length = rl.max_decode_len
   rollout = models.sample(
       params, models.student, batch, sample_rng, max_new_tokens=length,
       temperature=rl.temperature, top_k=rl.top_k, top_p=rl.top_p)
-  actions = rollout.tokens  # [B, T]
-  mask = length_mask(rollout.lengths, length)  # [B, T], EOS included
   real_row = batch["example_mask"] > 0  # [B]
-  mask = mask * real_row[:, None]
-  finished = rollout.done & real_row  # [B]
+  mask = length_mask(rollout.lengths, length)  # [B, T], EOS included
+  return {"actions": rollout.tokens,  # [B, T]
+          "mask": mask * real_row[:, None],
+          "finished": rollout.done & real_row,  # [B]
+          "real_row": real_row, "behavior_logprobs": rollout.logprobs,
+          "lengths": rollout.lengths}
 
+
+def teacher_scores(teacher_params: Any, batch: Batch, actions: jax.Array,
+                   mask: jax.Array, finished: jax.Array, *, models: Models,
+                   rl: RLConfig) -> dict[str, Any]:
+  """Step 2 of `rl_step`: the teacher's pass on a rollout -> Q-values.
+
+  Needs only the sources (`batch` input_ids, attention_mask) and the [B, T]
+  / [B] rollout arrays, and returns only [B, T] / [B] arrays: the [B, T, V]
+  logits never leave this function (what `teacher_slice` sends between
+  meshes).
+
+  Returns:
+    A dict: q_taken, values, bootstrap_value (None unless rl.unfinished ==
+    "bootstrap"), teacher_values (None unless rl.baseline ==
+    "teacher_expected").
+  """
+  length = rl.max_decode_len
   # The teacher scores one extra position for "bootstrap": V after the last.
   teacher_actions = actions
   if rl.unfinished == "bootstrap":
@@ -253,7 +282,15 @@ def score_rollout(params: Any, teacher_params: Any, batch: Batch,
     _, teacher_values = returns.teacher_q_values(
         teacher_logits, actions, mask, center=rl.center_logits,
         value="expected")
+  return {"q_taken": q_taken, "values": values,
+          "bootstrap_value": bootstrap_value, "teacher_values": teacher_values}
 
+
+def combine_scores(rollout: dict[str, Any], scores: dict[str, Any], *,
+                   models: Models, rl: RLConfig) -> dict[str, Any]:
+  """`student_rollout` + `teacher_scores` -> the dict of `score_rollout`."""
+  mask, finished, real_row = (rollout["mask"], rollout["finished"],
+                              rollout["real_row"])
   if rl.unfinished == "drop":
     loss_mask = mask * finished[:, None]
     n_real = jnp.maximum(jnp.sum(real_row), 1)
@@ -262,15 +299,38 @@ def score_rollout(params: Any, teacher_params: Any, batch: Batch,
     loss_mask = mask
     scale = 1.0
   return {
-      "actions": actions, "mask": mask, "loss_mask": loss_mask,
-      "scale": jnp.asarray(scale, jnp.float32), "q_taken": q_taken,
-      "values": values, "bootstrap_value": bootstrap_value,
-      "teacher_values": teacher_values,
-      "behavior_logprobs": rollout.logprobs,
-      "decoder_inputs": t5.shift_right(actions, models.student),
-      "lengths": rollout.lengths * real_row, "finished": finished,
+      "actions": rollout["actions"], "mask": mask, "loss_mask": loss_mask,
+      "scale": jnp.asarray(scale, jnp.float32), **scores,
+      "behavior_logprobs": rollout["behavior_logprobs"],
+      "decoder_inputs": t5.shift_right(rollout["actions"], models.student),
+      "lengths": rollout["lengths"] * real_row, "finished": finished,
       "real_row": real_row,
   }
+
+
+def score_rollout(params: Any, teacher_params: Any, batch: Batch,
+                  sample_rng: jax.Array, *, models: Models, rl: RLConfig
+                  ) -> dict[str, Any]:
+  """Steps 1-2 of `rl_step`: student rollout, teacher Q-values, loss mask.
+
+  Everything the policy-gradient loss needs except the K-step return, so that
+  `rl_step` and the per-K diagnostics (`ketchup_jax.diagnostics`) share one
+  implementation and all K can be scored from the same rollout. It is
+  `student_rollout`, `teacher_scores` and `combine_scores` in one trace
+  (`teacher_slice` runs the first two on different meshes).
+
+  Returns:
+    A dict: actions, mask (EOS included), loss_mask, scale (the finished
+    fraction under "drop", else 1), q_taken, values, bootstrap_value (None
+    unless rl.unfinished == "bootstrap"), teacher_values (None unless
+    rl.baseline == "teacher_expected"), behavior_logprobs, decoder_inputs,
+    lengths, finished, real_row.
+  """
+  rollout = student_rollout(params, batch, sample_rng, models=models, rl=rl)
+  scores = teacher_scores(teacher_params, batch, rollout["actions"],
+                          rollout["mask"], rollout["finished"], models=models,
+                          rl=rl)
+  return combine_scores(rollout, scores, models=models, rl=rl)
 
 
 def rollout_returns(scored: dict[str, Any], rl: RLConfig, k: int) -> jax.Array:
@@ -309,6 +369,15 @@ def rl_step(state: state_lib.TrainState, teacher_params: Any, batch: Batch,
   rng, sample_rng = jax.random.split(state.rng)
   scored = score_rollout(state.params, teacher_params, batch, sample_rng,
                          models=models, rl=rl)
+  return rl_update(state, batch, scored, rng, models=models, optim=optim,
+                   rl=rl)
+
+
+def rl_update(state: state_lib.TrainState, batch: Batch,
+              scored: dict[str, Any], rng: jax.Array, *, models: Models,
+              optim: state_lib.OptimConfig, rl: RLConfig
+              ) -> tuple[state_lib.TrainState, Metrics]:
+  """Steps 3-5 of `rl_step` on a scored rollout; `rng` becomes state.rng."""
   g = rollout_returns(scored, rl, rl.k)  # [B, T]
   mask = scored["mask"]
 
