@@ -24,8 +24,9 @@ demo: $(STAMP)
 	$(PY) -m ketchup_jax.main --config=configs/demo.py --workdir=runs/demo
 
 # Four benchmarks against numpy / PyTorch + transformers; tables on stdout,
-# JSON in benchmarks/results/. The full rollout grid (T5-base, 128 tokens)
-# takes long on 2 CPU cores (see benchmarks/NOTES.md). BENCH_ARGS passes
+# JSON in benchmarks/results/. Measured on a 2-core CPU from a fresh clone:
+# 52.5 min, of which rollout (full grid, 2 repetitions) 42.5 min and the
+# .venv build 5.8 min (benchmarks/NOTES.md). BENCH_ARGS passes
 # flags to every script, e.g. BENCH_ARGS=--device=gpu or BENCH_ARGS=--quick.
 BENCH_ARGS ?=
 bench: $(STAMP)

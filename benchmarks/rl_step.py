@@ -13,6 +13,14 @@ step does not); the PyTorch step is `benchmarks.torch_ref.RLStep`.
 Timing: warm-up step of each side (ours: compilation + one step), then
 `--repeats` alternating steps; tokens/s = B * new_tokens / median step time.
 
+Phases (on by default, `--no_phases` skips them): the same step split into
+student rollout, teacher forward + Q-values, K-step returns, and student
+forward + backward + clipping + AdamW. JAX: each phase is its own jitted
+function on fixed inputs of the step's shapes (built from the public pieces
+of `rl_step`), blocked on its result, timed in the same interleaved
+repetitions as the full steps; their sum is reported next to the fused step.
+PyTorch: perf_counter marks inside the timed `RLStep` calls themselves.
+
 Peak memory: each side runs again alone in a fresh subprocess that imports
 only its own framework, loads the two models, and runs the warm-up plus one
 step; we report that process's peak resident set size (VmHWM) during the
@@ -21,6 +29,7 @@ alone (VmHWM reset through /proc/self/clear_refs), and the RSS right after
 the imports (the framework's own share).
 
     python -m benchmarks.rl_step [--device=cpu|gpu|tpu] [--repeats 3] [--quick]
+        [--no_phases] [--no_memory]
 """
 
 from __future__ import annotations
@@ -55,8 +64,13 @@ def _peak_rss_mib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def build_jax(args, student_dir: str, teacher_dir: str):
-  """Returns `(step() -> tokens, compile_seconds)` for ketchup_jax."""
+def build_jax(args, student_dir: str, teacher_dir: str, phases: bool = False):
+  """Returns `(step() -> tokens, compile_seconds, phase calls)` for ketchup_jax.
+
+  With `phases`, the third item maps each phase name (`PHASES`) to a call
+  running that phase alone, as its own jitted function on fixed inputs of
+  the step's shapes, blocked on its result; else it is empty.
+  """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
@@ -85,6 +99,8 @@ def build_jax(args, student_dir: str, teacher_dir: str):
     batch = {"input_ids": jnp.asarray(ids, jnp.int32),
              "attention_mask": jnp.ones(ids.shape, jnp.int32),
              "example_mask": jnp.ones((args.batch,), jnp.int32)}
+  phase_fns = (_jax_phases(state, teacher.params, batch, mods, optim, rl)
+               if phases else {})
   step_fn = jax.jit(lambda s, t, b: steps.rl_step(s, t, b, models=mods,
                                                   optim=optim, rl=rl),
                     donate_argnums=0)
@@ -97,11 +113,82 @@ def build_jax(args, student_dir: str, teacher_dir: str):
     holder["state"], metrics = compiled(holder["state"], teacher.params, batch)
     return float(jax.block_until_ready(metrics["tokens"]))
 
-  return run, compile_s
+  return run, compile_s, phase_fns
 
 
-def build_torch(args, student_dir: str, teacher_dir: str):
-  """Returns `step() -> tokens` for the PyTorch reference."""
+# The phases of one RL step, in order. JAX: each its own jit. PyTorch:
+# perf_counter marks inside `torch_ref.RLStep` (its student update is split
+# further into forward + backward and clipping + AdamW).
+PHASES = ("rollout", "teacher", "returns", "update")
+TORCH_PHASES = {"rollout": ("generate",), "teacher": ("teacher",),
+                "returns": ("returns",),
+                "update": ("student_fwd_bwd", "optimizer")}
+PHASE_NAMES = {"rollout": "student rollout (sampling)",
+               "teacher": "teacher forward + Q-values",
+               "returns": "K-step returns",
+               "update": "student fwd + bwd + clip + AdamW"}
+
+
+def _jax_phases(state, teacher_params, batch, mods, optim, rl):
+  """Phase name -> call timing that phase of `steps.rl_step` alone.
+
+  The calls use the public pieces `rl_step` is built from: the sampler call
+  of `score_rollout` (`Models.sample`), the teacher forward +
+  `returns.teacher_q_values`, `steps.rollout_returns`, and
+  `steps.rollout_update` (student forward + backward + guarded AdamW).
+  Nothing is donated: the state is a private copy, the step's own state is
+  donated separately.
+  """
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from ketchup_jax import returns  # pylint: disable=g-import-not-at-top
+  from ketchup_jax.models import t5  # pylint: disable=g-import-not-at-top
+  from ketchup_jax.train import steps  # pylint: disable=g-import-not-at-top
+
+  state = jax.tree.map(lambda x: jnp.array(x, copy=True), state)
+  rng, sample_rng = jax.random.split(state.rng)
+
+  def rollout(params, b, key):
+    return mods.sample(params, mods.student, b, key,
+                       max_new_tokens=rl.max_decode_len,
+                       temperature=rl.temperature, top_k=rl.top_k,
+                       top_p=rl.top_p)
+
+  def teacher(t_params, b, actions, mask):
+    inputs = t5.shift_right(actions, mods.teacher)
+    logits = mods.forward(t_params, mods.teacher, b["input_ids"],
+                          b["attention_mask"], inputs, jnp.ones_like(inputs))
+    return returns.teacher_q_values(logits, actions, mask,
+                                    center=rl.center_logits, value=rl.value)
+
+  def update(s, b, scored, g, key):
+    new_state, loss, _, _ = steps.rollout_update(
+        s, b, scored, g, key, models=mods, optim=optim, rl=rl)
+    return new_state, loss
+
+  jitted = {"rollout": jax.jit(rollout), "teacher": jax.jit(teacher),
+            "returns": jax.jit(lambda sc: steps.rollout_returns(sc, rl, rl.k)),
+            "update": jax.jit(update)}
+  # Inputs of the later phases: one scored rollout of the step's shapes.
+  scored = jax.jit(lambda p, t, b, key: steps.score_rollout(
+      p, t, b, key, models=mods, rl=rl))(state.params, teacher_params, batch,
+                                         sample_rng)
+  g = jitted["returns"](scored)
+  args = {"rollout": (state.params, batch, sample_rng),
+          "teacher": (teacher_params, batch, scored["actions"],
+                      scored["mask"]),
+          "returns": (scored,),
+          "update": (state, batch, scored, g, rng)}
+  return {name: (lambda f=f, a=args[name]: jax.block_until_ready(f(*a)))
+          for name, f in jitted.items()}
+
+
+def build_torch(args, student_dir: str, teacher_dir: str,
+                phase_log: list[dict[str, float]] | None = None):
+  """Returns `step() -> tokens` for the PyTorch reference.
+
+  With `phase_log`, each call appends its phase seconds (`RLStep` timings).
+  """
   import numpy as np  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
   import transformers  # pylint: disable=g-import-not-at-top
@@ -124,9 +211,12 @@ def build_torch(args, student_dir: str, teacher_dir: str):
   torch.manual_seed(0)
 
   def run():
-    out = step(ids, mask)
+    timings = {} if phase_log is not None else None
+    out = step(ids, mask, timings=timings)
     if tdev == "cuda":
       torch.cuda.synchronize()
+    if phase_log is not None:
+      phase_log.append(timings)
     return float(out["tokens"])
 
   return run
@@ -160,7 +250,7 @@ def memory_child(args) -> None:
     import transformers  # pylint: disable=g-import-not-at-top,unused-import
   rss_imports = _rss_mib()
   if args.memory_side == "jax":
-    run, _ = build_jax(args, args.student_dir, args.teacher_dir)
+    run, _, _ = build_jax(args, args.student_dir, args.teacher_dir)
   else:
     run = build_torch(args, args.student_dir, args.teacher_dir)
   run()  # Warm-up (compilation for JAX).
@@ -182,6 +272,32 @@ def memory_child(args) -> None:
                     "peak_reset": reset}))
 
 
+def _phase_rows(times: dict[str, list[float]],
+                torch_log: list[dict[str, float]]) -> list[dict[str, Any]]:
+  """One row per phase: medians, the median of the per-repetition ratios
+  (torch / jax), and each phase's share of its side's full step."""
+  jax_step = common.median(times["jax"])
+  torch_step = common.median(times["torch"])
+  rows = []
+  for name in PHASES:
+    jax_runs = times[f"jax_{name}"]
+    torch_runs = [sum(t[k] for k in TORCH_PHASES[name]) for t in torch_log]
+    row = {"phase": name, "what": PHASE_NAMES[name],
+           "torch_parts": list(TORCH_PHASES[name]),
+           "jax_s": common.median(jax_runs),
+           "torch_s": common.median(torch_runs),
+           "ratio_median_of_pairs": common.median(
+               [t / j for j, t in zip(jax_runs, torch_runs)]),
+           "jax_runs_s": jax_runs, "torch_runs_s": torch_runs}
+    row["jax_share"] = row["jax_s"] / jax_step
+    row["torch_share"] = row["torch_s"] / torch_step
+    for part in TORCH_PHASES[name]:
+      if len(TORCH_PHASES[name]) > 1:
+        row[f"torch_{part}_s"] = common.median([t[part] for t in torch_log])
+    rows.append(row)
+  return rows
+
+
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   common.add_common_flags(parser)
@@ -194,6 +310,9 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--teacher", default="t5-base")
   parser.add_argument("--no_memory", action="store_true",
                       help="Skip the two peak-memory subprocesses.")
+  parser.add_argument("--no_phases", action="store_true",
+                      help="Skip the per-phase split (JAX phases as separate"
+                      " jits, PyTorch phases timed inside its step).")
   parser.add_argument("--memory_side", choices=("jax", "torch"),
                       help=argparse.SUPPRESS)
   parser.add_argument("--student_dir", help=argparse.SUPPRESS)
@@ -215,13 +334,18 @@ def main(argv: list[str] | None = None) -> None:
     s_dir, t_dir = os.path.join(tmp, "student"), os.path.join(tmp, "teacher")
     common.save_random_t5(args.student, s_dir, seed=1)
     common.save_random_t5(args.teacher, t_dir, seed=2)
-    run_jax, compile_s = build_jax(args, s_dir, t_dir)
-    run_torch = build_torch(args, s_dir, t_dir)
+    run_jax, compile_s, jax_phases = build_jax(args, s_dir, t_dir,
+                                               phases=not args.no_phases)
+    torch_phase_log: list[dict[str, float]] = []
+    run_torch = build_torch(args, s_dir, t_dir, torch_phase_log)
     peaks = []
     matmul = _matmul_probe(args.device, 256 if args.quick else 2048, peaks)
     warm, times, outs = common.interleaved(
-        {"jax": run_jax, "torch": run_torch, "matmul": matmul}, args.repeats)
+        {"jax": run_jax, "torch": run_torch, "matmul": matmul,
+         **{f"jax_{name}": fn for name, fn in jax_phases.items()}},
+        args.repeats)
     outs.pop("matmul")
+    torch_phase_log = torch_phase_log[1:]  # Drop the warm-up.
     peaks = peaks[1:]  # Drop the warm-up (compilation).
     if outs["jax"] != outs["torch"]:
       raise RuntimeError(f"token counts differ: {outs}")
@@ -265,6 +389,13 @@ def main(argv: list[str] | None = None) -> None:
       "torch_rss_after_imports_mib": memory.get("torch", {}).get(
           "rss_after_imports_mib"),
   }
+  phase_rows = []
+  if not args.no_phases:
+    phase_rows = _phase_rows(times, torch_phase_log)
+    row["phases"] = phase_rows
+    row["jax_phase_sum_s"] = sum(p["jax_s"] for p in phase_rows)
+    row["torch_phase_sum_s"] = sum(p["torch_s"] for p in phase_rows)
+    row["torch_phase_s"] = torch_phase_log
   common.print_table(
       "rl_step: one KETCHUP step (median of repetitions)",
       [("jax_step_s", "jax s", ".2f"), ("torch_step_s", "torch s", ".2f"),
@@ -276,6 +407,27 @@ def main(argv: list[str] | None = None) -> None:
        ("torch_peak_rss_mib", "torch MiB", ".0f"),
        ("jax_peak_rss_with_warmup_mib", "jax MiB+w", ".0f"),
        ("torch_peak_rss_with_warmup_mib", "torch MiB+w", ".0f")], [row])
+  if phase_rows:
+    total = {"phase": "sum of phases", "jax_s": row["jax_phase_sum_s"],
+             "torch_s": row["torch_phase_sum_s"],
+             "jax_share": row["jax_phase_sum_s"] / row["jax_step_s"],
+             "torch_share": row["torch_phase_sum_s"] / row["torch_step_s"]}
+    full = {"phase": "full step", "jax_s": row["jax_step_s"],
+            "torch_s": row["torch_step_s"],
+            "ratio_median_of_pairs": row["ratio_median_of_pairs"],
+            "jax_share": 1.0, "torch_share": 1.0}
+    common.print_table(
+        "rl_step phases (median of repetitions; JAX: each phase its own jit;"
+        " share = phase / full step of that side)",
+        [("phase", "phase", "s"), ("jax_s", "jax s", ".3f"),
+         ("torch_s", "torch s", ".3f"),
+         ("ratio_median_of_pairs", "ratio", ".2f"),
+         ("jax_share", "jax share", ".1%"),
+         ("torch_share", "torch share", ".1%")],
+        phase_rows + [total, full])
+    print("torch update split: " + ", ".join(
+        f"{k} {common.median([t[k] for t in torch_phase_log]):.3f} s"
+        for k in TORCH_PHASES["update"]))
   common.write_json("rl_step", {
       **info, "repeats": args.repeats, "dtype": "float32",
       "memory_method": "peak RSS (/proc VmHWM) of a subprocess running one"

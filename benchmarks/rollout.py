@@ -10,11 +10,12 @@ config's `eos_token_id = -1` (no row stops), and the output shapes are
 checked. Greedy outputs are compared token for token.
 
 Per configuration: a warm-up of each side (ours: compilation + one run;
-PyTorch: a 4-token generate), then `--repeats` alternating timed runs;
-tokens/s from the median. Prints a table
+PyTorch: a 4-token generate), then `--repeats` alternating timed runs
+(default 2, so that the full default grid fits in `make bench` on a 2-core
+CPU; see benchmarks/NOTES.md); tokens/s from the median. Prints a table
 and writes benchmarks/results/rollout.json.
 
-    python -m benchmarks.rollout [--device=cpu|gpu|tpu] [--repeats 3] [--quick]
+    python -m benchmarks.rollout [--device=cpu|gpu|tpu] [--repeats 2] [--quick]
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from benchmarks import common
 def main(argv: list[str] | None = None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   common.add_common_flags(parser)
-  parser.add_argument("--repeats", type=int, default=3)
+  parser.add_argument("--repeats", type=int, default=2)
   parser.add_argument("--src_len", type=int, default=32)
   parser.add_argument("--shapes", default="t5-small,t5-base")
   parser.add_argument("--batches", default="8,32")

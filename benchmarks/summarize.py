@@ -72,6 +72,29 @@ def main() -> None:
           f" {r.get('torch_peak_rss_mib') or 0:.0f}"]
          for r in d["rows"]]))
     print()
+    for r in d["rows"]:
+      if "phases" not in r:
+        continue
+      print("Phases (median of repetitions; JAX: each phase its own jit;"
+            " ratio = torch / jax, median of pairs; share = phase / full"
+            " step of that side)\n")
+      rows = [[p["phase"], p["what"], f"{p['jax_s']:.3f}",
+               f"{p['torch_s']:.3f}", f"{p['ratio_median_of_pairs']:.2f}",
+               f"{p['jax_share']:.1%}", f"{p['torch_share']:.1%}"]
+              for p in r["phases"]]
+      rows.append(["sum of phases", "", f"{r['jax_phase_sum_s']:.3f}",
+                   f"{r['torch_phase_sum_s']:.3f}", "-",
+                   f"{r['jax_phase_sum_s'] / r['jax_step_s']:.1%}",
+                   f"{r['torch_phase_sum_s'] / r['torch_step_s']:.1%}"])
+      rows.append(["full step", "", f"{r['jax_step_s']:.3f}",
+                   f"{r['torch_step_s']:.3f}",
+                   f"{r['ratio_median_of_pairs']:.2f}", "100%", "100%"])
+      print(_table(["phase", "what", "jax s", "torch s", "ratio",
+                    "jax share", "torch share"], rows))
+      update = next(p for p in r["phases"] if p["phase"] == "update")
+      print(f"\nPyTorch update split: forward + backward"
+            f" {update['torch_student_fwd_bwd_s']:.3f} s, clipping + AdamW"
+            f" {update['torch_optimizer_s']:.3f} s\n")
   d = _load("mfu")
   if d:
     print(f"### mfu ({d['date_utc']} UTC, load {d['load_average_start']})\n")

@@ -9,6 +9,8 @@ authors' repository.
 
 from __future__ import annotations
 
+import time
+
 import torch
 import torch.nn.functional as F
 
@@ -48,6 +50,24 @@ def shift_right(tokens: torch.Tensor, start: int) -> torch.Tensor:
   return torch.cat([first, tokens[:, :-1]], dim=1)
 
 
+class _Clock:
+  """Splits a step into phases: `clock(name)` stores the seconds since the
+  previous mark under `name` (nothing when `timings` is None)."""
+
+  def __init__(self, timings: dict[str, float] | None, device: torch.device):
+    self.timings, self.cuda = timings, device.type == "cuda"
+    self.last = time.perf_counter()
+
+  def __call__(self, name: str) -> None:
+    if self.timings is None:
+      return
+    if self.cuda:
+      torch.cuda.synchronize()
+    now = time.perf_counter()
+    self.timings[name] = now - self.last
+    self.last = now
+
+
 class RLStep:
   """One KETCHUP step in PyTorch, as the authors' loop is structured.
 
@@ -58,6 +78,12 @@ class RLStep:
   4. Student forward on the sample, loss = -sum(A_t log pi(a_t)) / tokens,
      `backward()`.
   5. Global-norm gradient clipping and `torch.optim.AdamW`.
+
+  `timings`, if given, receives the seconds of each phase (perf_counter
+  marks; on cuda after a synchronize): generate, teacher (forward + Q and
+  values), returns (K-step returns + clipping), student_fwd_bwd (forward,
+  log-softmax, loss, backward; zero_grad included), optimizer (gradient
+  clipping + AdamW).
   """
 
   def __init__(self, student, teacher, *, k: int, new_tokens: int,
@@ -71,13 +97,15 @@ class RLStep:
         weight_decay=weight_decay)
     self.start = student.config.decoder_start_token_id
 
-  def __call__(self, input_ids: torch.Tensor,
-               attention_mask: torch.Tensor) -> dict[str, float]:
+  def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+               timings: dict[str, float] | None = None) -> dict[str, float]:
+    clock = _Clock(timings, input_ids.device)
     with torch.no_grad():
       sample = self.student.generate(
           input_ids=input_ids, attention_mask=attention_mask, do_sample=True,
           temperature=1.0, top_k=0, top_p=1.0, num_beams=1,
           max_new_tokens=self.new_tokens, min_new_tokens=self.new_tokens)
+      clock("generate")
       actions = sample[:, 1:]  # [B, T], without the decoder start token.
       decoder_inputs = shift_right(actions, self.start)
       teacher_logits = self.teacher(
@@ -86,10 +114,12 @@ class RLStep:
       q_all = teacher_logits - teacher_logits.mean(dim=-1, keepdim=True)
       q_taken = q_all.gather(-1, actions[..., None])[..., 0]
       values = q_all.max(dim=-1).values
+      clock("teacher")
       lengths = torch.full((actions.shape[0],), actions.shape[1],
                            dtype=torch.long, device=actions.device)
       returns = k_step_returns(q_taken, values, lengths, self.k)
       advantages = returns.clamp(-self.clip, self.clip)
+      clock("returns")
     logits = self.student(input_ids=input_ids, attention_mask=attention_mask,
                           decoder_input_ids=decoder_inputs).logits
     logp = F.log_softmax(logits.float(), dim=-1)
@@ -97,8 +127,10 @@ class RLStep:
     loss = -(advantages * logp_taken).sum() / actions.numel()
     self.optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    clock("student_fwd_bwd")
     if self.max_grad_norm > 0:
       torch.nn.utils.clip_grad_norm_(self.student.parameters(),
                                      self.max_grad_norm)
     self.optimizer.step()
+    clock("optimizer")
     return {"loss": float(loss.detach()), "tokens": int(actions.numel())}

@@ -49,6 +49,18 @@ def test_all_benchmarks_write_every_figure(tmp_path):
               "jax_compile_s", "jax_warmup_s", "torch_warmup_s",
               "matmul_peak_gflops_during_steps"])
   assert r["tokens_per_step"] == r["batch"] * r["new_tokens"]
+  # Per-phase split, both sides: every phase timed once per repetition.
+  assert [p["phase"] for p in r["phases"]] == list(rl_step.PHASES)
+  for p in r["phases"]:
+    _finite(p, ["jax_s", "torch_s", "ratio_median_of_pairs", "jax_share",
+                "torch_share"])
+    assert len(p["jax_runs_s"]) == len(p["torch_runs_s"]) == data["repeats"]
+  update = r["phases"][-1]
+  _finite(update, ["torch_student_fwd_bwd_s", "torch_optimizer_s"])
+  # The PyTorch phases are marks inside the timed step: they add up to it.
+  assert r["torch_phase_sum_s"] <= r["torch_step_s"]
+  assert r["torch_phase_sum_s"] > 0.5 * r["torch_step_s"]
+  _finite(r, ["jax_phase_sum_s", "torch_phase_sum_s"])
 
   mfu.main(["--quick", "--rl_step_json", out["rl_step"], "--out", out["mfu"]])
   data = json.load(open(out["mfu"]))

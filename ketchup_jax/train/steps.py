@@ -355,6 +355,29 @@ def rollout_loss(student_logits: jax.Array, scored: dict[str, Any],
       entropy_coef=rl.entropy_coef)
 
 
+def rollout_update(state: state_lib.TrainState, batch: Batch,
+                   scored: dict[str, Any], g: jax.Array, rng: jax.Array, *,
+                   models: Models, optim: state_lib.OptimConfig, rl: RLConfig
+                   ) -> tuple[state_lib.TrainState, jax.Array, Any, Metrics]:
+  """Steps 4-5 of `rl_step`: student forward + backward, guarded update.
+
+  Returns (state, loss, (loss token count, mean entropy), update info).
+  """
+  mask = scored["mask"]
+
+  def loss_fn(params):
+    logits = models.forward(params, models.student, batch["input_ids"],
+                            batch["attention_mask"], scored["decoder_inputs"],
+                            mask)  # [B, T, V]
+    total, count = rollout_loss(logits, scored, g, rl)
+    logp = jax.nn.log_softmax(logits, axis=-1)
+    entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)  # [B, T]
+    mean_entropy = jnp.sum(entropy * mask) / jnp.maximum(jnp.sum(mask), 1)
+    return _mean(total, count) * scored["scale"], (count, mean_entropy)
+
+  return _minimize(state, optim, rng, loss_fn)
+
+
 def rl_step(state: state_lib.TrainState, teacher_params: Any, batch: Batch,
             *, models: Models, optim: state_lib.OptimConfig, rl: RLConfig
             ) -> tuple[state_lib.TrainState, Metrics]:
@@ -379,19 +402,8 @@ def rl_update(state: state_lib.TrainState, batch: Batch,
               ) -> tuple[state_lib.TrainState, Metrics]:
   """Steps 3-5 of `rl_step` on a scored rollout; `rng` becomes state.rng."""
   g = rollout_returns(scored, rl, rl.k)  # [B, T]
-  mask = scored["mask"]
-
-  def loss_fn(params):
-    logits = models.forward(params, models.student, batch["input_ids"],
-                            batch["attention_mask"], scored["decoder_inputs"],
-                            mask)  # [B, T, V]
-    total, count = rollout_loss(logits, scored, g, rl)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)  # [B, T]
-    mean_entropy = jnp.sum(entropy * mask) / jnp.maximum(jnp.sum(mask), 1)
-    return _mean(total, count) * scored["scale"], (count, mean_entropy)
-
-  state, loss, (count, entropy), info = _minimize(state, optim, rng, loss_fn)
+  state, loss, (count, entropy), info = rollout_update(
+      state, batch, scored, g, rng, models=models, optim=optim, rl=rl)
   diag = returns.return_diagnostics(scored["q_taken"], scored["values"],
                                     scored["loss_mask"], rl.k)
   real = jnp.maximum(jnp.sum(scored["real_row"]), 1)
