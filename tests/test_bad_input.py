@@ -16,6 +16,8 @@ import jax
 import ml_collections
 import pytest
 
+import conftest
+
 from ketchup_jax.data import numbers
 from ketchup_jax.train import pipeline
 from test_pipeline import REPO, smoke_config
@@ -175,7 +177,7 @@ def _main(*args, config="configs/smoke.py"):
       [sys.executable, "-m", "ketchup_jax.main", f"--config={config}",
        *args], cwd=REPO, capture_output=True, text=True, timeout=120,
       env=dict(os.environ,
-               XLA_FLAGS="--xla_force_host_platform_device_count=1"))
+               XLA_FLAGS=conftest.xla_flags(1)))
 
 
 @pytest.mark.parametrize("flag, names", [

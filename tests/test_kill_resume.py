@@ -29,6 +29,8 @@ import time
 
 import pytest
 
+import conftest
+
 from ketchup_jax.train import checkpoints
 from test_pipeline import REPO, _run_on_one_device, smoke_config
 
@@ -39,7 +41,7 @@ OVERRIDES = {"teacher_sft.steps": 3, "predistill.steps": STEPS,
 # stage name in the run directory -> value of --config.stages that runs it.
 STAGES = {"predistill": "teacher_sft,predistill",
           "rl_k2": "teacher_sft,predistill,rl"}
-ENV = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+ENV = dict(os.environ, XLA_FLAGS=conftest.xla_flags(1))
 TMP_MARK = ".orbax-checkpoint-tmp"
 
 

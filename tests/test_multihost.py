@@ -36,6 +36,8 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
+import conftest
+
 from ketchup_jax import distributed
 from ketchup_jax import models
 from ketchup_jax import partitioning
@@ -61,7 +63,7 @@ def _start(cmd, env, log):
 def runs(tmp_path_factory):
   root = tmp_path_factory.mktemp("multihost")
   env = dict(os.environ, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=8")
+             XLA_FLAGS=conftest.xla_flags(8))
   for name in ("KETCHUP_COORDINATOR_ADDRESS", "KETCHUP_NUM_PROCESSES",
                "KETCHUP_PROCESS_ID"):
     env.pop(name, None)

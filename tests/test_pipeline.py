@@ -15,6 +15,8 @@ import ml_collections
 import numpy as np
 import pytest
 
+import conftest
+
 from configs import smoke
 from ketchup_jax import models
 from ketchup_jax import partitioning
@@ -129,7 +131,7 @@ def test_killed_rl_stage_resumes_to_the_same_checksum(smoke_run, tmp_path):
   cmd = [sys.executable, "-m", "ketchup_jax.main",
          "--config=configs/smoke.py", f"--workdir={copy}",
          "--config.mesh.data=1"]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(os.environ, XLA_FLAGS=conftest.xla_flags(1))
   proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                           stderr=subprocess.DEVNULL)
   # Kill -9 once the step-2 checkpoint of the RL stage is complete.

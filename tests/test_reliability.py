@@ -14,6 +14,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import conftest
+
 from ketchup_jax.train import pipeline
 from ketchup_jax.train import state as state_lib
 from test_pipeline import REPO, _run_on_one_device, smoke_config
@@ -140,7 +142,7 @@ def test_sigterm_saves_at_the_next_step_and_rerun_resumes(tmp_path):
          "--config=configs/smoke.py", f"--workdir={workdir}",
          "--config.stages=teacher_sft", "--config.teacher_sft.steps=400",
          "--config.checkpoint_every=1000", "--config.mesh.data=1"]
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1")
+  env = dict(os.environ, XLA_FLAGS=conftest.xla_flags(1))
   proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   metrics = workdir / "metrics.jsonl"
