@@ -67,6 +67,18 @@ def _encode_capped(ids: list[int], *, max_len: int, eos_id: int) -> tuple[np.nda
   return np.asarray(ids, dtype=np.int32), truncated
 
 
+def _check_caps(max_source_len: int, max_target_len: int) -> None:
+  for name, value in (("max_source_len", max_source_len),
+                      ("max_target_len", max_target_len)):
+    if not isinstance(value, int) or value < 1:
+      raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
+def _empty_stats() -> dict[str, int]:
+  return {"num_examples": 0, "truncated_sources": 0, "truncated_targets": 0,
+          "empty_sources": 0, "empty_targets": 0}
+
+
 def tokenize(examples: Sequence[Mapping[str, str]], tokenizer: Tokenizer, *,
              max_source_len: int, max_target_len: int,
              prefix: str = "") -> TokenizedExamples:
@@ -85,14 +97,10 @@ def tokenize(examples: Sequence[Mapping[str, str]], tokenizer: Tokenizer, *,
   Returns:
     The token ids and truncation/empty counts.
   """
-  for name, value in (("max_source_len", max_source_len),
-                      ("max_target_len", max_target_len)):
-    if not isinstance(value, int) or value < 1:
-      raise ValueError(f"{name} must be a positive int, got {value!r}")
+  _check_caps(max_source_len, max_target_len)
   src_ids = tokenizer.encode_batch([prefix + ex["source"] for ex in examples])
   tgt_ids = tokenizer.encode_batch([ex["target"] for ex in examples])
-  stats = {"num_examples": len(examples), "truncated_sources": 0,
-           "truncated_targets": 0, "empty_sources": 0, "empty_targets": 0}
+  stats = dict(_empty_stats(), num_examples=len(examples))
   sources, targets = [], []
   for s, t in zip(src_ids, tgt_ids):
     stats["empty_sources"] += not s
@@ -131,18 +139,14 @@ class LazyTokenized:
 
   def __init__(self, examples: Sequence[Mapping[str, str]], tokenizer: Tokenizer,
                *, max_source_len: int, max_target_len: int, prefix: str = ""):
-    for name, value in (("max_source_len", max_source_len),
-                        ("max_target_len", max_target_len)):
-      if not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be a positive int, got {value!r}")
+    _check_caps(max_source_len, max_target_len)
     self._examples = examples
     self._tokenizer = tokenizer
     self._prefix = prefix
     self.max_source_len = max_source_len
     self.max_target_len = max_target_len
     self.pad_id = tokenizer.pad_id
-    self.stats = {"num_examples": 0, "truncated_sources": 0,
-                  "truncated_targets": 0, "empty_sources": 0, "empty_targets": 0}
+    self.stats = _empty_stats()
 
   def __len__(self) -> int:
     return len(self._examples)
