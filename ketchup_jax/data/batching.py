@@ -283,7 +283,7 @@ class BatchIterator:
   call) and keeps only those.
   """
 
-  def __init__(self, data: TokenizedExamples, *, batch_size: int,
+  def __init__(self, data: TokenizedExamples | LazyTokenized, *, batch_size: int,
                batch_multiple: int = 1, shuffle: bool = True, seed: int = 0,
                drop_remainder: bool = True, num_epochs: int | None = None,
                start_step: int = 0, source_buckets: Sequence[int] | None = None,
