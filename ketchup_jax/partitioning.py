@@ -236,6 +236,14 @@ def tree_shardings(
       logical_tree, shapes_tree, is_leaf=is_axes)
 
 
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  """The rows of an input batch over the data-parallel axes (`data`, `fsdp`).
+
+  Every array of a batch has the rows first, whatever its rank.
+  """
+  return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
 def with_logical_constraint(
     x: jax.Array,
     logical_axes: Sequence[str | None],

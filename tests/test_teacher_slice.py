@@ -56,7 +56,7 @@ def test_own_slice_rl_step_equals_the_same_mesh_step(monkeypatch):
     mods = steps.Models(student=student.config, teacher=teacher.config,
                         mesh=mesh)
     state = state_lib.init_state(student.params, tx, 0)
-    batch_sharding = teacher_slice.batch_sharding(mesh)
+    batch_sharding = partitioning.batch_sharding(mesh)
     on_mesh = jax.device_put(batch, batch_sharding)
     if split:
       step = teacher_slice.RLStep(models=mods, teacher_mesh=t_mesh,

@@ -175,7 +175,7 @@ class Run:
     return os.path.join(self.workdir, *parts)
 
   def batch_sharding(self) -> NamedSharding:
-    return NamedSharding(self.mesh, P(("data", "fsdp")))
+    return partitioning.batch_sharding(self.mesh)
 
   def replicated(self) -> NamedSharding:
     return NamedSharding(self.mesh, P())

@@ -155,10 +155,6 @@ def make_teacher_mesh(cfg: ml_collections.ConfigDict,
                                          devices=teacher)
 
 
-def batch_sharding(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P(("data", "fsdp")))
-
-
 def check_batch_sizes(cfg: ml_collections.ConfigDict, mesh: Mesh) -> None:
   """Batches of the stages that use the teacher must split over its mesh."""
   rows = mesh.shape["data"] * mesh.shape["fsdp"]
@@ -227,11 +223,11 @@ class RLStep(SplitStep):
             "attention_mask": batch["attention_mask"],
             "actions": rollout["actions"], "mask": rollout["mask"],
             "finished": rollout["finished"]}
-    return jax.device_put(sent, batch_sharding(self.teacher_mesh))
+    return jax.device_put(sent, partitioning.batch_sharding(self.teacher_mesh))
 
   def to_student(self, scores: dict[str, Any]) -> dict[str, Any]:
     """What crosses back: [B, T] Q-values / values and [B] bootstrap values."""
-    return jax.device_put(scores, batch_sharding(self.models.mesh))
+    return jax.device_put(scores, partitioning.batch_sharding(self.models.mesh))
 
   def compile(self, state_shardings: Any, batch: NamedSharding,
               replicated: NamedSharding) -> Callable:
@@ -269,7 +265,7 @@ class SeqKDStep(SplitStep):
         lambda state, b, t, m, d: steps.seqkd_update(
             state, b, t, m, d, models=self.models, optim=self.optim),
         donate_argnums=0, out_shardings=(state_shardings, replicated))
-    on_teacher = batch_sharding(self.teacher_mesh)
+    on_teacher = partitioning.batch_sharding(self.teacher_mesh)
 
     def step(state, teacher_params, batch_arrays):
       sources = jax.device_put(
