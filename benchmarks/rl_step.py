@@ -132,34 +132,26 @@ PHASE_NAMES = {"rollout": "student rollout (sampling)",
 def _jax_phases(state, teacher_params, batch, mods, optim, rl):
   """Phase name -> call timing that phase of `steps.rl_step` alone.
 
-  The calls use the public pieces `rl_step` is built from: the sampler call
-  of `score_rollout` (`Models.sample`), the teacher forward +
-  `returns.teacher_q_values`, `steps.rollout_returns`, and
+  The calls are the public pieces `rl_step` is built from:
+  `steps.student_rollout`, `steps.teacher_scores` (teacher forward +
+  `returns.teacher_q_values`), `steps.rollout_returns`, and
   `steps.rollout_update` (student forward + backward + guarded AdamW).
   Nothing is donated: the state is a private copy, the step's own state is
   donated separately.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from ketchup_jax import returns  # pylint: disable=g-import-not-at-top
-  from ketchup_jax.models import t5  # pylint: disable=g-import-not-at-top
   from ketchup_jax.train import steps  # pylint: disable=g-import-not-at-top
 
   state = jax.tree.map(lambda x: jnp.array(x, copy=True), state)
   rng, sample_rng = jax.random.split(state.rng)
 
   def rollout(params, b, key):
-    return mods.sample(params, mods.student, b, key,
-                       max_new_tokens=rl.max_decode_len,
-                       temperature=rl.temperature, top_k=rl.top_k,
-                       top_p=rl.top_p)
+    return steps.student_rollout(params, b, key, models=mods, rl=rl)
 
-  def teacher(t_params, b, actions, mask):
-    inputs = t5.shift_right(actions, mods.teacher)
-    logits = mods.forward(t_params, mods.teacher, b["input_ids"],
-                          b["attention_mask"], inputs, jnp.ones_like(inputs))
-    return returns.teacher_q_values(logits, actions, mask,
-                                    center=rl.center_logits, value=rl.value)
+  def teacher(t_params, b, actions, mask, finished):
+    return steps.teacher_scores(t_params, b, actions, mask, finished,
+                                models=mods, rl=rl)
 
   def update(s, b, scored, g, key):
     new_state, loss, _, _ = steps.rollout_update(
@@ -176,7 +168,7 @@ def _jax_phases(state, teacher_params, batch, mods, optim, rl):
   g = jitted["returns"](scored)
   args = {"rollout": (state.params, batch, sample_rng),
           "teacher": (teacher_params, batch, scored["actions"],
-                      scored["mask"]),
+                      scored["mask"], scored["finished"]),
           "returns": (scored,),
           "update": (state, batch, scored, g, rng)}
   return {name: (lambda f=f, a=args[name]: jax.block_until_ready(f(*a)))
