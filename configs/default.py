@@ -10,7 +10,8 @@ import ml_collections
 def optim(*, steps: int, learning_rate: float, batch_size: int,
           schedule: str = "linear", warmup_steps: int = 0,
           weight_decay: float = 0.0, max_grad_norm: float = 1.0,
-          grad_accum: int = 1) -> ml_collections.ConfigDict:
+          grad_accum: int = 1, eval_every: int = 0,
+          select: str = "last") -> ml_collections.ConfigDict:
   """The optimizer fields every training stage has."""
   return ml_collections.ConfigDict(dict(
       # Optimizer updates in the stage.
@@ -29,6 +30,12 @@ def optim(*, steps: int, learning_rate: float, batch_size: int,
       max_grad_norm=max_grad_norm,
       # Micro-batches per optimizer update (gradient accumulation).
       grad_accum=grad_accum,
+      # Decode the validation split greedily after every N optimizer updates
+      # and after the last (config.validation); 0 = never.
+      eval_every=eval_every,
+      # Which parameters the stage exports: "last", or "best" on validation
+      # (needs eval_every > 0; the starting point never competes).
+      select=select,
   ))
 
 
@@ -116,7 +123,8 @@ def get_config() -> ml_collections.ConfigDict:
   # Rollouts without EOS: "drop" (excluded, loss scaled by the finished
   # fraction), "terminal" (last position is terminal) or "bootstrap".
   c.rl.unfinished = "drop"
-  # Baseline b_t: "none", "batch_mean" or "teacher_expected".
+  # Baseline b_t: "none", "batch_mean", "teacher_expected" (sum softmax(Q) Q)
+  # or "value" (V_t of rl.value: A_t = -(regrets along t's K-step chain)).
   c.rl.baseline = "none"
   # Weight w_t: "none", "importance" (pi/mu) or "reference_compat" (pi).
   c.rl.weight = "none"
@@ -136,6 +144,17 @@ def get_config() -> ml_collections.ConfigDict:
   # metrics.jsonl (stage rl_k<K>_diag; ketchup_jax/diagnostics.py).
   c.rl.diag_every = 0
   c.rl.diag_minibatches = 8
+
+  # Validation during training (stages with eval_every > 0).
+  c.validation = ml_collections.ConfigDict(dict(
+      # The task's split to validate on; a task without it gets a
+      # deterministic carve-out of train (removed from train).
+      split="validation",
+      # Validate on the first N examples (the carve-out's size).
+      max_examples=512,
+      # Metric that selection maximises; "" = the task's first metric.
+      metric="",
+  ))
 
   c.eval = ml_collections.ConfigDict(dict(
       # Split to evaluate on.

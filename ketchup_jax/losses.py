@@ -19,7 +19,7 @@ from ketchup_jax import _checks
 Array = jax.Array
 ArrayLike = Any
 
-BASELINES = ("none", "batch_mean", "teacher_expected")
+BASELINES = ("none", "batch_mean", "teacher_expected", "value")
 WEIGHTS = ("none", "importance", "reference_compat")
 DIVERGENCES = ("kl", "rkl", "js", "tvd")
 
@@ -73,9 +73,9 @@ def _check_advantage_options(returns, mask, *, logprobs, baseline,
     raise ValueError(f"denom must be > 0, got {denom!r}")
   if reward_clip is not None and not reward_clip > 0:
     raise ValueError(f"reward_clip must be > 0 or None, got {reward_clip!r}")
-  if baseline == "teacher_expected":
+  if baseline in ("teacher_expected", "value"):
     _check_optional_like("teacher_values", teacher_values, returns,
-                         'baseline="teacher_expected"')
+                         f"baseline={baseline!r}")
   if weight != "none":
     _check_optional_like("logprobs", logprobs, returns, f"weight={weight!r}")
   if weight == "importance":
@@ -104,9 +104,14 @@ def pg_advantages(
     logprobs: [B, T] `log pi_theta(a_t)` of the current student; needed by
       `weight` "importance" and "reference_compat".
     baseline: "none" (b = 0), "batch_mean" (b = the mean of Ĝ over the real
-      tokens of this batch), or "teacher_expected" (b_t = `teacher_values`).
-    teacher_values: [B, T] `sum_a softmax(Q_t)(a) Q_t(a)`, i.e. the `values`
-      of `teacher_q_values(..., value="expected")`.
+      tokens of this batch), "teacher_expected" or "value" (b_t =
+      `teacher_values`, a state-only baseline either way).
+    teacher_values: [B, T] the baseline's state values: for
+      "teacher_expected" `sum_a softmax(Q_t)(a) Q_t(a)` (the `values` of
+      `teacher_q_values(..., value="expected")`); for "value" V_t, the
+      state value the returns use (`teacher_q_values`' `values`), so that
+      `A_t = Ĝ_t - V_t` is the negated sum of the one-step regrets
+      `V_i - Q_i(a_i)` along t's K-step chain.
     weight: "none" (w = 1), "importance" (w = pi/mu with mu =
       exp(`behavior_logprobs`)), or "reference_compat" (w = pi, as the
       authors' code multiplies by).
@@ -135,7 +140,7 @@ def _pg_advantages(returns, mask, logprobs, teacher_values, behavior_logprobs,
   g = jnp.where(m, returns.astype(jnp.float32), 0.0)  # [B, T]
   if baseline == "batch_mean":
     b = jnp.sum(g) / jnp.maximum(jnp.sum(m), 1)
-  elif baseline == "teacher_expected":
+  elif baseline in ("teacher_expected", "value"):
     b = teacher_values.astype(jnp.float32)
   else:
     b = 0.0

@@ -75,6 +75,8 @@ class RunSpec:
     baseline: rl.baseline of an RL run.
     from_scratch: RL from the random init instead of the pre-distilled
       student.
+    variant: Name of an entry of the sweep's `variants` (overrides of
+      `base` applied to this RL run), or "".
   """
   name: str
   label: str
@@ -84,6 +86,7 @@ class RunSpec:
   method: str = ""
   baseline: str = "none"
   from_scratch: bool = False
+  variant: str = ""
 
   def directory(self, workdir: str, reuse_from: str = "") -> str:
     if self.kind == "teacher":
@@ -101,6 +104,30 @@ def _rl_label(k: int, baseline: str = "none", scratch: bool = False) -> str:
   if scratch:
     label += ", no pre-distillation"
   return label
+
+
+def variant_overrides(c: ml_collections.ConfigDict,
+                      name: str) -> dict[str, Any]:
+  """The dotted `base` fields a variant sets, e.g. {"rl.temperature": 0.0}."""
+  flat: dict[str, Any] = {}
+
+  def walk(node: Any, prefix: str) -> None:
+    for key, value in node.items():
+      if isinstance(value, ml_collections.ConfigDict):
+        walk(value, f"{prefix}{key}.")
+      else:
+        flat[f"{prefix}{key}"] = value
+
+  walk(c.variants[name], "")
+  return flat
+
+
+def _set_dotted(cfg: ml_collections.ConfigDict, key: str, value: Any) -> None:
+  node = cfg
+  *parents, leaf = key.split(".")
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
 
 
 def check_sweep_config(c: ml_collections.ConfigDict) -> None:
@@ -127,6 +154,32 @@ def check_sweep_config(c: ml_collections.ConfigDict) -> None:
     if b not in losses.BASELINES or b == "none":
       raise ValueError(f"config.baselines must hold values from "
                        f"{losses.BASELINES[1:]}, got {tuple(c.baselines)!r}")
+  variant_ks = tuple(c.get("variant_ks", ()))
+  if any(isinstance(k, bool) or not isinstance(k, int) or k < 1
+         for k in variant_ks):
+    raise ValueError(f"config.variant_ks must hold ints >= 1, got "
+                     f"{variant_ks!r}")
+  for name in c.get("variants", {}):
+    if not name.replace("_", "").replace("-", "").isalnum():
+      raise ValueError(f"config.variants: a name must be letters, digits, "
+                       f"'_' or '-' (it names a directory), got {name!r}")
+    for key, value in variant_overrides(c, name).items():
+      node = c.base
+      for part in key.split("."):
+        if part not in node:
+          raise ValueError(f"config.variants.{name}: {key!r} is not a field "
+                           f"of config.base")
+        node = node[part]
+      trial = copy.deepcopy(c.base)
+      trial.unlock()
+      _set_dotted(trial, key, value)
+      try:
+        pipeline.check_config(trial)
+      except ValueError as e:
+        raise ValueError(f"config.variants.{name}: {e}") from None
+  if c.get("variants", {}) and not variant_ks:
+    raise ValueError("config.variant_ks must list the K values of the "
+                     "variants' RL runs, got ()")
   d = c.diagnostics
   if d.minibatches and d.minibatches < 2:
     raise ValueError(f"config.diagnostics.minibatches must be 0 (off) or "
@@ -154,6 +207,9 @@ def plan(c: ml_collections.ConfigDict) -> list[RunSpec]:
                            baseline=b) for k in c.baseline_ks)
     specs.extend(RunSpec(f"scratch_k{k}", _rl_label(k, scratch=True), s, "rl",
                          k=k, from_scratch=True) for k in c.scratch_ks)
+    for name in c.get("variants", {}):
+      specs.extend(RunSpec(f"{name}_k{k}", f"{name} (K={k})", s, "rl", k=k,
+                           variant=name) for k in c.variant_ks)
   return specs
 
 
@@ -188,7 +244,7 @@ def run_config(c: ml_collections.ConfigDict, spec: RunSpec,
     cfg.predistill.method = spec.method
     for field in ("steps", "batch_size", "learning_rate", "schedule",
                   "warmup_steps", "weight_decay", "max_grad_norm",
-                  "grad_accum"):
+                  "grad_accum", "eval_every", "select"):
       cfg.predistill[field] = cfg.rl[field]
   else:
     cfg.stages = "rl"
@@ -197,6 +253,9 @@ def run_config(c: ml_collections.ConfigDict, spec: RunSpec,
     cfg.rl.baseline = spec.baseline
     if not spec.from_scratch:
       cfg.student.init_from = predistilled
+    if spec.variant:
+      for key, value in variant_overrides(c, spec.variant).items():
+        _set_dotted(cfg, key, value)
   return cfg
 
 
@@ -304,6 +363,11 @@ def execute(c: ml_collections.ConfigDict, spec: RunSpec,
   record = {"label": spec.label, "seed": spec.seed, "kind": spec.kind,
             "k": spec.k, "metrics": metrics, "train_seconds": train_s,
             "seconds": time.perf_counter() - start}
+  info = _read_json(os.path.join(directory, "stages", f"{stage}.json"))
+  if "selected_step" in info:  # the stage validated (train/validation.py)
+    record["selection"] = {k: info[k] for k in (
+        "select", "selected_step", "selected_val_score", "start_val_score",
+        "val_seconds") if k in info}
   _write_json(done, record)
   return record, True
 
@@ -349,12 +413,23 @@ def aggregate(records: Sequence[dict[str, Any]],
               *, task: str, metric_names: Sequence[str]) -> dict[str, Any]:
   """Mean ± std over seeds of every row's metrics and of the diagnostics."""
   rows: dict[str, dict[str, Any]] = {}
+  start = {str(r["seed"]): r["metrics"] for r in records
+           if r["kind"] == "predistill"}
   for r in records:
     row = rows.setdefault(r["label"], {"kind": r["kind"], "k": r["k"],
                                        "per_seed": {}})
     row["per_seed"][str(r["seed"])] = r["metrics"]
+    if r.get("selection"):
+      row.setdefault("selected_step", {})[str(r["seed"])] = (
+          r["selection"]["selected_step"])
   for row in rows.values():
     row["metrics"] = {m: mean_std([s[m] for s in row["per_seed"].values()])
+                      for m in metric_names}
+    # The change from the same seed's pre-distilled start (paired).
+    paired = [seed for seed in row["per_seed"] if seed in start]
+    if row["kind"] in ("rl", "continue") and paired:
+      row["delta"] = {m: mean_std([row["per_seed"][seed][m] - start[seed][m]
+                                   for seed in paired])
                       for m in metric_names}
   by_k: dict[str, dict[str, Any]] = {}
   for seed, d in sorted(diags.items()):
@@ -386,14 +461,23 @@ def results_markdown(results: dict[str, Any], *, title: str = "") -> str:
   names = results["metric_names"]
   seeds = sorted({s for r in results["rows"].values() for s in r["per_seed"]
                   if s != "None"})
+  first = names[0]
   lines = ([f"## {title}", ""] if title else []) + [
       f"Task `{results['task']}`; mean ± std (sample std) over seeds "
-      f"{', '.join(seeds)} (the teacher is trained once).", "",
-      "| method | " + " | ".join(names) + " |",
-      "|---|" + "---:|" * len(names)]
+      f"{', '.join(seeds)} (the teacher is trained once). Δ: the change of "
+      f"{first} from the same seed's pre-distilled student, mean ± std of "
+      f"the paired differences. Selected: the update each seed's run "
+      f"exported, when it selected on validation.", "",
+      "| method | " + " | ".join(names) + f" | Δ {first} | selected |",
+      "|---|" + "---:|" * len(names) + "---:|---|"]
   for label, row in results["rows"].items():
+    delta = _fmt(row["delta"][first]) if "delta" in row else ""
+    if "delta" in row:
+      delta = ("+" if row["delta"][first]["mean"] >= 0 else "") + delta
+    chosen = ", ".join(str(v) for _, v in sorted(
+        row.get("selected_step", {}).items()))
     lines.append(f"| {label} | " + " | ".join(
-        _fmt(row["metrics"][n]) for n in names) + " |")
+        _fmt(row["metrics"][n]) for n in names) + f" | {delta} | {chosen} |")
   diag = results["diagnostics"]
   if diag:
     lines += ["", "Diagnostics of the pre-distilled student (all K on the "

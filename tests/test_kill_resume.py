@@ -36,8 +36,12 @@ from test_pipeline import REPO, _run_on_one_device, smoke_config
 
 STEPS = 12
 EVERY = 3
+# rl validates every 2 updates and exports the best: the selection (best
+# parameters, score, step) must survive the kills too.
 OVERRIDES = {"teacher_sft.steps": 3, "predistill.steps": STEPS,
-             "rl.steps": STEPS, "checkpoint_every": EVERY}
+             "rl.steps": STEPS, "checkpoint_every": EVERY,
+             "rl.eval_every": 2, "rl.select": "best",
+             "validation.max_examples": 16}
 # stage name in the run directory -> value of --config.stages that runs it.
 STAGES = {"predistill": "teacher_sft,predistill",
           "rl_k2": "teacher_sft,predistill,rl"}
@@ -55,6 +59,13 @@ def _command(workdir, stages):
 def _checksum(workdir, stage):
   return json.loads(pathlib.Path(workdir, "stages",
                                  f"{stage}.json").read_text())["checksum"]
+
+
+def _selection(workdir, stage):
+  info = json.loads(pathlib.Path(workdir, "stages",
+                                 f"{stage}.json").read_text())
+  return {k: info.get(k) for k in ("selected_step", "selected_val_score",
+                                   "start_val_score")}
 
 
 @pytest.fixture(scope="module")
@@ -86,7 +97,7 @@ def _unfinish(reference, workdir, stage):
   (workdir / "metrics.jsonl").write_text("".join(
       line + "\n" for line in
       (workdir / "metrics.jsonl").read_text().splitlines()
-      if json.loads(line)["stage"] != stage))
+      if json.loads(line)["stage"] not in (stage, f"{stage}_val")))
 
 
 def _steps_logged(workdir, stage):
@@ -235,12 +246,18 @@ def _kill_sequence(reference, workdir, stage, *, double_sigterm):
   counts["runs"] += 1
   assert done.returncode == 0, done.stderr[-3000:]
   assert _checksum(workdir, stage) == _checksum(reference, stage)
+  assert _selection(workdir, stage) == _selection(reference, stage)
   # Steps retrained after a kill replace their records from before it: each
   # step is logged once, in order, and every line is whole JSON.
   logged = [json.loads(line)["step"] for line in
             (workdir / "metrics.jsonl").read_text().splitlines()
             if json.loads(line)["stage"] == stage]
   assert logged == list(range(1, STEPS + 1)), logged
+  if stage == "rl_k2":  # validated at the start and every 2 updates, once
+    validated = [json.loads(line)["step"] for line in
+                 (workdir / "metrics.jsonl").read_text().splitlines()
+                 if json.loads(line)["stage"] == f"{stage}_val"]
+    assert validated == list(range(0, STEPS + 1, 2)), validated
   return counts
 
 

@@ -218,6 +218,17 @@ def test_rl_step_on_2x2x2_mesh_matches_one_device():
     ({"task.name": "jsonl",
       "task.options": {"paths": "/nonexistent/{split}.jsonl"}},
      r"/nonexistent/train.jsonl"),
+    ({"rl.select": "worst"},
+     r"config.rl.select must be one of \('last', 'best'\), got 'worst'"),
+    ({"rl.eval_every": -1}, r"config.rl.eval_every must be an int >= 0 .*-1"),
+    ({"predistill.select": "best"},
+     r"config.predistill.select='best' needs config.predistill.eval_every "
+     r"> 0"),
+    ({"rl.eval_every": 4, "validation.metric": "bleu"},
+     r"config.validation.metric must be one of the task's metrics "
+     r"\('chrf', 'exact_match'\), got 'bleu'"),
+    ({"validation.split": "test"},
+     r"config.validation.split must not be 'train' or 'test'"),
 ])
 def test_bad_config_raises_before_writing(tmp_path, overrides, message):
   cfg = smoke_config()

@@ -56,6 +56,12 @@ def sweep(base: ml_collections.ConfigDict, *, title: str
   c.baseline_ks = (1, 4)
   # RL from the random initialisation (no pre-distillation) at these K.
   c.scratch_ks = ()
+  # Named RL variants: each is a tree of `base` fields it overrides (e.g.
+  # {"t0": {"rl": {"temperature": 0.0}}}), run at every K of `variant_ks`
+  # from the same pre-distilled student, data order and budget (directory
+  # W/seed<s>/<name>_k<K>, row "<name> (K=<K>)").
+  c.variants = ml_collections.ConfigDict()
+  c.variant_ks = (4,)
   # Metric of the metric-vs-K plot ("" = the task's first).
   c.metric = ""
   # Per-K diagnostics of each seed's pre-distilled student

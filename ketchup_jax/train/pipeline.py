@@ -52,6 +52,7 @@ from ketchup_jax.train import evaluate
 from ketchup_jax.train import state as state_lib
 from ketchup_jax.train import steps
 from ketchup_jax.train import teacher_slice
+from ketchup_jax.train import validation
 from ketchup_jax.train import writer as writer_lib
 
 STAGES = ("teacher_sft", "predistill", "rl", "eval")
@@ -88,6 +89,7 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
   parse_stages(cfg.stages)
   rl_ks(cfg)
   teacher_slice.check_config(cfg)
+  validation.check_config(cfg)
   for name in ("max_source_len", "max_target_len"):
     if not isinstance(cfg[name], int) or cfg[name] < 1:
       raise ValueError(f"config.{name} must be an int >= 1, got {cfg[name]!r}")
@@ -149,6 +151,11 @@ class Run:
   train: data_lib.TokenizedExamples | data_lib.LazyTokenized
   eval: data_lib.TokenizedExamples
   eval_references: list[str]
+  # The validation split (None when no stage validates), its references and
+  # the metric selection maximises.
+  validation: data_lib.TokenizedExamples | None = None
+  validation_references: list[str] = dataclasses.field(default_factory=list)
+  validation_metric: str = ""
   writer: writer_lib.MetricWriter | None = None
   stop: StopRequest | None = None
   # The teacher's own mesh (config.teacher_mesh.devices > 0), else None.
@@ -226,6 +233,22 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
   train_examples = task.examples("train")
   if not train_examples:
     raise ValueError(f"task {task.name!r} has no examples in split 'train'")
+  val_examples, val_metric = [], ""
+  if validation.needed(cfg):
+    val_metric = validation.metric_name(cfg, task.metric_names)
+    val_cfg = cfg.get("validation", ml_collections.ConfigDict())
+    val_split = val_cfg.get("split", "validation")
+    max_val = val_cfg.get("max_examples", 512)
+    if val_split in task.splits and task.examples(val_split):
+      val_examples = task.examples(val_split)[:max_val]
+      logging.info("validation: %d examples of split %r, metric %s",
+                   len(val_examples), val_split, val_metric)
+    else:  # e.g. a jsonl task with train and test files only
+      train_examples, val_examples = validation.carve_out(train_examples,
+                                                          max_val)
+      logging.info("validation: task %r has no %r split; %d train examples "
+                   "carved out (lowest source hash), metric %s", task.name,
+                   val_split, len(val_examples), val_metric)
   if jax.process_count() > 1:
     # Per-host input: each process tokenises only the rows it feeds (its
     # slice of every global batch), when the batch is drawn.
@@ -242,6 +265,7 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
   # Every process decodes whole eval batches (eval output is gathered).
   evaluation = data_lib.tokenize(eval_examples, **caps)
   logging.info("data %s: %s", cfg.eval.split, evaluation.stats)
+  val_data = data_lib.tokenize(val_examples, **caps) if val_examples else None
   for stage in ("teacher_sft", "predistill", "rl"):
     if cfg[stage].batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
       raise ValueError(
@@ -253,7 +277,9 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
   return Run(cfg=cfg, workdir=workdir, mesh=mesh, task=task,
              tokenizer=tokenizer, train=train, eval=evaluation,
              eval_references=[ex["target"] for ex in eval_examples],
-             teacher_mesh=teacher_mesh)
+             validation=val_data,
+             validation_references=[ex["target"] for ex in val_examples],
+             validation_metric=val_metric, teacher_mesh=teacher_mesh)
 
 
 # --------------------------------------------------------------------------
@@ -357,7 +383,9 @@ def _export(run: Run, name: str, lm: models.T5LM) -> None:
 
 
 def _state_shardings(run: Run, lm: models.T5LM,
-                     tx: optax.GradientTransformation, seed: int) -> Any:
+                     tx: optax.GradientTransformation, seed: int,
+                     select: str | None = None) -> Any:
+  """Shardings of the stage's `TrainState` (with a selection if `select`)."""
   param_shardings = jax.tree.map(lambda x: x.sharding, lm.params)
   abstract = jax.eval_shape(
       functools.partial(state_lib.init_state, tx=tx, seed=seed), lm.params)
@@ -367,31 +395,75 @@ def _state_shardings(run: Run, lm: models.T5LM,
   return state_lib.TrainState(
       step=run.replicated(), params=param_shardings, opt_state=opt_shardings,
       rng=run.replicated(), skipped=run.replicated(),
-      nonfinite_streak=run.replicated(), last_finite_loss=run.replicated())
+      nonfinite_streak=run.replicated(), last_finite_loss=run.replicated(),
+      selection=None if select is None else validation.Selection(
+          params=param_shardings if select == "best" else None,
+          **{name: run.replicated() for name in (
+              "score", "step", "start_score", "last_score", "seconds")}))
+
+
+def _validator(run: Run, stage: str, lm: models.T5LM,
+               spec: validation.StageValidation) -> validation.Validator:
+  """Greedy decoding of the validation split, scored with its metric."""
+  metric = run.validation_metric
+
+  def score(params: Any) -> float:
+    predictions = decode_split(run, dataclasses.replace(lm, params=params),
+                               run.validation, f"validate {stage}")
+    return evaluate.score((metric,), predictions,
+                          run.validation_references)[metric]
+
+  def log(update: int, values: dict[str, float]) -> None:
+    run.writer.write(f"{stage}_val", update, values)
+    run.writer.log_line(f"{stage}_val", update, run.cfg[_config_section(
+        stage)].steps, values, tuple(values))
+
+  return validation.Validator(spec, score, log, metric)
+
+
+def _config_section(stage: str) -> str:
+  return "rl" if stage.startswith("rl_k") else stage
 
 
 def train_stage(run: Run, stage: str, lm: models.T5LM, step_fn: Callable,
                 optim: state_lib.OptimConfig, *, batch_size: int, seed: int,
                 teacher: models.T5LM | None = None,
                 hook: Callable[[int, Any], None] | None = None
-                ) -> models.T5LM:
+                ) -> tuple[models.T5LM, dict[str, Any]]:
   """Runs `step_fn` for the stage's micro-steps, with checkpoints and logs.
 
   `hook(step, state)`, if given, is called at the start and after every step
   (it decides itself when to act; the RL stage's gradient diagnostics).
 
+  With the stage's `eval_every > 0` the validation split is decoded after
+  every that many optimizer updates (`ketchup_jax.train.validation`), and
+  `select` decides which parameters are returned.
+
   Resumes from the stage's latest checkpoint (parameters, optimizer state,
-  step, RNG; the data position is the step).
+  step, RNG, the validation record; the data position is the step).
 
   Returns:
-    The student (or teacher, for teacher_sft) with the trained parameters.
+    The student (or teacher, for teacher_sft) with the selected parameters,
+    and the selection's summary for `stages/<stage>.json` ({} without
+    validation).
   """
   cfg = run.cfg
+  spec = validation.StageValidation.from_config(stage,
+                                                cfg[_config_section(stage)])
+  select = spec.select if spec.enabled else None
   tx = state_lib.make_optimizer(optim)
-  shardings = _state_shardings(run, lm, tx, seed)
-  init = jax.jit(functools.partial(state_lib.init_state, tx=tx, seed=seed),
-                 out_shardings=shardings)
+  shardings = _state_shardings(run, lm, tx, seed, select)
+
+  def init_fn(params):
+    state = state_lib.init_state(params, tx=tx, seed=seed)
+    if select is not None:
+      state = state.replace(
+          selection=validation.initial_selection(params, select))
+    return state
+
+  init = jax.jit(init_fn, out_shardings=shardings)
   state = init(lm.params)
+  validator = _validator(run, stage, lm, spec) if select else None
   ckpt = checkpoints.StageCheckpoints(run.path("checkpoints", stage))
   restored = ckpt.restore_latest_good(state)
   if restored is not None:
@@ -425,6 +497,10 @@ def train_stage(run: Run, stage: str, lm: models.T5LM, step_fn: Callable,
   previous_streak = None
   if hook is not None and start == 0:
     hook(0, state)
+  if validator is not None and start == 0:
+    state = validator.start(state)
+    state = state.replace(selection=jax.device_put(state.selection,
+                                                   shardings.selection))
   for step in range(start, total):
     batch = distributed.put_batch(next(data), batch_sharding, batch_size)
     args = (state, teacher.params, batch) if with_teacher else (state, batch)
@@ -449,6 +525,11 @@ def train_stage(run: Run, stage: str, lm: models.T5LM, step_fn: Callable,
       bar.set_postfix(loss=f"{float(metrics['loss']):.4g}")
     if hook is not None:
       hook(done, state)
+    if validator is not None and done % optim.grad_accum == 0 and spec.due(
+        done // optim.grad_accum, optim.steps):
+      state = validator.after_update(state, done // optim.grad_accum)
+      state = state.replace(selection=jax.device_put(state.selection,
+                                                     shardings.selection))
     if done % cfg.checkpoint_every == 0 and done < total:
       _save(ckpt, done, state)
     # A signal to any process stops all of them at the same step. With
@@ -475,7 +556,11 @@ def train_stage(run: Run, stage: str, lm: models.T5LM, step_fn: Callable,
   if ckpt.latest_step() != total:
     _save(ckpt, total, state, force=True)
   ckpt.close()
-  return dataclasses.replace(lm, params=state.params)
+  info = validation.summary(state, spec, run.validation_metric, optim.steps)
+  if info:
+    logging.info("[%s] selection: %s", stage, info)
+  return (dataclasses.replace(lm, params=validation.selected_params(
+      state, spec)), info)
 
 
 @jax.jit
@@ -590,6 +675,20 @@ def _mark_done(run: Run, name: str, info: dict[str, Any]) -> None:
   distributed.barrier(f"stage {name} done")
 
 
+def _stage_selection(run: Run, source: str) -> dict[str, Any]:
+  """The validation selection recorded for a `stage:` source ({} if none)."""
+  if not source.startswith("stage:"):
+    return {}
+  path = run.path("stages", f"{source[len('stage:'):]}.json")
+  if not os.path.exists(path):
+    return {}
+  with open(path, encoding="utf-8") as f:
+    info = json.load(f)
+  return {k: info[k] for k in ("select", "eval_every", "val_metric",
+                               "selected_step", "selected_val_score",
+                               "start_val_score", "val_seconds") if k in info}
+
+
 def _teacher_source(run: Run) -> str:
   stages = parse_stages(run.cfg.stages)
   if "teacher_sft" in stages or _stage_done(run, "teacher_sft"):
@@ -618,11 +717,12 @@ def stage_teacher_sft(run: Run) -> None:
   optim = state_lib.OptimConfig.from_config(cfg.teacher_sft)
   step_fn = functools.partial(steps.supervised_step,
                               models=_models(run, teacher, None), optim=optim)
-  teacher = train_stage(run, "teacher_sft", teacher, step_fn, optim,
-                        batch_size=cfg.teacher_sft.batch_size, seed=cfg.seed)
+  teacher, info = train_stage(run, "teacher_sft", teacher, step_fn, optim,
+                              batch_size=cfg.teacher_sft.batch_size,
+                              seed=cfg.seed)
   _export(run, "teacher_sft", teacher)
   _mark_done(run, "teacher_sft",
-             {"checksum": params_checksum(teacher.params)})
+             {"checksum": params_checksum(teacher.params), **info})
 
 
 def stage_predistill(run: Run) -> None:
@@ -645,12 +745,12 @@ def stage_predistill(run: Run) -> None:
   else:
     step_fn = functools.partial(steps.word_kd_step, models=mods, optim=optim,
                                 divergence=cfg.predistill.method)
-  student = train_stage(run, "predistill", student, step_fn, optim,
-                        batch_size=cfg.predistill.batch_size,
-                        seed=cfg.seed + 1, teacher=teacher)
+  student, info = train_stage(run, "predistill", student, step_fn, optim,
+                              batch_size=cfg.predistill.batch_size,
+                              seed=cfg.seed + 1, teacher=teacher)
   _export(run, "predistill", student)
   _mark_done(run, "predistill",
-             {"checksum": params_checksum(student.params)})
+             {"checksum": params_checksum(student.params), **info})
 
 
 def stage_rl(run: Run, k: int) -> None:
@@ -677,11 +777,11 @@ def stage_rl(run: Run, k: int) -> None:
         run, name, teacher, student, k=k, every=cfg.rl.diag_every,
         minibatches=cfg.rl.diag_minibatches)
   # Every K starts from the same student with the same seed: paired runs.
-  student = train_stage(run, name, student, step_fn, optim,
-                        batch_size=cfg.rl.batch_size, seed=cfg.seed + 2,
-                        teacher=teacher, hook=hook)
+  student, info = train_stage(run, name, student, step_fn, optim,
+                              batch_size=cfg.rl.batch_size,
+                              seed=cfg.seed + 2, teacher=teacher, hook=hook)
   _export(run, name, student)
-  _mark_done(run, name, {"checksum": params_checksum(student.params)})
+  _mark_done(run, name, {"checksum": params_checksum(student.params), **info})
 
 
 def _greedy(run: Run, lm: models.T5LM, max_len: int) -> Callable:
@@ -754,14 +854,20 @@ def return_diagnostics_by_k(run: Run, student: models.T5LM,
           for k in cfg.eval.diag_ks}
 
 
-def eval_predictions(run: Run, lm: models.T5LM, label: str) -> list[str]:
-  """Greedy outputs of `lm` on the eval split, in order (what eval scores)."""
+def decode_split(run: Run, lm: models.T5LM,
+                 data: data_lib.TokenizedExamples, desc: str) -> list[str]:
+  """Greedy outputs of `lm` on `data`, in order (eval and validation)."""
   cfg = run.cfg
   return evaluate.decode_split(
-      _greedy(run, lm, cfg.eval.max_decode_len), run.eval,
+      _greedy(run, lm, cfg.eval.max_decode_len), data,
       batch_size=cfg.eval.batch_size, batch_multiple=run.batch_multiple,
-      tokenizer=run.tokenizer, desc=f"eval {label}",
+      tokenizer=run.tokenizer, desc=desc,
       source_buckets=tuple(cfg.source_buckets) or None)
+
+
+def eval_predictions(run: Run, lm: models.T5LM, label: str) -> list[str]:
+  """Greedy outputs of `lm` on the eval split, in order (what eval scores)."""
+  return decode_split(run, lm, run.eval, f"eval {label}")
 
 
 def stage_eval(run: Run) -> dict[str, Any]:
@@ -785,6 +891,9 @@ def stage_eval(run: Run) -> dict[str, Any]:
         "source": source, "metrics": scores,
         "checksum": params_checksum(lm.params),
         "decode_seconds": time.perf_counter() - start}
+    selection = _stage_selection(run, source)
+    if selection:
+      results["models"][label]["selection"] = selection
     logging.info("eval %s: %s", label, scores)
     if run.is_main:
       _write_predictions(run, source.replace("stage:", "") if
@@ -823,6 +932,24 @@ def results_table(results: dict[str, Any]) -> str:
   for label, row in results["models"].items():
     lines.append(f"| {label} | " + " | ".join(
         f"{row['metrics'][n]:.2f}" for n in names) + " |")
+  selected = {label: row["selection"] for label, row in
+              results["models"].items() if row.get("selection")}
+  if selected:
+    lines += ["", f"Models are scored on `{results['split']}`. Stages that "
+              "validated chose their exported parameters on the validation "
+              "split (never on the reported split); the starting point "
+              "never competes:", "",
+              "| model | select | every | selected update | val metric | "
+              "val at start | val selected | validation s |",
+              "|---|---|---:|---:|---|---:|---:|---:|"]
+    fmt = lambda x: "–" if x is None else f"{x:.2f}"
+    for label, sel in selected.items():
+      lines.append(
+          f"| {label} | {sel['select']} | {sel['eval_every']} | "
+          f"{sel['selected_step']} | {sel['val_metric']} | "
+          f"{fmt(sel.get('start_val_score'))} | "
+          f"{fmt(sel.get('selected_val_score'))} | "
+          f"{sel['val_seconds']:.1f} |")
   diag = results.get("return_diagnostics")
   if diag:
     lines += ["", "Return variance and bias of the pre-distilled student's "

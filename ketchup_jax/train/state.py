@@ -31,6 +31,8 @@ class TrainState:
       not finite.
     nonfinite_streak: int32 scalar, consecutive skipped updates up to now.
     last_finite_loss: float32 scalar, the loss of the last finite step.
+    selection: The validation record (`validation.Selection`) of a stage
+      that validates during training, else None.
   """
   step: jax.Array
   params: Any
@@ -39,6 +41,7 @@ class TrainState:
   skipped: jax.Array
   nonfinite_streak: jax.Array
   last_finite_loss: jax.Array
+  selection: Any = None
 
 
 @dataclasses.dataclass(frozen=True)

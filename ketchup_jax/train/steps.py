@@ -45,7 +45,7 @@ class RLConfig:
     value: "max" or "expected" state value.
     center_logits: Centre the teacher logits into Q-values.
     unfinished: Rollouts without EOS: "drop", "terminal" or "bootstrap".
-    baseline: "none", "batch_mean" or "teacher_expected".
+    baseline: "none", "batch_mean", "teacher_expected" or "value".
     weight: "none", "importance" or "reference_compat".
     denom: Advantage divisor.
     reward_clip: Advantage clip c (None: no clip).
@@ -254,8 +254,8 @@ def teacher_scores(teacher_params: Any, batch: Batch, actions: jax.Array,
 
   Returns:
     A dict: q_taken, values, bootstrap_value (None unless rl.unfinished ==
-    "bootstrap"), teacher_values (None unless rl.baseline ==
-    "teacher_expected").
+    "bootstrap"), teacher_values (the baseline's [B, T] state values; None
+    unless rl.baseline is "teacher_expected" or "value").
   """
   length = rl.max_decode_len
   # The teacher scores one extra position for "bootstrap": V after the last.
@@ -282,6 +282,8 @@ def teacher_scores(teacher_params: Any, batch: Batch, actions: jax.Array,
     _, teacher_values = returns.teacher_q_values(
         teacher_logits, actions, mask, center=rl.center_logits,
         value="expected")
+  elif rl.baseline == "value":  # b_t = V_t of the returns' own value
+    teacher_values = values
   return {"q_taken": q_taken, "values": values,
           "bootstrap_value": bootstrap_value, "teacher_values": teacher_values}
 
@@ -323,8 +325,8 @@ def score_rollout(params: Any, teacher_params: Any, batch: Batch,
     A dict: actions, mask (EOS included), loss_mask, scale (the finished
     fraction under "drop", else 1), q_taken, values, bootstrap_value (None
     unless rl.unfinished == "bootstrap"), teacher_values (None unless
-    rl.baseline == "teacher_expected"), behavior_logprobs, decoder_inputs,
-    lengths, finished, real_row.
+    rl.baseline is "teacher_expected" or "value"), behavior_logprobs,
+    decoder_inputs, lengths, finished, real_row.
   """
   rollout = student_rollout(params, batch, sample_rng, models=models, rl=rl)
   scores = teacher_scores(teacher_params, batch, rollout["actions"],

@@ -53,11 +53,12 @@ class MetricWriter:
     self._tb.flush()
 
   def rewind(self, stage: str, step: int) -> int:
-    """Drops `stage`'s records (and its `_diag` ones) after `step`.
+    """Drops `stage`'s records (and its `_diag` / `_val` ones) after `step`.
 
     A stage resumed from its checkpoint at `step` redoes the later steps, so
     their records from the interrupted run go: every (stage, step) stays in
-    `metrics.jsonl` once. A line cut short by a kill is dropped as well.
+    `metrics.jsonl` once. A stage restarted from step 0 scores its starting
+    point again, so its step-0 validation record goes too. A line cut short by a kill is dropped as well.
 
     Returns:
       The number of lines dropped.
@@ -72,8 +73,10 @@ class MetricWriter:
         record = json.loads(line)
       except json.JSONDecodeError:
         continue
-      if record.get("stage") in (stage, f"{stage}_diag") and (
-          record.get("step", 0) > step):
+      name, at = record.get("stage"), record.get("step", 0)
+      if name in (stage, f"{stage}_diag", f"{stage}_val") and at > step:
+        continue
+      if name == f"{stage}_val" and step == 0:  # the start is scored again
         continue
       kept.append(line)
     if len(kept) != len(lines):
