@@ -45,8 +45,11 @@ from ketchup_jax.data import batching
 from ketchup_jax.train import pipeline
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
+# RL validates after every update and exports the best one: every process
+# decodes the validation split, and they must select the same update.
 ARGS = ["-m", "ketchup_jax.main", "--config=configs/smoke.py",
-        "--config.stages=rl"]
+        "--config.stages=rl", "--config.rl.eval_every=1",
+        "--config.rl.select=best", "--config.validation.max_examples=16"]
 # The 2-process run: the data axis as 4 within each process x 2 across them
 # (the hybrid ICI/DCN mesh); the others: the default mesh, config unchanged.
 EXTRA = {1: [], 2: ["--config.mesh.dcn_data=2"], 4: []}
@@ -109,6 +112,16 @@ def _params(workdir):
       str(workdir / "models" / "rl_k2" / "model.safetensors"))
 
 
+def _validation(workdir):
+  """(step, chrF) of every validation record, and the selected update."""
+  lines = (workdir / "metrics.jsonl").read_text().splitlines()
+  scores = [(r["step"], r["chrf"]) for r in map(json.loads, lines)
+            if r["stage"] == "rl_k2_val"]
+  info = json.loads((workdir / "stages" / "rl_k2.json").read_text())
+  assert [step for step, _ in scores] == [0, 1, 2, 3]
+  return scores, info["selected_step"]
+
+
 def _checksum(workdir):
   return json.loads((workdir / "stages" / "rl_k2.json").read_text())[
       "checksum"]
@@ -122,6 +135,7 @@ def test_2_and_4_processes_are_bit_identical_to_1(runs, n):
   assert all(r["grad_norm"] > 0 for r in many)  # the parameters moved
   assert [r["loss"] for r in many] == [r["loss"] for r in one]
   assert _checksum(runs / f"p{n}") == _checksum(runs / "p1")
+  assert _validation(runs / f"p{n}") == _validation(runs / "p1")
 
 
 def test_distributed_run_equals_plain_single_process(runs):

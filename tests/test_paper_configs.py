@@ -12,7 +12,9 @@ method, RL loss settings, and the bfloat16 compute with float32 master weights
 
 The random checkpoints get an EOS bonus (see `paper_fixtures.write_t5`):
 without it a random student almost never ends a rollout, and the configs drop
-unfinished rollouts from the RL loss, so the two RL steps would be empty.
+unfinished rollouts from the RL loss, so the two RL steps would be empty. The
+student's is large: its rollouts are greedy (the authors' recipe), so EOS
+must be its argmax somewhere within the 12 decoded tokens.
 
 The three runs share the checkpoints, the tokenizer and the session's persistent
 compilation cache, so only the first pays for most compiles.
@@ -63,7 +65,7 @@ def assets(tmp_path_factory):
       # T5-like: v1.0, ReLU, tied and scaled output; smaller.
       "student": paper_fixtures.write_t5(root / "student", v1_1=False,
                                          d_model=24, d_ff=48, num_layers=1,
-                                         eos_bonus=8.0, seed=1),
+                                         eos_bonus=24.0, seed=1),
       "europarl": paper_fixtures.write_europarl_tsv(root / "europarl"),
       "tfds_dir": str(root / "tfds"),
   }
@@ -94,6 +96,7 @@ def shrink(name, cfg, assets):
   cfg.eval.max_examples = 8
   cfg.eval.max_decode_len = DECODE_LEN
   cfg.eval.diag_batches = 1
+  cfg.validation.max_examples = 8
   cfg.checkpoint_every = 1
   cfg.log_every = 1
   cfg.mesh.data = 1
@@ -124,6 +127,25 @@ def paper_run(request, assets, tmp_path_factory):
               seconds=seconds)
 
 
+def test_shipped_configs_run_the_authors_recipe():
+  """SPEC §4.3: what jiabinfan/KETCHUP's RL code runs, in every paper config."""
+  for name, (module, k, _, _) in CONFIGS.items():
+    c = module.get_config()
+    assert c.predistill.method == "kl", name
+    rl = c.rl
+    assert (rl.temperature, rl.weight, rl.baseline) == (
+        0.0, "reference_compat", "none"), name
+    assert (rl.reward_clip, rl.denom, rl.entropy_coef) == (50.0, 1.0, 0.0)
+    assert (rl.learning_rate, rl.schedule, rl.warmup_steps,
+            rl.weight_decay, rl.max_grad_norm) == (1e-5, "constant", 0, 0.0,
+                                                   0.0), name
+    assert rl.batch_size * rl.grad_accum == 8, name
+    assert (rl.eval_every, rl.select) == (8, "best"), name
+    assert c.validation.split == "validation", name
+    assert pipeline.rl_ks(c) == (k,), name
+    pipeline.check_config(c)
+
+
 def test_shipped_config_names_its_k_and_task(paper_run):
   shipped = paper_run["shipped"]
   for role in ("teacher", "student"):
@@ -147,13 +169,18 @@ def test_results_have_predistilled_and_rl_rows_with_task_metrics(paper_run):
   assert tuple(on_disk["metric_names"]) == paper_run["metric_names"]
   # The prompted teacher (a directory, not a stage), the SeqKD student, and
   # KETCHUP with the config's K.
-  assert list(on_disk["models"]) == ["teacher", "student (seqkd)",
+  assert list(on_disk["models"]) == ["teacher", "student (kl)",
                                      f"KETCHUP (K={k})"]
   for label, row in on_disk["models"].items():
     assert set(row["metrics"]) == set(paper_run["metric_names"]), label
     for value in row["metrics"].values():
       assert math.isfinite(value) and 0.0 <= value <= 100.0, (label, value)
-  assert on_disk["models"]["student (seqkd)"]["source"] == "stage:predistill"
+  assert on_disk["models"]["student (kl)"]["source"] == "stage:predistill"
+  # RL validated (eval_every 8 > 2 steps: at the start and the last update)
+  # and exported its best update, never the start.
+  selection = on_disk["models"][f"KETCHUP (K={k})"]["selection"]
+  assert selection["select"] == "best" and selection["eval_every"] == 8
+  assert selection["selected_step"] in (1, 2)
   assert on_disk["models"][f"KETCHUP (K={k})"]["source"] == f"stage:rl_k{k}"
   # Two RL steps at lr 1e-5 still move the parameters.
   checksums = [row["checksum"] for row in on_disk["models"].values()]
@@ -166,7 +193,10 @@ def test_metrics_log_two_rl_steps_with_the_configs_k(paper_run):
   workdir, k = paper_run["workdir"], paper_run["k"]
   records = [json.loads(line) for line in
              (workdir / "metrics.jsonl").read_text().splitlines()]
-  assert {r["stage"] for r in records} == {"predistill", f"rl_k{k}"}
+  assert {r["stage"] for r in records} == {"predistill", f"rl_k{k}",
+                                          f"rl_k{k}_val"}
+  assert [r["step"] for r in records if r["stage"] == f"rl_k{k}_val"] == [
+      0, 2]
   rl = [r for r in records if r["stage"] == f"rl_k{k}"]
   assert [r["step"] for r in rl] == [1, 2]
   for r in rl:

@@ -191,6 +191,10 @@ def test_pipeline_predistill_and_rl_with_the_teacher_on_its_own_devices(
   cfg.mesh.data = -1  # the 4 student devices
   cfg.predistill.steps = 1
   cfg.rl.steps = 2
+  # Validation and best selection work with the teacher on its own devices.
+  cfg.rl.eval_every = 1
+  cfg.rl.select = "best"
+  cfg.validation.max_examples = 16
   workdir = tmp_path / "run"
   pipeline.run(cfg, str(workdir))
   records = [json.loads(line) for line in
@@ -200,6 +204,9 @@ def test_pipeline_predistill_and_rl_with_the_teacher_on_its_own_devices(
     by_stage.setdefault(r["stage"], []).append(r)
   assert [r["step"] for r in by_stage["rl_k2"]] == [1, 2]
   assert [r["step"] for r in by_stage["predistill"]] == [1]
+  assert [r["step"] for r in by_stage["rl_k2_val"]] == [0, 1, 2]
+  assert json.loads((workdir / "stages" / "rl_k2.json").read_text())[
+      "selected_step"] in (1, 2)
   for r in by_stage["rl_k2"] + by_stage["predistill"]:
     assert np.isfinite(r["loss"]) and r["skipped"] == 0.0
   assert 0.0 <= by_stage["predistill"][0]["teacher_finished"] <= 1.0
