@@ -5,7 +5,7 @@ is met in one place (the tests inject `OSError(errno.ENOSPC)` there):
 
 * `atomic_write(path, data)`: a temporary file next to `path`, renamed over
   it when complete; `path` holds the old contents or the new, never part.
-* `atomic_dir(path)`: the same for a directory (an exported model).
+* `atomic_file(path)`: the same for a library that writes to a file name.
 * `append_line(path, line)`: a line appended whole, or the file cut back to
   its previous length.
 
@@ -105,52 +105,33 @@ def write_to(f: IO, data: str | bytes) -> None:
     view = view[f.write(view):]
 
 
-def _remove(path: str) -> None:
-  if os.path.isdir(path) and not os.path.islink(path):
-    shutil.rmtree(path, ignore_errors=True)
-  elif os.path.lexists(path):
-    os.remove(path)
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str]) -> Iterator[str]:
+  """Yields a temporary path; what is written there replaces `path` at the end.
 
-
-def atomic_write(path: str | os.PathLike[str], data: str | bytes) -> None:
-  """Replaces `path` with `data` (str: UTF-8) all at once, or not at all."""
+  For writers that take a file name (safetensors). On any failure the
+  temporary file goes and `path` is left as it was.
+  """
   path = os.fspath(path)
   tmp = f"{path}.tmp-{os.getpid()}"
   with naming_full_disk(path):
     try:
-      with open(tmp, "wb" if isinstance(data, bytes) else "w",
-                **({} if isinstance(data, bytes) else
-                   {"encoding": "utf-8"})) as f:
-        write_to(f, data)
-        f.flush()
-        os.fsync(f.fileno())
+      yield tmp
       os.replace(tmp, path)
     finally:
       if os.path.lexists(tmp):
-        _remove(tmp)
+        os.remove(tmp)
 
 
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike[str]) -> Iterator[str]:
-  """Yields a temporary directory that becomes `path` when the block ends.
-
-  An earlier `path` is replaced only once the new one is complete. On any
-  failure the temporary directory goes and `path` is left as it was.
-  """
-  path = os.fspath(path).rstrip(os.sep)
-  tmp, old = f"{path}.tmp-{os.getpid()}", f"{path}.old-{os.getpid()}"
-  for stale in (tmp, old):
-    _remove(stale)
-  with naming_full_disk(path):
-    try:
-      os.makedirs(tmp)
-      yield tmp
-      if os.path.lexists(path):
-        os.replace(path, old)
-      os.replace(tmp, path)
-    finally:
-      _remove(tmp)
-      _remove(old)
+def atomic_write(path: str | os.PathLike[str], data: str | bytes) -> None:
+  """Replaces `path` with `data` (str: UTF-8) all at once, or not at all."""
+  text = isinstance(data, str)
+  with atomic_file(path) as tmp:
+    with open(tmp, "w" if text else "wb",
+              **({"encoding": "utf-8"} if text else {})) as f:
+      write_to(f, data)
+      f.flush()
+      os.fsync(f.fileno())
 
 
 def append_line(path: str | os.PathLike[str], line: str) -> None:

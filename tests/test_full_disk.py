@@ -75,7 +75,7 @@ def _assert_disk_full_names(error, path):
 
 def _leftovers(workdir):
   return sorted(str(p.relative_to(workdir)) for p in workdir.rglob("*")
-                if ".tmp-" in p.name or ".old-" in p.name)
+                if ".tmp-" in p.name)
 
 
 def _resume_matches(workdir, checksum, stages="teacher_sft,eval"):
@@ -128,9 +128,11 @@ def test_full_disk_during_the_export_leaves_no_half_model(
   monkeypatch.setattr(safetensors.numpy, "save_file", save_file)
   with pytest.raises(fileio.DiskFullError) as e:
     _run_on_one_device(_config("teacher_sft"), str(work))
-  _assert_disk_full_names(e, work / "models" / "teacher_sft")
+  _assert_disk_full_names(e, work / "models" / "teacher_sft" /
+                          "model.safetensors")
   monkeypatch.undo()
-  assert os.listdir(work / "models") == []  # no half model, no temporary
+  # No half model.safetensors, no temporary, no config without weights.
+  assert os.listdir(work / "models" / "teacher_sft") == []
   assert not (work / "stages" / "teacher_sft.json").exists()
   _resume_matches(work, checksum, "teacher_sft")
 

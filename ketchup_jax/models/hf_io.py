@@ -568,12 +568,13 @@ def save_checkpoint(params: Params, config: T5Config,
       "eos_token_id": config.eos_token_id,
       "pad_token_id": config.pad_token_id,
   }
-  # Written whole or not at all: `path` keeps its old files until the new
-  # directory is complete (a full disk leaves no half model under `path`).
-  with fileio.atomic_dir(path) as tmp:
-    safetensors.numpy.save_file(state, os.path.join(tmp, _SAFE),
-                                metadata={"format": "pt"})
-    for name, content in (("config.json", config.to_hf_dict()),
-                          ("generation_config.json", generation)):
-      fileio.atomic_write(os.path.join(tmp, name),
-                          json.dumps(content, indent=2, sort_keys=True))
+  path = os.fspath(path)
+  os.makedirs(path, exist_ok=True)
+  # Each file whole or not at all (a full disk leaves no half file under its
+  # name); the weights first, so a config is never newer than its weights.
+  with fileio.atomic_file(os.path.join(path, _SAFE)) as tmp:
+    safetensors.numpy.save_file(state, tmp, metadata={"format": "pt"})
+  for name, content in (("config.json", config.to_hf_dict()),
+                        ("generation_config.json", generation)):
+    fileio.atomic_write(os.path.join(path, name),
+                        json.dumps(content, indent=2, sort_keys=True))
