@@ -110,7 +110,9 @@ def test_full_disk_at_a_checkpoint_save_keeps_the_previous_one(
   assert ckpt.latest_step() == 2  # the half-written step 4 is not the latest
   ckpt.close()
   assert not (work / "stages" / "teacher_sft.json").exists()
+  assert list(work.rglob(f"{STEPS}.orbax-checkpoint-tmp*"))  # the half step
   _resume_matches(work, checksum, "teacher_sft")
+  assert not list(work.rglob("*.orbax-checkpoint-tmp*"))
 
 
 def test_full_disk_during_the_export_leaves_no_half_model(
