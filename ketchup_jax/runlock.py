@@ -155,14 +155,15 @@ class RunLock:
       raise
     self._fd = fd
     self._stop.clear()
-    self._heartbeat = threading.Thread(target=self._beat, daemon=True,
+    self._heartbeat = threading.Thread(target=self._beat, args=(fd,),
+                                       daemon=True,
                                        name=f"runlock {self.directory}")
     self._heartbeat.start()
 
-  def _beat(self) -> None:
+  def _beat(self, fd: int) -> None:
     while not self._stop.wait(HEARTBEAT_S):
       try:
-        os.utime(self._fd)
+        os.utime(fd)
       except OSError:
         pass
 
@@ -170,6 +171,7 @@ class RunLock:
     if self._fd is None:
       return
     self._stop.set()
+    self._heartbeat.join()  # no touch of a closed (or reused) descriptor
     try:
       if os.stat(self.path).st_ino == os.fstat(self._fd).st_ino:
         os.remove(self.path)  # before unlocking: see `_open_locked`
@@ -183,6 +185,8 @@ class RunLock:
 @contextlib.contextmanager
 def hold(directory: str | os.PathLike[str]) -> Iterator[None]:
   """Holds `directory`'s lock for the block (process 0 for all processes).
+
+  Call it after `distributed.initialize`: it asks JAX for the process index.
 
   Raises:
     RunLockError: another run holds it (on every process of this run).

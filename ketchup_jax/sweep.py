@@ -50,6 +50,7 @@ from absl import logging
 import ml_collections
 import numpy as np
 
+from ketchup_jax import distributed
 from ketchup_jax import fileio
 from ketchup_jax import runlock
 
@@ -542,6 +543,9 @@ def run_sweep(c: ml_collections.ConfigDict, workdir: str, *,
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ValueError(f"--workdir {workdir!r} exists and is not a directory")
   os.makedirs(workdir, exist_ok=True)
+  # Before the lock touches a JAX backend: connect to the other processes
+  # (as pipeline.run does; a second call does nothing).
+  distributed.initialize(c.base.get("distributed"))
   # One sweep at a time in DIR (each run's directory is locked as well).
   with runlock.hold(workdir):
     return _run_sweep_locked(c, workdir, log)

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import textwrap
+import time
 
 from absl import logging
 import pytest
@@ -184,3 +185,31 @@ def test_sweep_refuses_held_directories(tmp_path, holder):
   finally:
     second.kill()
     second.wait()
+
+
+def test_lock_of_another_host_is_refused_while_its_heartbeat_is_fresh(
+    tmp_path, monkeypatch, caplog):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  lock_file = workdir / "run.lock"
+  # What a run on another host leaves where flock does not reach across
+  # hosts: its record, touched by its heartbeat.
+  lock_file.write_text(json.dumps({"pid": 4242, "host": "elsewhere",
+                                   "started": "2026-01-01T00:00:00+00:00"}))
+  with pytest.raises(runlock.RunLockError,
+                     match=r"pid 4242 on host elsewhere, .*, alive 0 s ago"):
+    runlock.RunLock(workdir).acquire()
+  quiet = time.time() - runlock.STALE_AFTER_S - 5
+  os.utime(lock_file, (quiet, quiet))
+  monkeypatch.setattr(runlock, "HEARTBEAT_S", 0.05)
+  lock = runlock.RunLock(workdir)
+  with caplog.at_level(logging.WARNING):
+    lock.acquire()
+  assert any("pid 4242 on host elsewhere" in r.getMessage()
+             for r in caplog.records)
+  # Held: the heartbeat keeps the file's mtime fresh.
+  first = lock_file.stat().st_mtime
+  time.sleep(0.3)
+  assert lock_file.stat().st_mtime > first
+  lock.release()
+  assert not lock_file.exists()
