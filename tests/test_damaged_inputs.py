@@ -7,20 +7,17 @@ and what was expected, with the workdir exactly as it was.
 
 import json
 import os
-import pathlib
 import re
 import subprocess
 import sys
 
 import jax
-import numpy as np
 import pytest
 import safetensors.numpy
 
 import conftest
 
 from ketchup_jax import models
-from ketchup_jax.train import pipeline
 from test_pipeline import REPO, _run_on_one_device, smoke_config
 from test_tokenizers import _tiny_hf_tokenizer
 

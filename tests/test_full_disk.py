@@ -11,7 +11,6 @@ checksum of an uninterrupted run.
 import errno
 import json
 import os
-import pathlib
 import shutil
 import subprocess
 import sys
