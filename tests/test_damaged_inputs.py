@@ -163,6 +163,18 @@ def test_damaged_teacher_is_named_before_the_workdir_is_touched(
   _assert_untouched(workdir)
 
 
+def test_missing_teacher_directory_is_named_before_the_workdir_is_touched(
+    tmp_path):
+  missing = tmp_path / "no_such_model"
+  workdir = _workdir(tmp_path)
+  with pytest.raises(ValueError, match=(
+      rf"config.teacher.init_from='{re.escape(str(missing))}': "
+      rf"'{re.escape(str(missing))}' is not a checkpoint directory")):
+    _run_on_one_device(smoke_config(**{"teacher.init_from": str(missing)}),
+                       str(workdir))
+  _assert_untouched(workdir)
+
+
 def test_the_undamaged_model_passes_the_same_checks(model_dir, tmp_path):
   sharded, _ = _sharded(model_dir, tmp_path / "sharded")
   for d in (model_dir, sharded):

@@ -483,6 +483,13 @@ def check_checkpoint(directory: str) -> None:
         f" {_BIN}, {_BIN_INDEX}")
 
 
+def could_be_hub_name(path: str) -> bool:
+  """False for what can only be a local path: an existing file, `./x`,
+  `a/b/c`; True for a directory-less `owner/name` or `name`."""
+  return not (os.path.exists(path) or path.count("/") > 1 or
+              path.startswith((".", "/", "~")))
+
+
 def resolve_path(path_or_name: str | os.PathLike[str], *,
                  revision: str | None = None,
                  local_files_only: bool = False) -> str:
@@ -503,7 +510,7 @@ def resolve_path(path_or_name: str | os.PathLike[str], *,
   path = os.fspath(path_or_name)
   if os.path.isdir(path):
     return path
-  if os.path.exists(path) or path.count("/") > 1 or path.startswith("."):
+  if not could_be_hub_name(path):
     raise FileNotFoundError(f"{path!r} is not a checkpoint directory")
   try:
     import huggingface_hub  # pylint: disable=g-import-not-at-top

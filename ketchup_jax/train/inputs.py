@@ -20,16 +20,17 @@ def model_dirs(cfg: ml_collections.ConfigDict,
                workdir: str) -> list[tuple[str, str]]:
   """(what, directory) of every existing model directory the run may load.
 
-  The configured `init_from` directories, and the exported models of the
-  stages already finished in `workdir`. Hub names are checked when fetched;
-  `scratch:` needs nothing.
+  The configured `init_from` paths (a missing one fails the check), and the
+  exported models of the stages already finished in `workdir`. Hub names
+  are checked when fetched; `scratch:` needs nothing.
   """
   found = []
   for role in ("teacher", "student"):
     init_from = cfg[role].init_from
-    if not init_from.startswith(("scratch:", "stage:")) and os.path.isdir(
-        init_from):
-      found.append((f"config.{role}.init_from={init_from!r}", init_from))
+    if init_from.startswith(("scratch:", "stage:")) or (
+        not os.path.isdir(init_from) and hf_io.could_be_hub_name(init_from)):
+      continue
+    found.append((f"config.{role}.init_from={init_from!r}", init_from))
   stages = os.path.join(workdir, "stages")
   if os.path.isdir(stages):
     for marker in sorted(os.listdir(stages)):
@@ -44,6 +45,6 @@ def check_models(cfg: ml_collections.ConfigDict, workdir: str) -> None:
   """Raises ValueError naming the first damaged model directory."""
   for what, path in model_dirs(cfg, workdir):
     try:
-      hf_io.check_checkpoint(path)
+      hf_io.check_checkpoint(hf_io.resolve_path(path))
     except (ValueError, FileNotFoundError) as e:
       raise ValueError(f"{what}: {e}") from None
