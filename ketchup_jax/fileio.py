@@ -1,4 +1,4 @@
-"""Writes that a full disk cannot half-do: atomic files and directories, whole lines.
+"""Writes a full disk cannot half-do: files replaced whole, lines appended whole.
 
 Every file the package writes itself goes through `write_to`, so a full disk
 is met in one place (the tests inject `OSError(errno.ENOSPC)` there):
@@ -36,7 +36,7 @@ class DiskFullError(OSError):
 
 
 def free_bytes(path: str | os.PathLike[str]) -> int | None:
-  """Bytes free on the filesystem holding `path` (its nearest existing parent)."""
+  """Bytes free on the filesystem of `path` (its nearest existing parent)."""
   path = os.path.abspath(os.fspath(path))
   while not os.path.exists(path) and os.path.dirname(path) != path:
     path = os.path.dirname(path)
