@@ -1,4 +1,4 @@
-"""Writes a full disk cannot half-do: files replaced whole, lines appended whole.
+"""Writes a full disk cannot half-do: whole files, whole lines.
 
 Every file the package writes itself goes through `write_to`, so a full disk
 is met in one place (the tests inject `OSError(errno.ENOSPC)` there):
