@@ -50,6 +50,10 @@ from absl import logging
 import ml_collections
 import numpy as np
 
+from ketchup_jax import distributed
+from ketchup_jax import fileio
+from ketchup_jax import runlock
+
 METHODS = ("seqkd", "kl", "rkl", "js", "tvd", "llmr", "ketchup")
 WORD_METHODS = ("seqkd", "kl", "rkl", "js", "tvd")
 _METHOD_LABELS = {"seqkd": "SeqKD", "kl": "KL", "rkl": "RKL", "js": "JS",
@@ -288,10 +292,7 @@ def evaluate_model(run: Any, name: str, model_cfg: Any,
 
 
 def _write_json(path: str, obj: Any) -> None:
-  tmp = path + ".tmp"
-  with open(tmp, "w", encoding="utf-8") as f:
-    json.dump(obj, f, indent=1)
-  os.replace(tmp, path)
+  fileio.atomic_write(path, json.dumps(obj, indent=1))
 
 
 def _read_json(path: str) -> Any:
@@ -328,7 +329,6 @@ def _check_reusable(cfg: ml_collections.ConfigDict, directory: str) -> None:
 def execute(c: ml_collections.ConfigDict, spec: RunSpec,
             workdir: str) -> tuple[dict[str, Any], bool]:
   """Runs one spec unless its eval.json exists; returns (record, ran)."""
-  from ketchup_jax.train import pipeline  # pylint: disable=g-import-not-at-top
   directory = spec.directory(workdir, c.reuse_from)
   done = os.path.join(directory, "eval.json")
   cfg = run_config(c, spec, workdir)
@@ -340,6 +340,15 @@ def execute(c: ml_collections.ConfigDict, spec: RunSpec,
     _check_reusable(cfg, directory)
   if os.path.exists(done):
     return _read_json(done), False
+  # The run's directory is this sweep's alone until its eval.json is written.
+  with runlock.hold(directory):
+    return _execute_locked(c, spec, cfg, directory, done)
+
+
+def _execute_locked(c: ml_collections.ConfigDict, spec: RunSpec,
+                    cfg: ml_collections.ConfigDict, directory: str,
+                    done: str) -> tuple[dict[str, Any], bool]:
+  from ketchup_jax.train import pipeline  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   if spec.kind == "teacher" and not trains_teacher(c):
     run = pipeline.setup(cfg, directory)
@@ -614,14 +623,23 @@ def plot(results: dict[str, Any], directory: str,
 def run_sweep(c: ml_collections.ConfigDict, workdir: str, *,
               log=print) -> dict[str, Any]:
   """Runs (or reuses) every run, then writes results.json/.md and plots."""
-  from ketchup_jax.train import pipeline  # pylint: disable=g-import-not-at-top
   check_sweep_config(c)
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ValueError(f"--workdir {workdir!r} exists and is not a directory")
   os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "sweep_config.json"), "w",
-            encoding="utf-8") as f:
-    f.write(c.to_json_best_effort(indent=1, sort_keys=True))
+  # Before the lock touches a JAX backend: connect to the other processes
+  # (as pipeline.run does; a second call does nothing).
+  distributed.initialize(c.base.get("distributed"))
+  # One sweep at a time in DIR (each run's directory is locked as well).
+  with runlock.hold(workdir):
+    return _run_sweep_locked(c, workdir, log)
+
+
+def _run_sweep_locked(c: ml_collections.ConfigDict, workdir: str,
+                      log) -> dict[str, Any]:
+  from ketchup_jax.train import pipeline  # pylint: disable=g-import-not-at-top
+  fileio.atomic_write(os.path.join(workdir, "sweep_config.json"),
+                      c.to_json_best_effort(indent=1, sort_keys=True))
   specs = plan(c)
   started = time.perf_counter()
   records, diags, ran = [], {}, []

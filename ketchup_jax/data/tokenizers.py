@@ -20,6 +20,8 @@ import os
 import re
 from collections.abc import Iterable, Sequence
 
+from ketchup_jax import fileio
+
 PAD_ID = 0
 EOS_ID = 1
 UNK_ID = 2
@@ -126,8 +128,15 @@ class HFTokenizer(Tokenizer):
     import transformers  # pylint: disable=g-import-not-at-top
     if not os.path.isdir(path):
       raise ValueError(f"path must be a local tokenizer directory, got {path!r}")
-    tok = transformers.AutoTokenizer.from_pretrained(os.fspath(path),
-                                                     local_files_only=True)
+    _check_tokenizer_dir(os.fspath(path))
+    try:
+      tok = transformers.AutoTokenizer.from_pretrained(os.fspath(path),
+                                                       local_files_only=True)
+    except Exception as e:  # pylint: disable=broad-except
+      first = (str(e).strip().splitlines() or [""])[0][:300]
+      raise ValueError(
+          f"{path}: not a loadable tokenizer directory ({type(e).__name__}: "
+          f"{first}); {_TOKENIZER_EXPECTED}") from None
     return cls(tok, require_t5_ids=require_t5_ids)
 
   @property
@@ -258,18 +267,51 @@ class WordTokenizer(Tokenizer):
 
   def save(self, path: str | os.PathLike) -> None:
     """Writes the vocabulary as JSON."""
-    with open(path, "w", encoding="utf-8") as f:
-      json.dump({"type": "word", "vocab": self._pieces[3:]}, f, ensure_ascii=False)
+    fileio.atomic_write(path, json.dumps(
+        {"type": "word", "vocab": self._pieces[3:]}, ensure_ascii=False))
 
   @classmethod
   def load(cls, path: str | os.PathLike) -> "WordTokenizer":
     """Reads a vocabulary written by :meth:`save`."""
-    with open(path, encoding="utf-8") as f:
-      data = json.load(f)
-    if data.get("type") != "word" or not isinstance(data.get("vocab"), list):
+    data = _read_json(os.fspath(path), "a WordTokenizer vocabulary "
+                      "{'type': 'word', 'vocab': [...]}")
+    if not isinstance(data, dict) or data.get("type") != "word" or (
+        not isinstance(data.get("vocab"), list)):
       raise ValueError(f"{path}: not a WordTokenizer vocabulary (expected "
                        "{'type': 'word', 'vocab': [...]})")
     return cls(data["vocab"])
+
+
+_TOKENIZER_EXPECTED = ("expected an HF tokenizer directory with tokenizer.json "
+                       "or spiece.model (and tokenizer_config.json)")
+
+
+def _read_json(path: str, expected: str):
+  try:
+    with open(path, "rb") as f:
+      return json.loads(f.read())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path}: not valid JSON ({e}); expected {expected}"
+                     ) from None
+
+
+def _check_tokenizer_dir(path: str) -> None:
+  """Names a damaged file of an HF tokenizer directory before transformers reads it."""
+  names = set(os.listdir(path))
+  if not names & {"tokenizer.json", "spiece.model"}:
+    raise ValueError(f"{path}: holds neither tokenizer.json nor spiece.model; "
+                     f"{_TOKENIZER_EXPECTED}")
+  for name in sorted(n for n in names if n.endswith(".json")):
+    if name == "config.json":
+      continue  # the model's, not the tokenizer's (checked with the model)
+    data = _read_json(os.path.join(path, name), f"the JSON file {name} of "
+                      f"an HF tokenizer directory")
+    if not isinstance(data, dict):
+      raise ValueError(f"{os.path.join(path, name)}: a JSON "
+                       f"{type(data).__name__}, expected an object")
+  spiece = os.path.join(path, "spiece.model")
+  if "spiece.model" in names and os.path.getsize(spiece) == 0:
+    raise ValueError(f"{spiece}: empty; expected a SentencePiece model")
 
 
 def get_tokenizer(kind: str, *, path: str | os.PathLike | None = None,

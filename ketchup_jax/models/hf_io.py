@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ketchup_jax import fileio
 from ketchup_jax.models import t5
 from ketchup_jax.models.config import T5Config
 
@@ -281,6 +282,73 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+_SAFE_EXPECTED = ("expected a safetensors file: an 8-byte little-endian "
+                  "header length, a JSON header, then the tensor bytes")
+
+
+def _safetensors_header(path: str) -> tuple[int, dict[str, Any]]:
+  """(header length, tensor entries) of a `.safetensors` file, checked.
+
+  Reads only the header: every tensor's dtype, shape and byte range must be
+  consistent and inside the file.
+
+  Raises:
+    ValueError: one line naming the file, what is wrong and what was
+      expected (a truncated file: "tensor X needs bytes up to N, the file
+      has M").
+  """
+  size = os.path.getsize(path)
+  with open(path, "rb") as f:
+    if size < 8:
+      raise ValueError(f"{path}: the file has {size} bytes; {_SAFE_EXPECTED}")
+    header_len = int.from_bytes(f.read(8), "little")
+    if header_len > size - 8:
+      raise ValueError(f"{path}: truncated or not safetensors: the header "
+                       f"length says {header_len} bytes of JSON, the file has "
+                       f"{size - 8} after it; {_SAFE_EXPECTED}")
+    raw = f.read(header_len)
+  try:
+    header = json.loads(raw)
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path}: the header is not valid JSON ({e}); "
+                     f"{_SAFE_EXPECTED}") from None
+  if not isinstance(header, dict):
+    raise ValueError(f"{path}: the header is a JSON {type(header).__name__}, "
+                     f"expected an object of tensor entries")
+  header.pop("__metadata__", None)
+  data_size = size - 8 - header_len
+  past_end = []  # (start, key, end, what) of tensors beyond the file's end
+  for key, info in header.items():
+    try:
+      dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
+      shape = [int(n) for n in info["shape"]]
+      start, end = (int(n) for n in info["data_offsets"])
+    except KeyError:
+      raise ValueError(
+          f"{path}: tensor {key!r} has dtype {info.get('dtype')!r} or lacks "
+          f"dtype/shape/data_offsets; expected dtype one of "
+          f"{sorted(_SAFETENSORS_DTYPES)}") from None
+    except (TypeError, ValueError, AttributeError):
+      raise ValueError(f"{path}: tensor {key!r} has a malformed entry "
+                       f"{info!r}; expected dtype, shape (a list of ints) and "
+                       f"data_offsets [start, end]") from None
+    need = int(np.prod(shape)) * dtype.itemsize
+    if end - start != need or start < 0:
+      raise ValueError(
+          f"{path}: tensor {key!r} ({info['dtype']} {shape}) needs {need} "
+          f"bytes, its data_offsets [{start}, {end}] span {end - start}")
+    if end > data_size:
+      past_end.append((start, key, end, f"{info['dtype']} {shape}"))
+  if past_end:
+    _, key, end, what = min(past_end)
+    whole = 8 + header_len + max(e for _, _, e, _ in past_end)
+    raise ValueError(
+        f"{path}: truncated: tensor {key!r} ({what}) needs bytes up to {end} "
+        f"of the data, the file has {data_size} bytes of data ({size} bytes "
+        f"in all, the header expects at least {whole})")
+  return header_len, header
+
+
 def _read_safetensors(path: str) -> dict[str, np.ndarray]:
   """Reads a `.safetensors` file into float32 numpy arrays, on the host.
 
@@ -288,17 +356,10 @@ def _read_safetensors(path: str) -> dict[str, np.ndarray]:
   directly so that bfloat16 tensors read without torch and without a trip
   through accelerator memory.
   """
-  with open(path, "rb") as f:
-    header_len = int.from_bytes(f.read(8), "little")
-    header = json.loads(f.read(header_len))
+  header_len, header = _safetensors_header(path)
   data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
   out = {}
   for key, info in header.items():
-    if key == "__metadata__":
-      continue
-    if info["dtype"] not in _SAFETENSORS_DTYPES:
-      raise ValueError(f"{path}: tensor {key!r} has dtype {info['dtype']!r};"
-                       f" expected one of {sorted(_SAFETENSORS_DTYPES)}")
     start, end = info["data_offsets"]
     array = np.frombuffer(data[start:end],
                           dtype=_SAFETENSORS_DTYPES[info["dtype"]])
@@ -317,11 +378,39 @@ def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
   return {k: v.float().numpy() for k, v in state.items()}
 
 
+def _read_json_file(path: str, expected: str) -> Any:
+  """The JSON in `path`; a ValueError naming the file if it is not JSON."""
+  try:
+    with open(path, "rb") as f:
+      return json.loads(f.read())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path}: not valid JSON ({e}); expected {expected}"
+                     ) from None
+
+
+def _weight_map(directory: str, index_name: str) -> dict[str, str]:
+  """The index's `weight_map` (tensor -> shard file), checked."""
+  path = os.path.join(directory, index_name)
+  index = _read_json_file(path, 'an object with "weight_map": {tensor name: '
+                          'shard file}')
+  weight_map = index.get("weight_map") if isinstance(index, dict) else None
+  if not isinstance(weight_map, dict) or not weight_map or not all(
+      isinstance(v, str) for v in weight_map.values()):
+    raise ValueError(f"{path}: no \"weight_map\" of tensor name -> shard "
+                     f"file; expected {{\"weight_map\": {{\"shared.weight\": "
+                     f"\"model-00001-of-00002.safetensors\", ...}}}}")
+  missing = sorted({v for v in weight_map.values()
+                    if not os.path.isfile(os.path.join(directory, v))})
+  if missing:
+    raise ValueError(f"{path}: lists shard files that are not in "
+                     f"{directory}: {missing}")
+  return weight_map
+
+
 def _read_index(directory: str, index_name: str,
                 reader: Callable[[str], dict[str, np.ndarray]]
                 ) -> dict[str, np.ndarray]:
-  with open(os.path.join(directory, index_name)) as f:
-    weight_map = json.load(f)["weight_map"]
+  weight_map = _weight_map(directory, index_name)
   out = {}
   for shard in sorted(set(weight_map.values())):
     out.update(reader(os.path.join(directory, shard)))
@@ -350,6 +439,57 @@ def read_state_dict(directory: str) -> dict[str, np.ndarray]:
       f" {_BIN}, {_BIN_INDEX}")
 
 
+def check_checkpoint(directory: str) -> None:
+  """Checks an HF checkpoint directory without reading its tensors.
+
+  `config.json` must be a valid T5 config; safetensors weights (one file, or
+  an index and its shards) must have sound headers, hold every tensor the
+  index lists and be as long as their headers say. PyTorch `.bin` files are
+  only checked to exist.
+
+  Raises:
+    ValueError: one line naming the file, what is wrong and what was
+      expected.
+    FileNotFoundError: no config.json or no weights.
+  """
+  config_path = os.path.join(directory, "config.json")
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f"no config.json in {directory!r}")
+  config = _read_json_file(config_path, "the model's HF config.json")
+  if not isinstance(config, dict):
+    raise ValueError(f"{config_path}: a JSON {type(config).__name__}, "
+                     f"expected an object of HF config fields")
+  try:
+    T5Config.from_hf_dict(config)
+  except (ValueError, TypeError, KeyError) as e:
+    raise ValueError(f"{config_path}: not a usable T5 config ({e})") from None
+  if os.path.exists(os.path.join(directory, _SAFE)):
+    _safetensors_header(os.path.join(directory, _SAFE))
+  elif os.path.exists(os.path.join(directory, _SAFE_INDEX)):
+    weight_map = _weight_map(directory, _SAFE_INDEX)
+    for shard in sorted(set(weight_map.values())):
+      path = os.path.join(directory, shard)
+      _, header = _safetensors_header(path)
+      absent = sorted(k for k, v in weight_map.items()
+                      if v == shard and k not in header)
+      if absent:
+        raise ValueError(
+            f"{path}: lacks tensors that {_SAFE_INDEX} places in it: "
+            f"{absent[:5]}{' ...' if len(absent) > 5 else ''}")
+  elif not any(os.path.exists(os.path.join(directory, name))
+               for name in (_BIN, _BIN_INDEX)):
+    raise FileNotFoundError(
+        f"no weights in {directory!r}: expected one of {_SAFE}, {_SAFE_INDEX},"
+        f" {_BIN}, {_BIN_INDEX}")
+
+
+def could_be_hub_name(path: str) -> bool:
+  """False for what can only be a local path: an existing file, `./x`,
+  `a/b/c`; True for a directory-less `owner/name` or `name`."""
+  return not (os.path.exists(path) or path.count("/") > 1 or
+              path.startswith((".", "/", "~")))
+
+
 def resolve_path(path_or_name: str | os.PathLike[str], *,
                  revision: str | None = None,
                  local_files_only: bool = False) -> str:
@@ -370,7 +510,7 @@ def resolve_path(path_or_name: str | os.PathLike[str], *,
   path = os.fspath(path_or_name)
   if os.path.isdir(path):
     return path
-  if os.path.exists(path) or path.count("/") > 1 or path.startswith("."):
+  if not could_be_hub_name(path):
     raise FileNotFoundError(f"{path!r} is not a checkpoint directory")
   try:
     import huggingface_hub  # pylint: disable=g-import-not-at-top
@@ -401,10 +541,9 @@ def load_checkpoint(path_or_name: str | os.PathLike[str], *,
   """
   directory = resolve_path(path_or_name, revision=revision,
                            local_files_only=local_files_only)
-  config_path = os.path.join(directory, "config.json")
-  if not os.path.exists(config_path):
-    raise FileNotFoundError(f"no config.json in {directory!r}")
-  config = T5Config.from_json_file(config_path, **config_overrides)
+  check_checkpoint(directory)
+  config = T5Config.from_json_file(os.path.join(directory, "config.json"),
+                                   **config_overrides)
   state = read_state_dict(directory)
   config = resolve_tied(state, config)
   return config, hf_to_params(state, config)
@@ -430,17 +569,19 @@ def save_checkpoint(params: Params, config: T5Config,
   host_params = jax.tree.map(to_host, params)
   if jax.process_index() != 0:
     return
-  path = os.fspath(path)
-  os.makedirs(path, exist_ok=True)
   state = params_to_hf(host_params, config)
-  safetensors.numpy.save_file(state, os.path.join(path, _SAFE),
-                              metadata={"format": "pt"})
-  with open(os.path.join(path, "config.json"), "w") as f:
-    json.dump(config.to_hf_dict(), f, indent=2, sort_keys=True)
   generation = {
       "decoder_start_token_id": config.decoder_start_token_id,
       "eos_token_id": config.eos_token_id,
       "pad_token_id": config.pad_token_id,
   }
-  with open(os.path.join(path, "generation_config.json"), "w") as f:
-    json.dump(generation, f, indent=2, sort_keys=True)
+  path = os.fspath(path)
+  os.makedirs(path, exist_ok=True)
+  # Each file whole or not at all (a full disk leaves no half file under its
+  # name); the weights first, so a config is never newer than its weights.
+  with fileio.atomic_file(os.path.join(path, _SAFE)) as tmp:
+    safetensors.numpy.save_file(state, tmp, metadata={"format": "pt"})
+  for name, content in (("config.json", config.to_hf_dict()),
+                        ("generation_config.json", generation)):
+    fileio.atomic_write(os.path.join(path, name),
+                        json.dumps(content, indent=2, sort_keys=True))

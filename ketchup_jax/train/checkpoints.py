@@ -1,7 +1,8 @@
 """Orbax checkpoints of a stage's `TrainState` under `DIR/checkpoints/<stage>`.
 
 Saves are atomic (Orbax writes a temporary directory and renames it when
-complete), so an interrupted save never becomes the latest step. A checkpoint
+complete), so an interrupted save (a kill, a full disk) never becomes the
+latest step. A checkpoint
 that exists but cannot be read (files missing or truncated) is moved aside to
 `DIR/checkpoints/<stage>.corrupt/<step>` with a warning naming it, and the
 newest readable one is restored instead. Restores place every array with the
@@ -20,6 +21,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from ketchup_jax import distributed
+from ketchup_jax import fileio
 
 
 class StageCheckpoints:
@@ -47,9 +49,15 @@ class StageCheckpoints:
     return self._manager.latest_step()
 
   def save(self, step: int, state: Any, *, force: bool = False) -> None:
-    """Saves `state` at `step` (blocking until it is on disk)."""
-    self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
-    self._manager.wait_until_finished()
+    """Saves `state` at `step` (blocking until it is on disk).
+
+    Raises:
+      fileio.DiskFullError: the disk filled up; the step was not committed,
+        so the previous checkpoint is still the latest.
+    """
+    with fileio.naming_full_disk(os.path.join(self.directory, str(step))):
+      self._manager.save(step, args=ocp.args.StandardSave(state), force=force)
+      self._manager.wait_until_finished()
 
   def restore(self, abstract_state: Any, step: int | None = None) -> Any:
     """Restores `step` (default latest) into the shapes/shardings given.

@@ -13,9 +13,14 @@ the run directory `DIR`:
     predictions/<model>.jsonl greedy outputs on the eval split
     results.json, results.md  metrics and parameter checksums per model
     plots/                    return variance and bias against K
+    run.lock                  held while a run writes here (`runlock`)
 
 Everything is checked before anything is written: a bad config, task, file,
-vocabulary or mesh raises `ValueError` and leaves `DIR` untouched.
+vocabulary, mesh or damaged model or tokenizer raises `ValueError` and leaves
+`DIR` untouched; a second run on a `DIR` in use is refused (`runlock`). A
+full disk stops the run with `fileio.DiskFullError` and loses nothing:
+checkpoints, exports and results are replaced whole, `metrics.jsonl` grows by
+whole lines.
 """
 
 from __future__ import annotations
@@ -43,12 +48,15 @@ import tqdm
 
 from ketchup_jax import data as data_lib
 from ketchup_jax import distributed
+from ketchup_jax import fileio
 from ketchup_jax import models
 from ketchup_jax import partitioning
 from ketchup_jax import returns
+from ketchup_jax import runlock
 from ketchup_jax.models import t5
 from ketchup_jax.train import checkpoints
 from ketchup_jax.train import evaluate
+from ketchup_jax.train import inputs
 from ketchup_jax.train import state as state_lib
 from ketchup_jax.train import steps
 from ketchup_jax.train import teacher_slice
@@ -215,6 +223,7 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
   Writes nothing.
   """
   check_config(cfg)
+  inputs.check_models(cfg, workdir)
   student_devices, teacher_mesh = teacher_slice.make_teacher_mesh(cfg)
   mesh = partitioning.make_mesh(
       data=cfg.mesh.data, fsdp=cfg.mesh.fsdp, tensor=cfg.mesh.tensor,
@@ -666,11 +675,8 @@ def _stage_done(run: Run, name: str) -> bool:
 
 def _mark_done(run: Run, name: str, info: dict[str, Any]) -> None:
   if run.is_main:
-    path = run.path("stages", f"{name}.json")
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-      json.dump(info, f, indent=1)
-    os.replace(tmp, path)
+    fileio.atomic_write(run.path("stages", f"{name}.json"),
+                        json.dumps(info, indent=1))
   # Every process sees the marker before deciding what runs next.
   distributed.barrier(f"stage {name} done")
 
@@ -910,11 +916,10 @@ def stage_eval(run: Run) -> dict[str, Any]:
 
 def _write_predictions(run: Run, name: str, predictions: list[str]) -> None:
   os.makedirs(run.path("predictions"), exist_ok=True)
-  path = run.path("predictions", f"{name}.jsonl")
-  with open(path, "w", encoding="utf-8") as f:
-    for pred, ref in zip(predictions, run.eval_references):
-      f.write(json.dumps({"prediction": pred, "reference": ref},
-                         ensure_ascii=False) + "\n")
+  fileio.atomic_write(run.path("predictions", f"{name}.jsonl"), "".join(
+      json.dumps({"prediction": pred, "reference": ref},
+                 ensure_ascii=False) + "\n"
+      for pred, ref in zip(predictions, run.eval_references)))
 
 
 # --------------------------------------------------------------------------
@@ -996,10 +1001,7 @@ def _write_results(run: Run, results: dict[str, Any]) -> None:
     return
   for name, text in (("results.json", json.dumps(results, indent=1)),
                      ("results.md", results_table(results))):
-    tmp = run.path(name + ".tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-      f.write(text)
-    os.replace(tmp, run.path(name))
+    fileio.atomic_write(run.path(name), text)
   plot_diagnostics(results, run.path("plots"))
 
 
@@ -1024,8 +1026,7 @@ def _prepare_workdir(run: Run) -> None:
       if f.read() != new:
         logging.warning("%s differs from this run's config; finished stages "
                         "are kept and the file is updated", config_path)
-  with open(config_path, "w", encoding="utf-8") as f:
-    f.write(new)
+  fileio.atomic_write(config_path, new)
   if isinstance(run.tokenizer, data_lib.WordTokenizer) and not (
       run.cfg.tokenizer.path):
     saved = run.path("tokenizer.json")
@@ -1045,6 +1046,13 @@ def run(cfg: ml_collections.ConfigDict, workdir: str) -> dict[str, Any] | None:
   the_run = setup(cfg, workdir)
   # Every process has read DIR (tokenizer.json, ...) before process 0 writes.
   distributed.barrier("set up")
+  # One run at a time in DIR, taken before anything is written there.
+  with runlock.hold(workdir):
+    return _run_locked(the_run)
+
+
+def _run_locked(the_run: Run) -> dict[str, Any] | None:
+  cfg, workdir = the_run.cfg, the_run.workdir
   _prepare_workdir(the_run)
   the_run.writer = writer_lib.MetricWriter(workdir)
   the_run.stop = StopRequest(cfg.preemption_grace_s)

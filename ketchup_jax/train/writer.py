@@ -17,6 +17,8 @@ import jax
 import numpy as np
 import tqdm
 
+from ketchup_jax import fileio
+
 
 def _scalar(value: Any) -> float:
   return float(np.asarray(value))
@@ -46,8 +48,8 @@ class MetricWriter:
     record = {"stage": stage, "step": int(step), "time": time.time(),
               **{k: (v if math.isfinite(v) else str(v))
                  for k, v in values.items()}}
-    with open(self._jsonl, "a", encoding="utf-8") as f:
-      f.write(json.dumps(record) + "\n")
+    # Whole lines only, also when the disk is full.
+    fileio.append_line(self._jsonl, json.dumps(record))
     for name, value in values.items():
       self._tb.add_scalar(f"{stage}/{name}", value, int(step))
     self._tb.flush()
@@ -80,10 +82,7 @@ class MetricWriter:
         continue
       kept.append(line)
     if len(kept) != len(lines):
-      tmp = self._jsonl + ".tmp"
-      with open(tmp, "w", encoding="utf-8") as f:
-        f.write("".join(line + "\n" for line in kept))
-      os.replace(tmp, self._jsonl)
+      fileio.atomic_write(self._jsonl, "".join(line + "\n" for line in kept))
     return len(lines) - len(kept)
 
   def log_line(self, stage: str, step: int, total: int,
