@@ -111,7 +111,11 @@ def get_config() -> ml_collections.ConfigDict:
   c.predistill.max_decode_len = 64
 
   # Stage rl: KETCHUP (SPEC §2-3), starting from the predistilled student.
-  c.rl = optim(steps=100, learning_rate=1e-5, batch_size=8)
+  # Issue 13's ablation (docs/experiments.md): lr 1e-5, constant, clipping 1,
+  # the pi-weighted loss on sampled rollouts, validation every 8 updates
+  # keeping the best.
+  c.rl = optim(steps=100, learning_rate=1e-5, batch_size=8,
+               schedule="constant", eval_every=8, select="best")
   # Jump length K of the K-step return; 1 is LLMR.
   c.rl.k = 4
   # Several K from the same start, one run each (rl_k<K>); empty = (k,).
@@ -127,7 +131,7 @@ def get_config() -> ml_collections.ConfigDict:
   # or "value" (V_t of rl.value: A_t = -(regrets along t's K-step chain)).
   c.rl.baseline = "none"
   # Weight w_t: "none", "importance" (pi/mu) or "reference_compat" (pi).
-  c.rl.weight = "none"
+  c.rl.weight = "reference_compat"
   # Advantage divisor.
   c.rl.denom = 1.0
   # Advantage clip c (authors' default 50).

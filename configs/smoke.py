@@ -25,6 +25,12 @@ def get_config():
   c.rl.k = 2
   c.rl.max_decode_len = 12
   c.rl.unfinished = "terminal"
+  # The tests check the step, not selection (tests that want validation
+  # turn it on): no validation, the last update exported.
+  c.rl.eval_every = 0
+  c.rl.select = "last"
+  c.rl.weight = "none"
+  c.rl.schedule = "linear"
   c.eval.batch_size = 16
   c.eval.max_examples = 16
   c.eval.max_decode_len = 12

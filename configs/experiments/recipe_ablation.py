@@ -1,7 +1,13 @@
 """Issue 13's recipe ablation on the demo's task and models, 3 seeds.
 
     python -m ketchup_jax.sweep --config=configs/experiments/recipe_ablation.py \
-        --workdir=runs/recipe_ablation
+        --workdir=runs/recipe_ablation --config.seeds=0
+    python -m ketchup_jax.sweep \
+        --config=configs/experiments/recipe_ablation.py:core \
+        --workdir=runs/recipe_ablation --config.seeds=0,1,2
+    python -m ketchup_jax.sweep \
+        --config=configs/experiments/recipe_ablation.py:k \
+        --workdir=runs/recipe_ablation --config.seeds=0,1,2
 
 The teacher, tokenizer and pre-distillation are `make demo`'s (configs/demo.py;
 seed 0 is the demo's own pre-distilled student). Every RL run starts from its
@@ -43,9 +49,14 @@ def recipe_base() -> ml_collections.ConfigDict:
   return c
 
 
-def variants() -> ml_collections.ConfigDict:
+# The factors run on every seed (`:core`); the rest ran on seed 0 only.
+CORE = ("refcompat", "authors", "teacher_expected", "value_baseline",
+        "lr1e-4", "last")
+
+
+def variants(which: str = "all") -> ml_collections.ConfigDict:
   rl = lambda **kw: {"rl": kw}
-  return ml_collections.ConfigDict({
+  every = {
       "t0": rl(temperature=0.0),
       "refcompat": rl(weight="reference_compat"),
       "teacher_expected": rl(baseline="teacher_expected"),
@@ -59,20 +70,35 @@ def variants() -> ml_collections.ConfigDict:
       # baseline, c = 50 as in the reference).
       "authors": rl(temperature=0.0, weight="reference_compat",
                     max_grad_norm=0.0),
-      # Two factors at once: the state-value baseline lets a larger step
-      # size through (A_t = -regret along the chain, never positive).
+      # Two factors at once: the state-value baseline (A_t = -regret along
+      # the chain, never positive) with a 10x step size.
       "value_lr1e-4": rl(baseline="value", learning_rate=1e-4),
-      "value_t0_lr1e-4": rl(baseline="value", temperature=0.0,
-                            learning_rate=1e-4),
-  })
+  }
+  if which == "core":
+    every = {name: every[name] for name in CORE}
+  elif which != "all":
+    raise ValueError(f"recipe_ablation.py:<which> must be 'all' or 'core', "
+                     f"got {which!r}")
+  return ml_collections.ConfigDict(every)
 
 
-def get_config():
+def get_config(which: str = "all"):
+  """`all` / `core`: the factor ablation; `k`: K and the word-level methods.
+
+  `k` runs the reference recipe at K = 1, 2, 4, 8, 16 against SeqKD / KL / JS
+  / TVD continued from the same student with the same budget and selection,
+  in the same directory (the K = 1 and K = 4 runs are the ablation's).
+  """
   c = common.sweep(recipe_base(), title="RL recipe ablation on numbers_en_nl "
                    "(demo models)")
   c.methods = ("llmr", "ketchup")
   c.ks = (4,)
-  c.variants = variants()
-  c.variant_ks = (1, 4)
+  if which == "k":
+    c.title = "K and the word-level objectives on numbers_en_nl (demo models)"
+    c.methods = ("seqkd", "kl", "js", "tvd", "llmr", "ketchup")
+    c.ks = (2, 4, 8, 16)
+  else:
+    c.variants = variants(which)
+    c.variant_ks = (1, 4)
   c.diagnostics.minibatches = 0
   return c

@@ -927,6 +927,26 @@ def _write_predictions(run: Run, name: str, predictions: list[str]) -> None:
 # --------------------------------------------------------------------------
 
 
+def _rl_verdict(results: dict[str, Any]) -> list[str]:
+  """One line: the best RL row on the first metric against its start."""
+  first = results["metric_names"][0]
+  models = results["models"]
+  start = [label for label, row in models.items()
+           if row["source"] == "stage:predistill"]
+  rl = {label: row["metrics"][first] for label, row in models.items()
+        if row["source"].startswith("stage:rl_k")}
+  if not start or not rl:
+    return []
+  base = models[start[0]]["metrics"][first]
+  best = max(rl, key=rl.get)
+  below = [label for label, value in rl.items() if value < base]
+  return ["", f"Best RL row on {first}: **{best}**, {rl[best]:.2f} against "
+          f"{base:.2f} for its start, {start[0]} "
+          f"({rl[best] - base:+.2f}); "
+          + (f"below the start: {', '.join(below)}." if below else
+             "every RL row is at or above the start.")]
+
+
 def results_table(results: dict[str, Any]) -> str:
   """The eval results as a Markdown table (model x metric)."""
   names = results["metric_names"]
@@ -937,6 +957,7 @@ def results_table(results: dict[str, Any]) -> str:
   for label, row in results["models"].items():
     lines.append(f"| {label} | " + " | ".join(
         f"{row['metrics'][n]:.2f}" for n in names) + " |")
+  lines += _rl_verdict(results)
   selected = {label: row["selection"] for label, row in
               results["models"].items() if row.get("selection")}
   if selected:

@@ -1,0 +1,38 @@
+"""Issue 13 on long rollouts: configs/numbers_long.py (byte-level, ~32 tokens).
+
+    python -m ketchup_jax.sweep --config=configs/experiments/long_ablation.py \
+        --workdir=runs/long_ablation --config.seeds=0
+
+Teacher (1200 SFT steps, the best of 12 validations kept) and SeqKD
+pre-distilled students as in configs/numbers_long.py; then, from each seed's
+student with the same budget (150 updates of 32 rollouts, validation every 8
+updates on 256 examples, best kept): SeqKD continued, LLMR, KETCHUP K = 4 and
+16 with the reference recipe of configs/experiments/recipe_ablation.py
+(temperature 1, no weight, no baseline, lr 1e-5, clip 1), and three
+variants at K = 1 and 4: the pi-weighted loss (`refcompat`, the demo's
+recipe), the authors' recipe, and the state-value baseline.
+"""
+
+import ml_collections
+
+from configs import numbers_long
+from configs.experiments import common
+
+
+def get_config():
+  base = numbers_long.get_config()
+  base.rl.ks = ()
+  base.rl.weight = "none"  # the reference recipe; refcompat is a variant
+  c = common.sweep(base, title="RL recipes on long rollouts (numbers_long)")
+  c.methods = ("seqkd", "llmr", "ketchup")
+  c.ks = (4, 16)
+  rl = lambda **kw: {"rl": kw}
+  c.variants = ml_collections.ConfigDict({
+      "refcompat": rl(weight="reference_compat"),
+      "authors": rl(temperature=0.0, weight="reference_compat",
+                    max_grad_norm=0.0),
+      "value_baseline": rl(baseline="value"),
+  })
+  c.variant_ks = (1, 4)
+  c.diagnostics.minibatches = 0
+  return c
