@@ -75,7 +75,7 @@ def _check_advantage_options(returns, mask, *, logprobs, baseline,
     raise ValueError(f"reward_clip must be > 0 or None, got {reward_clip!r}")
   if baseline in ("teacher_expected", "value"):
     _check_optional_like("teacher_values", teacher_values, returns,
-                         f"baseline={baseline!r}")
+                         f'baseline="{baseline}"')
   if weight != "none":
     _check_optional_like("logprobs", logprobs, returns, f"weight={weight!r}")
   if weight == "importance":
