@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 
+from configs.experiments import objectives
 from configs.experiments import smoke_sweep
 from ketchup_jax import diagnostics
 from ketchup_jax import losses
@@ -534,3 +535,12 @@ def test_sweep_runs_soft_reverse_kl_and_gkd_with_the_same_start_and_budget():
   c.kstep_gamma, c.reverse_kl_gamma = 0.9, -1.0
   with pytest.raises(ValueError, match="config.reverse_kl_gamma"):
     sweep.check_sweep_config(c)
+  sweep.check_sweep_config(objectives.get_config())
+
+
+def test_diagnostics_command_line_refuses_an_unknown_reward(tmp_path, capsys):
+  assert diagnostics.main(["--workdir", str(tmp_path),
+                           "--rewards", "llmr,rkl"]) == 2
+  err = capsys.readouterr().err
+  assert "--rewards must hold values from" in err and "'llmr,rkl'" in err
+  assert err.count("\n") == 1
