@@ -12,8 +12,9 @@ Per K it reports
   grad_var       trace of the covariance of `g_m^K` across minibatches,
                  `1/(M-1) sum_m ||g_m - g_bar||^2` (unbiased);
   grad_mean_sq   `||g_bar||^2`, the squared norm of the mean gradient (signal);
-  return_var ... the `returns.summarize_returns` of the pooled M minibatches
-                 (for "llmr", `returns.return_diagnostics`): return variance
+  return_var ... the `returns.summarize_returns` of the returns the loss used,
+                 pooled over the M minibatches (for "llmr" without
+                 "bootstrap", `returns.return_diagnostics`): return variance
                  (`return_var`, and `return_var_k1`), and the bias `Ĝ - G`
                  (`bias_mean`, `bias_std`, `bias_max`).
 
@@ -265,7 +266,8 @@ def gradient_diagnostics(student_params: Any, teacher_params: Any,
     finished.append(float(jnp.sum(scored["finished"])) / real)
   vectors = np.stack(vectors)  # [M, len(ks), D or R]
   width = max(x.shape[-1] for x in ms)
-  pad = lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
+  pad = lambda x: jnp.pad(
+      x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
   g_all = jnp.concatenate([pad(x) for x in gs], axis=1)  # [len(ks)+1, MB, T]
   mask = jnp.concatenate([pad(x) for x in ms])  # [MB, T]
   out = {}

@@ -6,7 +6,7 @@ of row `b`, then 0. Rows may have different lengths; a row of zeros is an empty
 sequence and gets zeros everywhere.
 
     Q_t(a)  = f_t(a) - mean_v f_t(v)                    (teacher logits f)
-    V_t     = max_a Q_t(a),  sum_a softmax(Q_t)(a) Q_t(a),  or  log sum_a exp Q_t(a)
+    V_t     = max_a Q_t(a), sum_a softmax(Q_t)(a) Q_t(a) or logsumexp_a Q_t(a)
     r_t     = Q_t(a_t) - V_{t+1},   V_{T+1} = 0
     G_t     = sum_{i=t..T} r_i                          (full return, K = 1)
     Ĝ_t     = Q_t(a_t) - V_{n(t)} + Ĝ_{n(t)},  n(t) = min(t + K, T),  Ĝ_T = Q_T(a_T)

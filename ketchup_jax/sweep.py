@@ -58,6 +58,7 @@ import numpy as np
 
 from ketchup_jax import distributed
 from ketchup_jax import fileio
+from ketchup_jax import returns
 from ketchup_jax import runlock
 
 METHODS = ("seqkd", "kl", "rkl", "js", "tvd", "gkd", "llmr", "ketchup",
@@ -167,7 +168,6 @@ def check_sweep_config(c: ml_collections.ConfigDict) -> None:
     if m in c.methods and not tuple(c.ks):
       raise ValueError(f"config.ks must list the K values when methods "
                        f"include {m!r}, got ()")
-  from ketchup_jax import returns  # pylint: disable=g-import-not-at-top
   for name in ("reverse_kl_gamma", "kstep_gamma"):
     try:
       returns.check_gamma(c[name])
