@@ -30,7 +30,8 @@ gold targets teacher-forced (the library's `word_kd_step`), GKD on a
 λ-mix of its own samples (of the RL runs' length `base.rl.max_decode_len`)
 and the gold targets (`gkd_step`). The SPEC §6 objectives are RL runs too:
 "soft" is LLMR/KETCHUP with `rl.value = "soft"` (K = 1 and each K of `ks`),
-"reverse_kl" the reverse-KL reward with `reverse_kl_gamma`, and
+"reverse_kl" the reverse-KL reward at each discount of `reverse_kl_gammas`,
+and
 "reverse_kl_kstep" its K-step chain variant at each K of `ks` with
 `kstep_gamma`. The
 "no pre-distillation" variant starts RL from the random initialisation the
@@ -168,11 +169,17 @@ def check_sweep_config(c: ml_collections.ConfigDict) -> None:
     if m in c.methods and not tuple(c.ks):
       raise ValueError(f"config.ks must list the K values when methods "
                        f"include {m!r}, got ()")
-  for name in ("reverse_kl_gamma", "kstep_gamma"):
-    try:
-      returns.check_gamma(c[name])
-    except ValueError as e:
-      raise ValueError(f"config.{name}: {e}") from None
+  gammas = tuple(c.reverse_kl_gammas)
+  if "reverse_kl" in c.methods and not gammas:
+    raise ValueError("config.reverse_kl_gammas must list the discounts of "
+                     "the reverse_kl runs, got ()")
+  for name, values in (("reverse_kl_gammas", gammas),
+                       ("kstep_gamma", (c.kstep_gamma,))):
+    for value in values:
+      try:
+        returns.check_gamma(value)
+      except ValueError as e:
+        raise ValueError(f"config.{name}: {e}") from None
   if "reverse_kl_kstep" in c.methods and not c.kstep_gamma > 0:
     raise ValueError(f"config.kstep_gamma must be > 0 for the K-step reverse "
                      f"KL (gamma = 0 is the immediate reward at every K), got "
@@ -236,14 +243,15 @@ def plan(c: ml_collections.ConfigDict) -> list[RunSpec]:
                              "rl", k=k, value="soft")
                      for k in dict.fromkeys((1, *c.ks)))
       elif m == "reverse_kl":
-        specs.append(RunSpec(
-            "reverse_kl", f"reverse KL (γ={c.reverse_kl_gamma:g})", s, "rl",
-            k=1, reward="reverse_kl", gamma=float(c.reverse_kl_gamma)))
-      elif m == "reverse_kl_kstep":
         specs.extend(RunSpec(
-            f"reverse_kl_k{k}",
-            f"K-step reverse KL (K={k}, γ={c.kstep_gamma:g})", s, "rl", k=k,
-            reward="reverse_kl_kstep", gamma=float(c.kstep_gamma))
+            f"reverse_kl_g{g:g}", f"reverse KL (γ={g:g})", s, "rl", k=1,
+            reward="reverse_kl", gamma=float(g))
+                     for g in c.reverse_kl_gammas)
+      elif m == "reverse_kl_kstep":
+        g = c.kstep_gamma
+        specs.extend(RunSpec(
+            f"reverse_kl_k{k}_g{g:g}", f"K-step reverse KL (K={k}, γ={g:g})",
+            s, "rl", k=k, reward="reverse_kl_kstep", gamma=float(g))
                      for k in c.ks)
       else:
         specs.extend(RunSpec(f"ketchup_k{k}", _rl_label(k), s, "rl", k=k)

@@ -506,15 +506,17 @@ def test_sweep_runs_soft_reverse_kl_and_gkd_with_the_same_start_and_budget():
   c = smoke_sweep.get_config()
   c.methods = ("llmr", "gkd", "soft", "reverse_kl", "reverse_kl_kstep")
   c.ks = (2,)
-  c.reverse_kl_gamma = 0.5
+  c.reverse_kl_gammas = (0.0, 0.5)
   c.kstep_gamma = 0.9
   sweep.check_sweep_config(c)
   specs = [s for s in sweep.plan(c) if s.seed == c.seeds[0]]
   by_name = {s.name: sweep.run_config(c, s, "W") for s in specs}
-  assert set(by_name) >= {"llmr", "gkd", "soft_k1", "soft_k2", "reverse_kl",
-                          "reverse_kl_k2"}
+  assert set(by_name) >= {"llmr", "gkd", "soft_k1", "soft_k2",
+                          "reverse_kl_g0", "reverse_kl_g0.5",
+                          "reverse_kl_k2_g0.9"}
   start = os.path.abspath(f"W/seed{c.seeds[0]}/predistill/models/predistill")
-  for name in ("gkd", "soft_k1", "soft_k2", "reverse_kl", "reverse_kl_k2"):
+  for name in ("gkd", "soft_k1", "soft_k2", "reverse_kl_g0.5",
+               "reverse_kl_k2_g0.9"):
     cfg = by_name[name]
     budget = cfg.predistill if name == "gkd" else cfg.rl
     assert cfg.student.init_from == start
@@ -523,17 +525,18 @@ def test_sweep_runs_soft_reverse_kl_and_gkd_with_the_same_start_and_budget():
   assert by_name["gkd"].predistill.method == "gkd"
   assert by_name["gkd"].gkd.max_decode_len == c.base.rl.max_decode_len
   assert (by_name["soft_k2"].rl.value, by_name["soft_k2"].rl.k) == ("soft", 2)
-  assert (by_name["reverse_kl"].rl.reward, by_name["reverse_kl"].rl.gamma) == (
-      "reverse_kl", 0.5)
-  kstep = by_name["reverse_kl_k2"].rl
+  assert [(by_name[f"reverse_kl_g{g}"].rl.reward,
+           by_name[f"reverse_kl_g{g}"].rl.gamma) for g in ("0", "0.5")] == [
+               ("reverse_kl", 0.0), ("reverse_kl", 0.5)]
+  kstep = by_name["reverse_kl_k2_g0.9"].rl
   assert (kstep.reward, kstep.k, kstep.gamma) == ("reverse_kl_kstep", 2, 0.9)
   for cfg in by_name.values():
     pipeline.check_config(cfg)
   c.kstep_gamma = 0.0
   with pytest.raises(ValueError, match="config.kstep_gamma must be > 0"):
     sweep.check_sweep_config(c)
-  c.kstep_gamma, c.reverse_kl_gamma = 0.9, -1.0
-  with pytest.raises(ValueError, match="config.reverse_kl_gamma"):
+  c.kstep_gamma, c.reverse_kl_gammas = 0.9, (0.0, -1.0)
+  with pytest.raises(ValueError, match="config.reverse_kl_gammas"):
     sweep.check_sweep_config(c)
   sweep.check_sweep_config(objectives.get_config())
 

@@ -50,13 +50,13 @@ def sweep(base: ml_collections.ConfigDict, *, title: str
   # with that objective; gkd with base.gkd's lambda, beta, temperature),
   # llmr (K=1), ketchup (one run per K in `ks`), and SPEC §6's: soft
   # (rl.value="soft" at K=1 and each K in `ks`), reverse_kl (rl.reward
-  # "reverse_kl" with `reverse_kl_gamma`), reverse_kl_kstep (the K-step
-  # reverse KL at each K in `ks`, with `kstep_gamma`).
+  # "reverse_kl" at each discount in `reverse_kl_gammas`), reverse_kl_kstep
+  # (the K-step reverse KL at each K in `ks`, with `kstep_gamma`).
   c.methods = ("llmr", "ketchup")
   c.ks = (4,)
-  # rl.gamma of the reverse_kl runs (0 = immediate reward) and of the
-  # reverse_kl_kstep runs (> 0).
-  c.reverse_kl_gamma = 0.0
+  # rl.gamma of the reverse_kl runs, one run each (0 = immediate reward), and
+  # of the reverse_kl_kstep runs (> 0).
+  c.reverse_kl_gammas = (0.0,)
   c.kstep_gamma = 1.0
   # Extra KETCHUP/LLMR runs with rl.baseline in `baselines`, at K in
   # `baseline_ks` ("batch_mean", "teacher_expected").
