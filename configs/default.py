@@ -104,8 +104,9 @@ def get_config() -> ml_collections.ConfigDict:
 
   # Stage predistill: the student learns from the teacher before RL.
   c.predistill = optim(steps=200, learning_rate=1e-3, batch_size=32)
-  # "seqkd" (cross-entropy on the teacher's greedy outputs), or word-level
-  # "kl", "rkl", "js", "tvd" on the gold targets.
+  # "seqkd" (cross-entropy on the teacher's greedy outputs), word-level
+  # "kl", "rkl", "js", "tvd" on the gold targets, or "gkd" (options in
+  # `gkd` below).
   c.predistill.method = "seqkd"
   # Length of the teacher's greedy outputs for seqkd.
   c.predistill.max_decode_len = 64
@@ -120,8 +121,19 @@ def get_config() -> ml_collections.ConfigDict:
   c.rl.k = 4
   # Several K from the same start, one run each (rl_k<K>); empty = (k,).
   c.rl.ks = ()
-  # State value: "max" (Bellman optimality) or "expected" (softmax-weighted).
+  # State value: "max" (Bellman optimality), "expected" (softmax-weighted)
+  # or "soft" (logsumexp; then Q_t(a_t) - V_t = log p_teacher(a_t), SPEC §6).
   c.rl.value = "max"
+  # Per-token reward (SPEC §6): "llmr" (Q_t(a_t) - V_{t+1}, K-step returns),
+  # "reverse_kl" (log p_teacher(a_t) - log p_student(a_t), the student's
+  # log-prob detached; discounted reward-to-go with `gamma`, K unused) or
+  # "reverse_kl_kstep" (the experimental K-step reverse KL: that reward summed
+  # over t's K-step chain positions t, n(t), n(n(t)), ... only, discounted by
+  # gamma^(position - t); needs gamma > 0). Reverse-KL rewards refuse
+  # unfinished="bootstrap" and baseline="teacher_expected".
+  c.rl.reward = "llmr"
+  # Discount of the reverse-KL returns in [0, 1]; 0 = immediate reward.
+  c.rl.gamma = 0.0
   # Centre the teacher logits per position into Q-values.
   c.rl.center_logits = True
   # Rollouts without EOS: "drop" (excluded, loss scaled by the finished
@@ -158,6 +170,22 @@ def get_config() -> ml_collections.ConfigDict:
       max_examples=512,
       # Metric that selection maximises; "" = the task's first metric.
       metric="",
+  ))
+
+  # GKD (predistill.method="gkd"; Agarwal et al. 2024, SPEC §6).
+  c.gkd = ml_collections.ConfigDict(dict(
+      # lambda in [0, 1]: the fraction of batches whose targets are the
+      # student's own samples (the rest use the gold targets).
+      lmbda=0.5,
+      # JSD weight beta in [0, 1], with P = teacher, Q = student,
+      # M = beta P + (1 - beta) Q: JSD = beta KL(P||M) + (1 - beta) KL(Q||M).
+      # beta = 0 is forward KL(teacher || student), beta = 1 reverse
+      # KL(student || teacher) (ketchup_jax.losses.generalized_jsd_loss).
+      beta=0.5,
+      # Sampling temperature of the student's samples (0 = greedy).
+      temperature=1.0,
+      # Length (new tokens) of the student's samples.
+      max_decode_len=64,
   ))
 
   c.eval = ml_collections.ConfigDict(dict(

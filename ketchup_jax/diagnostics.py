@@ -12,9 +12,18 @@ Per K it reports
   grad_var       trace of the covariance of `g_m^K` across minibatches,
                  `1/(M-1) sum_m ||g_m - g_bar||^2` (unbiased);
   grad_mean_sq   `||g_bar||^2`, the squared norm of the mean gradient (signal);
-  return_var ... the `returns.return_diagnostics` of the pooled M minibatches:
-                 return variance (`return_var`, and `return_var_k1`), and the
-                 bias `Ĝ - G` (`bias_mean`, `bias_std`, `bias_max`).
+  return_var ... the `returns.summarize_returns` of the returns the loss used,
+                 pooled over the M minibatches (for "llmr" without
+                 "bootstrap", `returns.return_diagnostics`): return variance
+                 (`return_var`, and `return_var_k1`), and the bias `Ĝ - G`
+                 (`bias_mean`, `bias_std`, `bias_max`).
+
+The objective is `rl.reward` (SPEC §6): "llmr" (the K-step return of Q-values,
+with `rl.value` max, expected or soft), "reverse_kl" (the same at every K:
+its return has no K) or "reverse_kl_kstep" (the K-step chain of the reverse-KL
+reward, bias against its discounted reward-to-go). Several objectives on the
+same rollouts: `objective_diagnostics`, or `--rewards` on the command line;
+the rollouts are drawn from the same keys for each, so they are identical.
 
 Two estimators of `grad_var`:
   full           the flattened gradient (exact; memory M x #params per K).
@@ -61,10 +70,15 @@ RETURN_KEYS = ("return_mean", "return_var", "return_var_k1", "bias_mean",
 
 
 def pg_objective(student_logits: jax.Array, scored: dict[str, Any],
-                 g: jax.Array, rl: steps.RLConfig) -> jax.Array:
-  """The scalar loss `steps.rl_step` differentiates, for a given return."""
-  total, count = steps.rollout_loss(student_logits, scored, g, rl)
-  return total / jnp.maximum(count, 1.0) * scored["scale"]
+                 rl: steps.RLConfig, k: int
+                 ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+  """The scalar loss `steps.rl_step` differentiates at jump length k.
+
+  Returns (loss, (returns [B, T], returns at K = 1 [B, T])) for any
+  `rl.reward` (`steps.rollout_objective`).
+  """
+  loss, (_, g, g_k1) = steps.rollout_objective(student_logits, scored, rl, k)
+  return loss, (g, g_k1)
 
 
 def student_logits_fn(batch: Batch, scored: dict[str, jax.Array],
@@ -123,23 +137,27 @@ def minibatch_gradients(student_params: Any, teacher_params: Any,
   the same loss `rl_step` differentiates, with the forward done once.
 
   Returns:
-    (vectors, losses, scored): `vectors` [len(ks), D] flattened gradients
-    (projections == 0) or [len(ks), R] projections; `losses` [len(ks)] the
-    loss values; `scored` as from `steps.score_rollout`.
+    (vectors, losses, scored, returns): `vectors` [len(ks), D] flattened
+    gradients (projections == 0) or [len(ks), R] projections; `losses`
+    [len(ks)] the loss values; `scored` as from `steps.score_rollout`;
+    `returns` [len(ks) + 1, B, T], the return of each K and last the K = 1
+    return, of `rl.reward`.
   """
   scored = steps.score_rollout(student_params, teacher_params, batch,
                                sample_rng, models=models, rl=rl)
   logits, vjp = jax.vjp(student_logits_fn(batch, scored, models),
                         student_params)
-  vectors, values = [], []
+  vectors, values, gs = [], [], []
+  g_k1 = None
   for k in ks:
-    g = steps.rollout_returns(scored, rl, k)
-    loss, ct = jax.value_and_grad(pg_objective)(logits, scored, g, rl)
+    (loss, (g, g_k1)), ct = jax.value_and_grad(pg_objective, has_aux=True)(
+        logits, scored, rl, k)
     (grad,) = vjp(ct)
     vectors.append(project(grad, proj_key, projections) if projections
                    else flatten(grad))
     values.append(loss)
-  return jnp.stack(vectors), jnp.stack(values), scored
+    gs.append(g)
+  return jnp.stack(vectors), jnp.stack(values), scored, jnp.stack(gs + [g_k1])
 
 
 # --------------------------------------------------------------------------
@@ -233,25 +251,25 @@ def gradient_diagnostics(student_params: Any, teacher_params: Any,
   base = jax.random.PRNGKey(options.seed)
   proj_key = jax.random.fold_in(base, 1 << 30)
   iterator = iter(batches)
-  vectors, loss_values, qs, vs, ms, finished = [], [], [], [], [], []
+  vectors, loss_values, gs, ms, finished = [], [], [], [], []
   for m in tqdm.trange(options.minibatches, desc="diagnostics",
                        disable=not progress, leave=False):
     batch = next(iterator)
     if put is not None:
       batch = put(batch)
-    vec, lv, scored = fn(student_params, teacher_params, batch,
-                         jax.random.fold_in(base, m), proj_key)
+    vec, lv, scored, g = fn(student_params, teacher_params, batch,
+                            jax.random.fold_in(base, m), proj_key)
     vectors.append(np.asarray(jax.device_get(vec), np.float64))
     loss_values.append(np.asarray(jax.device_get(lv), np.float64))
-    qs.append(scored["q_taken"]), vs.append(scored["values"])
-    ms.append(scored["loss_mask"])
+    gs.append(g), ms.append(scored["loss_mask"])
     real = max(float(jnp.sum(scored["real_row"])), 1.0)
     finished.append(float(jnp.sum(scored["finished"])) / real)
   vectors = np.stack(vectors)  # [M, len(ks), D or R]
-  width = max(q.shape[1] for q in qs)
-  pad = lambda x: jnp.pad(x, ((0, 0), (0, width - x.shape[1])))
-  q, v, mask = (jnp.concatenate([pad(x) for x in xs])
-                for xs in (qs, vs, ms))
+  width = max(x.shape[-1] for x in ms)
+  pad = lambda x: jnp.pad(
+      x, [(0, 0)] * (x.ndim - 1) + [(0, width - x.shape[-1])])
+  g_all = jnp.concatenate([pad(x) for x in gs], axis=1)  # [len(ks)+1, MB, T]
+  mask = jnp.concatenate([pad(x) for x in ms])  # [MB, T]
   out = {}
   for i, k in enumerate(ks):
     x = vectors[:, i]
@@ -261,7 +279,7 @@ def gradient_diagnostics(student_params: Any, teacher_params: Any,
     mean_sq = float(mean @ mean)
     if options.projections:
       mean_sq /= options.projections
-    diag = returns.return_diagnostics(q, v, mask, k)
+    diag = returns.summarize_returns(g_all[i], g_all[-1], mask)
     out[k] = {
         "grad_var": var,
         "grad_mean_sq": mean_sq,
@@ -271,6 +289,38 @@ def gradient_diagnostics(student_params: Any, teacher_params: Any,
         **{name: float(diag[name]) for name in RETURN_KEYS},
     }
   return out
+
+
+def objective_diagnostics(student_params: Any, teacher_params: Any,
+                          batches: Callable[[], Any], *,
+                          models: steps.Models,
+                          rls: dict[str, steps.RLConfig], options: Options,
+                          progress: bool = False,
+                          put: Callable[[Batch], Batch] | None = None
+                          ) -> dict[str, dict[int, dict[str, float]]]:
+  """`gradient_diagnostics` of several objectives on the same rollouts.
+
+  Args:
+    batches: () -> a fresh iterable of the same batches (called once per
+      objective).
+    rls: {name: RLConfig}; they must agree on the rollout settings
+      (temperature, top_k, top_p, max_decode_len), so that the same keys
+      draw the same rollouts for each.
+    The rest as in `gradient_diagnostics`.
+
+  Returns:
+    {name: {K: {...}}}.
+  """
+  rollout = {(r.temperature, r.top_k, r.top_p, r.max_decode_len)
+             for r in rls.values()}
+  if len(rollout) > 1:
+    raise ValueError(f"the objectives must share the rollout settings "
+                     f"(temperature, top_k, top_p, max_decode_len), got "
+                     f"{sorted(rollout)}")
+  return {name: gradient_diagnostics(
+      student_params, teacher_params, batches(), models=models, rl=rl,
+      options=options, progress=progress, put=put)
+          for name, rl in rls.items()}
 
 
 def table(diag: dict[int, dict[str, float]], *, title: str = "") -> str:
@@ -292,26 +342,47 @@ def table(diag: dict[int, dict[str, float]], *, title: str = "") -> str:
 # --------------------------------------------------------------------------
 
 
+def objective_configs(rl: steps.RLConfig, rewards: Sequence[str],
+                      gamma: float | None = None) -> dict[str, steps.RLConfig]:
+  """{reward: rl with that reward (and `gamma`, if given)}; checked."""
+  out = {}
+  for reward in rewards:
+    changes = {"reward": reward}
+    if gamma is not None:
+      changes["gamma"] = gamma
+    out[reward] = dataclasses.replace(rl, **changes)
+  return out
+
+
 def run_diagnostics(run: Any, student: Any, teacher: Any, *,
                     options: Options, split: str = "train",
                     batch_size: int | None = None, progress: bool = True,
-                    k: int = 1) -> dict[int, dict[str, float]]:
-  """`gradient_diagnostics` for a `pipeline.Run` and two loaded `T5LM`s.
+                    k: int = 1, rewards: Sequence[str] = (),
+                    gamma: float | None = None
+                    ) -> dict[str, dict[int, dict[str, float]]]:
+  """`objective_diagnostics` for a `pipeline.Run` and two loaded `T5LM`s.
 
-  Minibatches come from `split` ("train" or the run's eval split), shuffled
-  with `options.seed` (independent of the training data order).
+  The objectives are `rewards` (default: the run's `rl.reward`), each with
+  the run's other RL options (and `gamma`, if given). Minibatches come from
+  `split` ("train" or the run's eval split), shuffled with `options.seed`
+  (independent of the training data order).
+
+  Returns:
+    {reward: {K: {...}}}.
   """
   from ketchup_jax.train import pipeline  # pylint: disable=g-import-not-at-top
   cfg = run.cfg
   data = run.train if split == "train" else run.eval
   rl = steps.RLConfig.from_config(cfg.rl, k=k)
+  rls = objective_configs(rl, tuple(rewards) or (rl.reward,), gamma)
   models = pipeline._models(run, student, teacher)  # pylint: disable=protected-access
-  batches = run.batches(data, batch_size=batch_size or cfg.rl.batch_size,
-                        seed=10_000 + options.seed)
   sharding = run.batch_sharding()
-  return gradient_diagnostics(
-      student.params, teacher.params, batches, models=models, rl=rl,
-      options=options, progress=progress and run.is_main,
+  return objective_diagnostics(
+      student.params, teacher.params,
+      lambda: run.batches(data, batch_size=batch_size or cfg.rl.batch_size,
+                          seed=10_000 + options.seed),
+      models=models, rls=rls, options=options,
+      progress=progress and run.is_main,
       put=lambda b: jax.device_put(b, sharding))
 
 
@@ -330,8 +401,9 @@ def training_hook(run: Any, stage: str, teacher: Any, student_like: Any, *,
     if step % every:
       return
     student = dataclasses.replace(student_like, params=state.params)
-    diag = run_diagnostics(run, student, teacher, options=options,
-                           progress=False, k=k)[k]
+    (by_k,) = run_diagnostics(run, student, teacher, options=options,
+                              progress=False, k=k).values()
+    diag = by_k[k]
     run.writer.write(f"{stage}_diag", step, {
         name: diag[name] for name in (
             "grad_var", "grad_mean_sq", "return_var", "bias_mean",
@@ -366,11 +438,16 @@ def load_run(workdir: str) -> Any:
 
 def diagnose_workdir(workdir: str, *, student: str, options: Options,
                      split: str = "train", batch_size: int = 0,
-                     progress: bool = True) -> dict[str, Any]:
+                     progress: bool = True, rewards: Sequence[str] = (),
+                     gamma: float | None = None) -> dict[str, Any]:
   """Runs the diagnostics on `workdir/models/<student>` and writes the files.
 
+  `rewards` (default: the run's `rl.reward`) are the objectives, all on the
+  same rollouts; `by_k` is the first one's.
+
   Returns:
-    {"student", "split", "options", "seconds", "by_k": {K: {...}}}.
+    {"student", "split", "options", "seconds", "rewards", "by_k": {K: {...}},
+     "by_reward": {reward: {K: {...}}}}.
   """
   from ketchup_jax.train import pipeline  # pylint: disable=g-import-not-at-top
   run = load_run(workdir)
@@ -388,14 +465,18 @@ def diagnose_workdir(workdir: str, *, student: str, options: Options,
   student_lm = pipeline.load_model(run, "student", f"stage:{student}",
                                    run.cfg.student, run.cfg.seed)
   start = time.perf_counter()
-  by_k = run_diagnostics(run, student_lm, teacher_lm, options=options,
-                         split=split, batch_size=batch_size or None,
-                         progress=progress)
+  by_reward = run_diagnostics(run, student_lm, teacher_lm, options=options,
+                              split=split, batch_size=batch_size or None,
+                              progress=progress, rewards=rewards, gamma=gamma)
+  first = next(iter(by_reward))
   result = {"student": student, "split": split,
             "options": dataclasses.asdict(options),
             "batch_size": batch_size or run.cfg.rl.batch_size,
             "seconds": time.perf_counter() - start,
-            "by_k": {str(k): d for k, d in by_k.items()}}
+            "rewards": list(by_reward),
+            "by_k": {str(k): d for k, d in by_reward[first].items()},
+            "by_reward": {r: {str(k): d for k, d in by_k.items()}
+                          for r, by_k in by_reward.items()}}
   if run.is_main:
     out = run.path("diagnostics")
     os.makedirs(out, exist_ok=True)
@@ -403,8 +484,18 @@ def diagnose_workdir(workdir: str, *, student: str, options: Options,
               encoding="utf-8") as f:
       json.dump(result, f, indent=1)
     with open(os.path.join(out, f"{student}.md"), "w", encoding="utf-8") as f:
-      f.write(table(by_k, title=_title(result)))
+      f.write(tables(result))
   return result
+
+
+def tables(result: dict[str, Any]) -> str:
+  """The Markdown of a `diagnose_workdir` result: one table per reward."""
+  by_reward = result.get("by_reward") or {"": result["by_k"]}
+  parts = []
+  for reward, by_k in by_reward.items():
+    title = _title(result) + (f" Objective `{reward}`." if reward else "")
+    parts.append(table({int(k): d for k, d in by_k.items()}, title=title))
+  return "\n".join(parts)
 
 
 def _title(result: dict[str, Any]) -> str:
@@ -435,20 +526,32 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--batch_size", type=int, default=0,
                       help="Rows per minibatch (default: config rl.batch_size).")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument(
+      "--rewards", default="",
+      help="Comma-separated objectives on the same rollouts, from "
+      f"{','.join(steps.REWARDS)} (default: the run's rl.reward).")
+  parser.add_argument("--gamma", type=float, default=None,
+                      help="rl.gamma of the reverse-KL objectives (default: "
+                      "the run's).")
   args = parser.parse_args(argv)
   try:
     options = Options(ks=_parse_ks(args.ks), minibatches=args.minibatches,
                       projections=args.projections, seed=args.seed)
     if args.batch_size < 0:
       raise ValueError(f"--batch_size must be >= 0, got {args.batch_size}")
+    rewards = tuple(r.strip() for r in args.rewards.split(",") if r.strip())
+    bad = [r for r in rewards if r not in steps.REWARDS]
+    if bad:
+      raise ValueError(f"--rewards must hold values from {steps.REWARDS}, "
+                       f"got {args.rewards!r}")
     result = diagnose_workdir(args.workdir, student=args.student,
                               options=options, split=args.split,
-                              batch_size=args.batch_size)
+                              batch_size=args.batch_size, rewards=rewards,
+                              gamma=args.gamma)
   except (ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
-  print(table({int(k): d for k, d in result["by_k"].items()},
-              title=_title(result)))
+  print(tables(result))
   return 0
 
 

@@ -6,6 +6,9 @@ prefix masks `[B, T]` over the target/rollout positions.
 
     A_t  = clip(w_t (Ĝ_t - b_t) / denom, -c, +c)           (no gradient)
     L    = -(1/N) sum_t m_t A_t log pi(a_t)  -  beta (1/N) sum_t m_t H_t(pi)
+
+and GKD's generalised Jensen-Shannon divergence (SPEC §6,
+`generalized_jsd_loss`).
 """
 
 import functools
@@ -304,6 +307,14 @@ def distillation_loss(
     (loss_sum, count): float32 scalars.
   """
   _checks.check_choice("divergence", divergence, DIVERGENCES)
+  _check_distillation_args(student_logits, teacher_logits, mask, temperature)
+  return _distillation_loss(student_logits, teacher_logits, mask,
+                            divergence=divergence,
+                            temperature=float(temperature))
+
+
+def _check_distillation_args(student_logits, teacher_logits, mask,
+                             temperature) -> None:
   _checks.check_rank("student_logits", student_logits, 3, "[B, T, V]")
   _checks.check_rank("teacher_logits", teacher_logits, 3, "[B, T, V]")
   _checks.check_float("student_logits", student_logits)
@@ -322,9 +333,6 @@ def distillation_loss(
   _checks.check_prefix_mask("mask", mask)
   if not temperature > 0:
     raise ValueError(f"temperature must be > 0, got {temperature!r}")
-  return _distillation_loss(student_logits, teacher_logits, mask,
-                            divergence=divergence,
-                            temperature=float(temperature))
 
 
 def _xlogy_ratio(p: Array, logp: Array, logr: Array) -> Array:
@@ -348,5 +356,80 @@ def _distillation_loss(student_logits, teacher_logits, mask, *, divergence,
     per_token = 0.5 * (_xlogy_ratio(p, logp, logm) + _xlogy_ratio(q, logq, logm))
   else:
     per_token = 0.5 * jnp.sum(jnp.abs(p - q), axis=-1)
+  m = jnp.asarray(mask) != 0
+  return jnp.sum(jnp.where(m, per_token, 0.0)), jnp.sum(m).astype(jnp.float32)
+
+
+def generalized_jsd_loss(
+    student_logits: ArrayLike,
+    teacher_logits: ArrayLike,
+    mask: ArrayLike,
+    *,
+    beta: float,
+    temperature: float = 1.0,
+) -> tuple[Array, Array]:
+  """GKD's token-level generalised JSD (SPEC §6), as a sum and a count.
+
+  Per position, with P = softmax(teacher / tau) (no gradient), Q =
+  softmax(student / tau) and M = beta P + (1 - beta) Q:
+
+      JSD_beta(P || Q) = beta KL(P || M) + (1 - beta) KL(Q || M)
+
+  Convention (P is the teacher, as in Agarwal et al. 2024 and SPEC §6):
+  small beta is forward KL, beta near 1 is reverse KL. JSD_beta goes to 0 at
+  both ends, as `beta KL(P || Q)` for beta -> 0 and `(1 - beta) KL(Q || P)`
+  for beta -> 1; at exactly beta = 0 the loss is that limit's divergence,
+  forward `KL(P || Q)`, and at beta = 1 reverse `KL(Q || P)` (as TRL's
+  `generalized_jsd_loss` does), so the whole range [0, 1] is usable.
+
+  Args:
+    student_logits: [B, T, V] float.
+    teacher_logits: [B, T, V] float, same vocabulary.
+    mask: [B, T] prefix mask.
+    beta: in [0, 1].
+    temperature: tau > 0.
+
+  Returns:
+    (loss_sum, count): float32 scalars.
+  """
+  beta = check_beta(beta)
+  _check_distillation_args(student_logits, teacher_logits, mask, temperature)
+  return _generalized_jsd_loss(student_logits, teacher_logits, mask,
+                               beta=beta, temperature=float(temperature))
+
+
+def check_beta(beta: Any) -> float:
+  """Returns GKD's `beta` as a float; raises unless it is in [0, 1]."""
+  if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not (
+      0.0 <= beta <= 1.0):
+    raise ValueError(f"beta (the GKD JSD weight) must be a number in [0, 1] "
+                     f"(0 = forward KL(teacher || student), 1 = reverse "
+                     f"KL(student || teacher)), got {beta!r}")
+  return float(beta)
+
+
+def generalized_jsd(logp: Array, logq: Array, beta: float) -> Array:
+  """Per-position JSD_beta of log-probabilities logp, logq [..., V] -> [...].
+
+  P = exp(logp) is the teacher, Q = exp(logq) the student; beta = 0 and 1
+  give forward KL(P || Q) and reverse KL(Q || P) (`generalized_jsd_loss`).
+  """
+  p, q = jnp.exp(logp), jnp.exp(logq)
+  if beta == 0.0:
+    return _xlogy_ratio(p, logp, logq)
+  if beta == 1.0:
+    return _xlogy_ratio(q, logq, logp)
+  logm = jnp.logaddexp(logp + jnp.log(beta), logq + jnp.log1p(-beta))
+  return (beta * _xlogy_ratio(p, logp, logm)
+          + (1.0 - beta) * _xlogy_ratio(q, logq, logm))
+
+
+@functools.partial(jax.jit, static_argnames=("beta", "temperature"))
+def _generalized_jsd_loss(student_logits, teacher_logits, mask, *, beta,
+                          temperature):
+  logq = _log_softmax_f32(student_logits / temperature)  # [B, T, V]
+  logp = jax.lax.stop_gradient(
+      _log_softmax_f32(teacher_logits.astype(jnp.float32) / temperature))
+  per_token = generalized_jsd(logp, logq, beta)  # [B, T]
   m = jnp.asarray(mask) != 0
   return jnp.sum(jnp.where(m, per_token, 0.0)), jnp.sum(m).astype(jnp.float32)

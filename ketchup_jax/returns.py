@@ -6,10 +6,15 @@ of row `b`, then 0. Rows may have different lengths; a row of zeros is an empty
 sequence and gets zeros everywhere.
 
     Q_t(a)  = f_t(a) - mean_v f_t(v)                    (teacher logits f)
-    V_t     = max_a Q_t(a)  or  sum_a softmax(Q_t)(a) Q_t(a)
+    V_t     = max_a Q_t(a), sum_a softmax(Q_t)(a) Q_t(a) or logsumexp_a Q_t(a)
     r_t     = Q_t(a_t) - V_{t+1},   V_{T+1} = 0
     G_t     = sum_{i=t..T} r_i                          (full return, K = 1)
     Ĝ_t     = Q_t(a_t) - V_{n(t)} + Ĝ_{n(t)},  n(t) = min(t + K, T),  Ĝ_T = Q_T(a_T)
+
+The other teacher-induced rewards of SPEC §6 (reverse KL, and its K-step
+chain variant) are here too: `teacher_log_probs`, `reverse_kl_rewards`,
+`chain_returns`, `discounted_returns`, and `summarize_returns`, which gives the
+diagnostics of any return against its K = 1 counterpart.
 
 Each function validates shapes, dtypes and options at trace time and raises
 `ValueError` naming the bad argument; value checks (prefix masks, token ids in
@@ -28,7 +33,7 @@ from ketchup_jax import _checks
 Array = jax.Array
 ArrayLike = Any
 
-VALUES = ("max", "expected")
+VALUES = ("max", "expected", "soft")
 
 
 # --------------------------------------------------------------------------
@@ -47,8 +52,10 @@ def teacher_q_values(
   """Q-values of the taken actions and state values from teacher logits.
 
   `Q_t(a) = f_t(a) - mean_v f_t(v)` (or `f_t(a)` with `center=False`);
-  `V_t = max_a Q_t(a)` (`value="max"`) or `sum_a softmax(Q_t)(a) Q_t(a)`
-  (`value="expected"`).
+  `V_t = max_a Q_t(a)` (`value="max"`), `sum_a softmax(Q_t)(a) Q_t(a)`
+  (`value="expected"`) or `log sum_a exp Q_t(a)` (`value="soft"`, SPEC §6).
+  With "soft", `Q_t(a_t) - V_t = log p_T(a_t | s_t)`, the teacher's
+  log-probability of the taken token, whatever `center` is.
 
   The logits may be bfloat16; everything is computed in float32, and at most
   one float32 `[B, T, V]` tensor exists at a time (XLA fuses the rest into the
@@ -60,7 +67,8 @@ def teacher_q_values(
     actions: [B, T] int, the rollout tokens a_t.
     mask: [B, T] prefix mask of real tokens.
     center: subtract the per-position mean logit (SPEC default on).
-    value: "max" (Bellman optimality) or "expected" (softmax-weighted).
+    value: "max" (Bellman optimality), "expected" (softmax-weighted) or
+      "soft" (logsumexp).
 
   Returns:
     (q_taken, values), both [B, T] float32 and zero where `mask` is 0:
@@ -85,20 +93,75 @@ def teacher_q_values(
 @functools.partial(jax.jit, static_argnames=("center", "value"))
 def _teacher_q_values(teacher_logits, actions, mask, *, center, value):
   f = teacher_logits.astype(jnp.float32)  # [B, T, V], the one float32 copy
-  q_taken = jnp.take_along_axis(
-      f, actions[..., None].astype(jnp.int32), axis=-1)[..., 0]  # [B, T]
-  if value == "max":
-    v = jnp.max(f, axis=-1)  # [B, T]
-  else:
-    # softmax(Q) = softmax(f), and sum_a p(a) Q(a) = sum_a p(a) f(a) - mean f.
-    lse = jax.nn.logsumexp(f, axis=-1, keepdims=True)  # [B, T, 1]
-    v = jnp.sum(jnp.exp(f - lse) * f, axis=-1)  # [B, T]
+  q_taken = taken_logits(f, actions)  # [B, T]
+  v = position_values(f, value)  # [B, T]
   if center:
     mean = jnp.mean(f, axis=-1)  # [B, T]
     q_taken = q_taken - mean
     v = v - mean
   m = _bool_mask(mask)
   return jnp.where(m, q_taken, 0.0), jnp.where(m, v, 0.0)
+
+
+def taken_logits(f: Array, actions: Array) -> Array:
+  """f [..., V] float32, actions [...] int -> f[..., actions] as [...]."""
+  return jnp.take_along_axis(
+      f, actions[..., None].astype(jnp.int32), axis=-1)[..., 0]
+
+
+def position_values(f: Array, value: str) -> Array:
+  """The uncentred state value of logits f [..., V] float32 -> [...].
+
+  "max": max_a f(a); "expected": sum_a softmax(f)(a) f(a); "soft":
+  logsumexp_a f(a). Centring subtracts mean_v f(v) from each of these (the
+  softmax is unchanged by it), which `teacher_q_values` does afterwards.
+  """
+  if value == "max":
+    return jnp.max(f, axis=-1)
+  lse = jax.nn.logsumexp(f, axis=-1)  # [...]
+  if value == "soft":
+    return lse
+  return jnp.sum(jnp.exp(f - lse[..., None]) * f, axis=-1)
+
+
+def taken_log_probs(f: Array, actions: Array) -> Array:
+  """log softmax(f)[..., actions] for f [..., V] float32 -> [...]."""
+  return taken_logits(f, actions) - jax.nn.logsumexp(f, axis=-1)
+
+
+def teacher_log_probs(teacher_logits: ArrayLike, actions: ArrayLike,
+                      mask: ArrayLike) -> Array:
+  """The teacher's log-probability of each taken token, `log p_T(a_t|s_t)`.
+
+  Equals `Q_t(a_t) - V_t` of `teacher_q_values(..., value="soft")`; computed
+  directly (one logsumexp), in float32.
+
+  Args:
+    teacher_logits: [B, T, V] float, teacher-forced logits on the rollout.
+    actions: [B, T] int, the rollout tokens.
+    mask: [B, T] prefix mask.
+
+  Returns:
+    [B, T] float32, zero where `mask` is 0.
+  """
+  _checks.check_rank("teacher_logits", teacher_logits, 3, "[B, T, V]")
+  _checks.check_float("teacher_logits", teacher_logits)
+  _checks.check_int("actions", actions)
+  _checks.check_same_shape({
+      "teacher_logits[..., 0]": jax.ShapeDtypeStruct(
+          jnp.shape(teacher_logits)[:2], jnp.float32),
+      "actions": actions,
+      "mask": mask,
+  })
+  _checks.check_prefix_mask("mask", mask)
+  _check_token_ids("actions", actions, mask, jnp.shape(teacher_logits)[-1])
+  return _teacher_log_probs(teacher_logits, actions, mask)
+
+
+@jax.jit
+def _teacher_log_probs(teacher_logits, actions, mask):
+  lp = taken_log_probs(teacher_logits.astype(jnp.float32), actions)  # [B, T]
+  return jnp.where(_bool_mask(mask), lp, 0.0)
 
 
 def _check_token_ids(name: str, ids: ArrayLike, mask: ArrayLike,
@@ -229,8 +292,120 @@ def _k_step_returns(q_taken, values, mask, *, k):
   return jnp.where(at_terminal, q, returns)
 
 
-def _strided_suffix_sum(x: Array, k: int) -> Array:
-  """`out[:, t] = sum_{j >= 0} x[:, t + j k]` for x [B, T], O(B T).
+# --------------------------------------------------------------------------
+# Reverse-KL rewards (SPEC §6) and returns over any per-token reward
+# --------------------------------------------------------------------------
+
+
+def check_gamma(gamma: Any) -> float:
+  """Returns `gamma` as a float; raises unless it is a number in [0, 1]."""
+  if isinstance(gamma, bool) or not isinstance(
+      gamma, (int, float, np.floating, np.integer)) or not 0.0 <= gamma <= 1.0:
+    raise ValueError(f"gamma must be a number in [0, 1] (0 = immediate "
+                     f"reward, 1 = undiscounted reward-to-go), got {gamma!r}")
+  return float(gamma)
+
+
+def reverse_kl_rewards(teacher_logprobs: ArrayLike, student_logprobs: ArrayLike,
+                       mask: ArrayLike) -> Array:
+  """The reverse-KL reward `r_t = log p_T(a_t) - log pi(a_t)`, both detached.
+
+  Its expectation under the student is `-KL(pi(.|s_t) || p_T(.|s_t))`.
+
+  Args:
+    teacher_logprobs: [B, T] `log p_T(a_t | s_t)`, from `teacher_log_probs`.
+    student_logprobs: [B, T] `log pi_theta(a_t | s_t)` of the student being
+      trained (teacher-forced on the rollout, not the sampler's).
+    mask: [B, T] prefix mask.
+
+  Returns:
+    [B, T] float32 rewards with no gradient, zero where `mask` is 0.
+  """
+  _checks.check_rank("teacher_logprobs", teacher_logprobs, 2, "[B, T]")
+  _checks.check_float("teacher_logprobs", teacher_logprobs)
+  _checks.check_float("student_logprobs", student_logprobs)
+  _checks.check_same_shape({"teacher_logprobs": teacher_logprobs,
+                            "student_logprobs": student_logprobs,
+                            "mask": mask})
+  _checks.check_prefix_mask("mask", mask)
+  return _reverse_kl_rewards(teacher_logprobs, student_logprobs, mask)
+
+
+@jax.jit
+def _reverse_kl_rewards(teacher_logprobs, student_logprobs, mask):
+  r = (teacher_logprobs.astype(jnp.float32)
+       - student_logprobs.astype(jnp.float32))
+  return jax.lax.stop_gradient(jnp.where(_bool_mask(mask), r, 0.0))
+
+
+def chain_returns(rewards: ArrayLike, mask: ArrayLike, k: int,
+                  gamma: float) -> Array:
+  """Discounted reward summed over the K-step chain of each position.
+
+  With the chain of SPEC §2, `p_0 = t`, `p_{j+1} = n(p_j) = min(p_j + K, T)`,
+  ending at the terminal `T`:
+
+      Ĝ_t = sum_j gamma^(p_j - t) r_{p_j}          (Ĝ_T = r_T)
+
+  K = 1 is the discounted reward-to-go `sum_{i >= t} gamma^(i - t) r_i`
+  (`discounted_returns`); gamma = 0 is the immediate reward r_t for every K.
+  For the reverse-KL reward this is the experimental "K-step reverse KL":
+  only the chain positions' rewards enter, the skipped ones are dropped, so
+  `Ĝ_t - G_t = -sum_{i skipped by t's chain} gamma^(i - t) r_i` (for the
+  reverse-KL reward, the skipped positions' sampled KL estimates, which have
+  non-negative expectation, so the return leans optimistic).
+
+  How: for t < T the chain visits t, t + K, ... below T, then T; the first
+  part is a K-strided suffix sum with decay gamma^K per jump (the same
+  reverse `lax.scan` as `k_step_returns`), the last is `gamma^(T - t) r_T`.
+  O(B T) for every K.
+
+  Args:
+    rewards: [B, T] float, e.g. from `reverse_kl_rewards`.
+    mask: [B, T] prefix mask; row b's terminal T_b is its last 1.
+    k: Python int >= 1, the jump length.
+    gamma: discount in [0, 1].
+
+  Returns:
+    [B, T] float32 returns, zero after each row's terminal position.
+  """
+  _checks.check_positive_int("k", k)
+  gamma = check_gamma(gamma)
+  _checks.check_rank("rewards", rewards, 2, "[B, T]")
+  _checks.check_float("rewards", rewards)
+  _checks.check_same_shape({"rewards": rewards, "mask": mask})
+  _checks.check_prefix_mask("mask", mask)
+  return _chain_returns(rewards, mask, k=int(k), gamma=gamma)
+
+
+def discounted_returns(rewards: ArrayLike, mask: ArrayLike,
+                       gamma: float) -> Array:
+  """`G_t = sum_{i=t..T} gamma^(i - t) r_i` ([B, T] float32); K = 1 chains."""
+  return chain_returns(rewards, mask, 1, gamma)
+
+
+@functools.partial(jax.jit, static_argnames=("k", "gamma"))
+def _chain_returns(rewards, mask, *, k, gamma):
+  _, length = rewards.shape
+  k = min(k, length)
+  m = _bool_mask(mask)
+  r = jnp.where(m, rewards.astype(jnp.float32), 0.0)
+  terminal = _terminal_index(m)  # [B]
+  pos = jnp.arange(length)[None, :]  # [1, T]
+  before_terminal = pos < terminal[:, None]
+  at_terminal = pos == terminal[:, None]
+  r_terminal = jnp.sum(jnp.where(at_terminal, r, 0.0), axis=1)  # [B]
+  s = _strided_suffix_sum(jnp.where(before_terminal, r, 0.0), k,
+                          decay=gamma ** k)  # [B, T]
+  # gamma^(T - t) for t < T (exponent >= 1, so gamma = 0 gives 0).
+  gap = jnp.maximum(terminal[:, None] - pos, 1).astype(jnp.float32)
+  tail = jnp.power(jnp.float32(gamma), gap) * r_terminal[:, None]
+  out = jnp.where(before_terminal, s + tail, 0.0)
+  return jnp.where(at_terminal, r, out)
+
+
+def _strided_suffix_sum(x: Array, k: int, decay: float = 1.0) -> Array:
+  """`out[:, t] = sum_{j >= 0} decay^j x[:, t + j k]` for x [B, T], O(B T).
 
   The positions are laid out as blocks [T/K, B, K] (zero-padded) and a reverse
   `lax.scan` over blocks carries the K running sums, one per residue t mod K.
@@ -241,7 +416,7 @@ def _strided_suffix_sum(x: Array, k: int) -> Array:
   blocks = padded.reshape(batch, n_blocks, k).transpose(1, 0, 2)  # [N, B, K]
 
   def step(carry, block):  # carry, block: [B, K]
-    carry = carry + block
+    carry = block + carry if decay == 1.0 else block + decay * carry
     return carry, carry
 
   _, sums = jax.lax.scan(
@@ -341,10 +516,41 @@ def return_diagnostics(q_taken: ArrayLike, values: ArrayLike, mask: ArrayLike,
 
 @functools.partial(jax.jit, static_argnames=("k",))
 def _return_diagnostics(q_taken, values, mask, *, k):
-  m = _bool_mask(mask)
-  n = jnp.maximum(jnp.sum(m), 1).astype(jnp.float32)
   g_k = _k_step_returns(q_taken, values, mask, k=k)
   g_1 = _full_returns(_one_step_rewards(q_taken, values, mask), mask)
+  return _summarize_returns(g_k, g_1, mask)
+
+
+def summarize_returns(returns: ArrayLike, returns_k1: ArrayLike,
+                      mask: ArrayLike) -> dict[str, Array]:
+  """`return_diagnostics` for any return and its K = 1 counterpart.
+
+  For objectives whose return is not built from (Q, V), e.g. the reverse-KL
+  reward's `chain_returns` against `discounted_returns`; the bias is
+  `returns - returns_k1`.
+
+  Args:
+    returns: [B, T] float, the return in use (Ĝ).
+    returns_k1: [B, T] float, the K = 1 return of the same reward (G).
+    mask: [B, T] prefix mask of the positions that count.
+
+  Returns:
+    The dict of `return_diagnostics`.
+  """
+  _checks.check_rank("returns", returns, 2, "[B, T]")
+  _checks.check_float("returns", returns)
+  _checks.check_float("returns_k1", returns_k1)
+  _checks.check_same_shape({"returns": returns, "returns_k1": returns_k1,
+                            "mask": mask})
+  return _summarize_returns(returns, returns_k1, mask)
+
+
+@jax.jit
+def _summarize_returns(g_k, g_1, mask):
+  m = _bool_mask(mask)
+  n = jnp.maximum(jnp.sum(m), 1).astype(jnp.float32)
+  g_k = jnp.where(m, g_k.astype(jnp.float32), 0.0)
+  g_1 = jnp.where(m, g_1.astype(jnp.float32), 0.0)
   bias = g_k - g_1
   bias_mean = jnp.sum(bias) / n
   bias_var = jnp.sum(jnp.where(m, (bias - bias_mean) ** 2, 0.0)) / n

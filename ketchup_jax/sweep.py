@@ -26,7 +26,14 @@ same learning-rate schedule, and the same data order (RL runs use data seed
 `seed + 2`; the word-level and SeqKD continuations are run with `seed + 1` so
 their stage seed is also `seed + 2`). LLMR and KETCHUP sample their own
 rollouts; SeqKD continues on the teacher's greedy outputs, KL/JS/TVD on the
-gold targets teacher-forced (the library's `word_kd_step`). The
+gold targets teacher-forced (the library's `word_kd_step`), GKD on a
+λ-mix of its own samples (of the RL runs' length `base.rl.max_decode_len`)
+and the gold targets (`gkd_step`). The SPEC §6 objectives are RL runs too:
+"soft" is LLMR/KETCHUP with `rl.value = "soft"` (K = 1 and each K of `ks`),
+"reverse_kl" the reverse-KL reward at each discount of `reverse_kl_gammas`,
+and
+"reverse_kl_kstep" its K-step chain variant at each K of `ks` with
+`kstep_gamma`. The
 "no pre-distillation" variant starts RL from the random initialisation the
 pre-distillation of the same seed started from.
 
@@ -52,10 +59,12 @@ import numpy as np
 
 from ketchup_jax import distributed
 from ketchup_jax import fileio
+from ketchup_jax import returns
 from ketchup_jax import runlock
 
-METHODS = ("seqkd", "kl", "rkl", "js", "tvd", "llmr", "ketchup")
-WORD_METHODS = ("seqkd", "kl", "rkl", "js", "tvd")
+METHODS = ("seqkd", "kl", "rkl", "js", "tvd", "gkd", "llmr", "ketchup",
+           "soft", "reverse_kl", "reverse_kl_kstep")
+WORD_METHODS = ("seqkd", "kl", "rkl", "js", "tvd", "gkd")
 _METHOD_LABELS = {"seqkd": "SeqKD", "kl": "KL", "rkl": "RKL", "js": "JS",
                   "tvd": "TVD"}
 
@@ -81,6 +90,9 @@ class RunSpec:
       student.
     variant: Name of an entry of the sweep's `variants` (overrides of
       `base` applied to this RL run), or "".
+    reward: rl.reward of an RL run.
+    value: rl.value of an RL run ("" = the base config's).
+    gamma: rl.gamma of an RL run (None = the base config's).
   """
   name: str
   label: str
@@ -91,6 +103,9 @@ class RunSpec:
   baseline: str = "none"
   from_scratch: bool = False
   variant: str = ""
+  reward: str = "llmr"
+  value: str = ""
+  gamma: float | None = None
 
   def directory(self, workdir: str, reuse_from: str = "") -> str:
     if self.kind == "teacher":
@@ -150,9 +165,25 @@ def check_sweep_config(c: ml_collections.ConfigDict) -> None:
     if any(isinstance(k, bool) or not isinstance(k, int) or k < 1
            for k in ks):
       raise ValueError(f"config.{name} must hold ints >= 1, got {ks!r}")
-  if "ketchup" in c.methods and not tuple(c.ks):
-    raise ValueError("config.ks must list the KETCHUP K values when methods "
-                     "include 'ketchup', got ()")
+  for m in ("ketchup", "reverse_kl_kstep"):
+    if m in c.methods and not tuple(c.ks):
+      raise ValueError(f"config.ks must list the K values when methods "
+                       f"include {m!r}, got ()")
+  gammas = tuple(c.reverse_kl_gammas)
+  if "reverse_kl" in c.methods and not gammas:
+    raise ValueError("config.reverse_kl_gammas must list the discounts of "
+                     "the reverse_kl runs, got ()")
+  for name, values in (("reverse_kl_gammas", gammas),
+                       ("kstep_gamma", (c.kstep_gamma,))):
+    for value in values:
+      try:
+        returns.check_gamma(value)
+      except ValueError as e:
+        raise ValueError(f"config.{name}: {e}") from None
+  if "reverse_kl_kstep" in c.methods and not c.kstep_gamma > 0:
+    raise ValueError(f"config.kstep_gamma must be > 0 for the K-step reverse "
+                     f"KL (gamma = 0 is the immediate reward at every K), got "
+                     f"{c.kstep_gamma!r}")
   from ketchup_jax import losses  # pylint: disable=g-import-not-at-top
   for b in c.baselines:
     if b not in losses.BASELINES or b == "none":
@@ -199,10 +230,29 @@ def plan(c: ml_collections.ConfigDict) -> list[RunSpec]:
                          f"pre-distilled ({c.base.predistill.method})", s,
                          "predistill"))
     for m in c.methods:
-      if m in WORD_METHODS:
+      if m == "gkd":
+        g = c.base.gkd
+        specs.append(RunSpec("gkd", f"GKD (λ={g.lmbda:g}, β={g.beta:g})", s,
+                             "continue", method=m))
+      elif m in WORD_METHODS:
         specs.append(RunSpec(m, _METHOD_LABELS[m], s, "continue", method=m))
       elif m == "llmr":
         specs.append(RunSpec("llmr", _rl_label(1), s, "rl", k=1))
+      elif m == "soft":
+        specs.extend(RunSpec(f"soft_k{k}", _rl_label(k) + ", soft value", s,
+                             "rl", k=k, value="soft")
+                     for k in dict.fromkeys((1, *c.ks)))
+      elif m == "reverse_kl":
+        specs.extend(RunSpec(
+            f"reverse_kl_g{g:g}", f"reverse KL (γ={g:g})", s, "rl", k=1,
+            reward="reverse_kl", gamma=float(g))
+                     for g in c.reverse_kl_gammas)
+      elif m == "reverse_kl_kstep":
+        g = c.kstep_gamma
+        specs.extend(RunSpec(
+            f"reverse_kl_k{k}_g{g:g}", f"K-step reverse KL (K={k}, γ={g:g})",
+            s, "rl", k=k, reward="reverse_kl_kstep", gamma=float(g))
+                     for k in c.ks)
       else:
         specs.extend(RunSpec(f"ketchup_k{k}", _rl_label(k), s, "rl", k=k)
                      for k in c.ks)
@@ -250,11 +300,18 @@ def run_config(c: ml_collections.ConfigDict, spec: RunSpec,
                   "warmup_steps", "weight_decay", "max_grad_norm",
                   "grad_accum", "eval_every", "select"):
       cfg.predistill[field] = cfg.rl[field]
+    if spec.method == "gkd":  # samples as long as the RL runs' rollouts
+      cfg.gkd.max_decode_len = cfg.rl.max_decode_len
   else:
     cfg.stages = "rl"
     cfg.rl.ks = (spec.k,)
     cfg.rl.k = spec.k
     cfg.rl.baseline = spec.baseline
+    cfg.rl.reward = spec.reward
+    if spec.value:
+      cfg.rl.value = spec.value
+    if spec.gamma is not None:
+      cfg.rl.gamma = spec.gamma
     if not spec.from_scratch:
       cfg.student.init_from = predistilled
     if spec.variant:
@@ -563,9 +620,10 @@ def plot(results: dict[str, Any], directory: str,
 
   metric = metric or results["metric_names"][0]
   rows = results["rows"]
+  # LLMR / KETCHUP with the base options only (no ", <variant>" suffix).
   rl = sorted((r["k"], r["metrics"][metric]) for label, r in rows.items()
-              if r["kind"] == "rl" and "baseline" not in label
-              and "no pre-distillation" not in label)
+              if r["kind"] == "rl" and label.startswith(("LLMR", "KETCHUP"))
+              and "," not in label)
   if rl:
     fig, ax = plt.subplots(figsize=(4.6, 3.3))
     ax.errorbar([k for k, _ in rl], [s["mean"] for _, s in rl],

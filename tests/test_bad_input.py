@@ -184,6 +184,8 @@ def _main(*args, config="configs/smoke.py"):
     ("--config.rl.kk=3", ["unknown config field", "kk"]),
     ("--config.rl.k=abc", ["rl.k", "abc"]),
     ("--config.max_source_len=1.5", ["max_source_len", "1.5"]),
+    ("--config.rl.reward=rkl", ["rl.reward", "rkl", "reverse_kl"]),
+    ("--config.gkd.beta=2.0", ["gkd.beta", "2.0", "[0, 1]"]),
 ])
 def test_bad_config_flag_is_refused_before_writing(tmp_path, flag, names):
   workdir = _workdir(tmp_path)

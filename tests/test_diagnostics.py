@@ -215,7 +215,7 @@ def test_loss_is_the_one_rl_step_minimises(tiny, unfinished, baseline):
   _, metrics = jax.jit(lambda s, t, b: steps.rl_step(
       s, t, b, models=mods, optim=optim, rl=rl))(state, teacher, batch)
   _, sample_rng = jax.random.split(state.rng)
-  _, loss_values, _ = diagnostics.minibatch_gradients(
+  _, loss_values, _, _ = diagnostics.minibatch_gradients(
       student, teacher, batch, sample_rng, jax.random.PRNGKey(0),
       models=mods, rl=rl, ks=(2,))
   np.testing.assert_allclose(float(loss_values[0]), float(metrics["loss"]),

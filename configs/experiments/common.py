@@ -62,10 +62,18 @@ def sweep(base: ml_collections.ConfigDict, *, title: str
   c.reuse_from = ""
   # Seeds: each gets its own pre-distilled student and runs every method.
   c.seeds = (0, 1, 2)
-  # Methods: seqkd, kl, rkl, js, tvd (continue the pre-distilled student with
-  # that objective), llmr (K=1), ketchup (one run per K in `ks`).
+  # Methods: seqkd, kl, rkl, js, tvd, gkd (continue the pre-distilled student
+  # with that objective; gkd with base.gkd's lambda, beta, temperature),
+  # llmr (K=1), ketchup (one run per K in `ks`), and SPEC §6's: soft
+  # (rl.value="soft" at K=1 and each K in `ks`), reverse_kl (rl.reward
+  # "reverse_kl" at each discount in `reverse_kl_gammas`), reverse_kl_kstep
+  # (the K-step reverse KL at each K in `ks`, with `kstep_gamma`).
   c.methods = ("llmr", "ketchup")
   c.ks = (4,)
+  # rl.gamma of the reverse_kl runs, one run each (0 = immediate reward), and
+  # of the reverse_kl_kstep runs (> 0).
+  c.reverse_kl_gammas = (0.0,)
+  c.kstep_gamma = 1.0
   # Extra KETCHUP/LLMR runs with rl.baseline in `baselines`, at K in
   # `baseline_ks` ("batch_mean", "teacher_expected").
   c.baselines = ()

@@ -64,7 +64,7 @@ from ketchup_jax.train import validation
 from ketchup_jax.train import writer as writer_lib
 
 STAGES = ("teacher_sft", "predistill", "rl", "eval")
-PREDISTILL_METHODS = ("seqkd", "kl", "rkl", "js", "tvd")
+PREDISTILL_METHODS = ("seqkd", "kl", "rkl", "js", "tvd", "gkd")
 _LOG_KEYS = ("loss", "return_mean", "return_var", "return_var_k1",
              "bias_mean", "entropy", "grad_norm", "finished_fraction",
              "tokens_per_s")
@@ -121,6 +121,8 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
       raise ValueError(f"config.{stage}: {e}") from None
   for k in rl_ks(cfg):
     steps.RLConfig.from_config(cfg.rl, k=k)
+  if "gkd" in cfg:
+    steps.GKDConfig.from_config(cfg.gkd)
   every, minibatches = cfg.rl.get("diag_every", 0), cfg.rl.get(
       "diag_minibatches", 8)
   if not isinstance(every, int) or every < 0 or not isinstance(
@@ -748,6 +750,9 @@ def stage_predistill(run: Run) -> None:
     step_fn = functools.partial(
         steps.seqkd_step, models=mods, optim=optim,
         max_decode_len=cfg.predistill.max_decode_len)
+  elif cfg.predistill.method == "gkd":
+    step_fn = functools.partial(steps.gkd_step, models=mods, optim=optim,
+                                gkd=steps.GKDConfig.from_config(cfg.gkd))
   else:
     step_fn = functools.partial(steps.word_kd_step, models=mods, optim=optim,
                                 divergence=cfg.predistill.method)
@@ -813,6 +818,8 @@ def _eval_models(run: Run) -> list[tuple[str, str]]:
   for k in rl_ks(run.cfg):
     if _stage_done(run, f"rl_k{k}"):
       label = "LLMR (K=1)" if k == 1 else f"KETCHUP (K={k})"
+      if run.cfg.rl.get("reward", "llmr") != "llmr":
+        label = f"{run.cfg.rl.reward} (K={k})"
       rows.append((label, f"stage:rl_k{k}"))
   return rows
 

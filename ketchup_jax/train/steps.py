@@ -9,7 +9,9 @@ Stages:
   `supervised_step`  cross-entropy on the batch's targets (teacher SFT).
   `seqkd_step`       cross-entropy on the teacher's greedy outputs (SeqKD).
   `word_kd_step`     word-level KL / RKL / JS / TVD on the gold targets.
-  `rl_step`          rollout -> teacher Q-values -> K-step returns -> REINFORCE.
+  `rl_step`          rollout -> teacher Q-values -> K-step returns -> REINFORCE
+                     (or the reverse-KL reward of SPEC §6, `RLConfig.reward`).
+  `gkd_step`         GKD: generalised JSD on student samples or gold targets.
 """
 
 from __future__ import annotations
@@ -34,15 +36,35 @@ Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
 UNFINISHED = ("drop", "terminal", "bootstrap")
+REWARDS = ("llmr", "reverse_kl", "reverse_kl_kstep")
 
 
 @dataclasses.dataclass(frozen=True)
 class RLConfig:
-  """The KETCHUP knobs of SPEC §2–3 (hashable: a static jit argument).
+  """The KETCHUP knobs of SPEC §2–3 and §6 (hashable: a static jit argument).
+
+  The reward (`reward`), per token t of a rollout:
+    "llmr"              `r_t = Q_t(a_t) - V_{t+1}` from the teacher's logits,
+                        K-step returns of SPEC §2 (K = 1 is LLMR).
+    "reverse_kl"        `r_t = log p_T(a_t) - log pi_theta(a_t)`, both
+                        detached (SPEC §6), with the discounted reward-to-go
+                        `G_t = sum_{i >= t} gamma^(i - t) r_i`: gamma = 0 is
+                        the immediate reward (the usual on-policy
+                        distillation recipe), gamma > 0 MiniLLM's. K is unused.
+    "reverse_kl_kstep"  the experimental K-step reverse KL: the same reward,
+                        summed only over t's K-step chain positions
+                        t, n(t), n(n(t)), ..., T (n(t) = min(t + K, T)),
+                        discounted by gamma^(position - t)
+                        (`returns.chain_returns`); K = 1 is "reverse_kl".
+                        Needs gamma > 0 (gamma = 0 is the immediate reward
+                        for every K).
+  log pi_theta is the student's teacher-forced log-probability in the same
+  forward the loss differentiates, under `stop_gradient`; the advantage,
+  baseline, weight, clip and entropy options apply to every reward.
 
   Attributes:
     k: Jump length of the K-step return; 1 is LLMR.
-    value: "max" or "expected" state value.
+    value: "max", "expected" or "soft" state value.
     center_logits: Centre the teacher logits into Q-values.
     unfinished: Rollouts without EOS: "drop", "terminal" or "bootstrap".
     baseline: "none", "batch_mean", "teacher_expected" or "value".
@@ -54,6 +76,8 @@ class RLConfig:
     temperature: Sampling temperature of the rollout (0 = greedy).
     top_k: Rollout top-k (0 = off).
     top_p: Rollout nucleus mass (1 = off).
+    reward: "llmr", "reverse_kl" or "reverse_kl_kstep" (above).
+    gamma: Discount of the reverse-KL returns, in [0, 1].
   """
   k: int = 1
   value: str = "max"
@@ -68,6 +92,8 @@ class RLConfig:
   temperature: float = 1.0
   top_k: int = 0
   top_p: float = 1.0
+  reward: str = "llmr"
+  gamma: float = 0.0
 
   @classmethod
   def from_config(cls, cfg: ml_collections.ConfigDict, *, k: int) -> RLConfig:
@@ -93,6 +119,33 @@ class RLConfig:
     if not isinstance(self.max_decode_len, int) or self.max_decode_len < 1:
       raise ValueError(
           f"rl.max_decode_len must be an int >= 1, got {self.max_decode_len!r}")
+    if self.reward not in REWARDS:
+      raise ValueError(
+          f"rl.reward must be one of {REWARDS}, got {self.reward!r}")
+    try:
+      returns.check_gamma(self.gamma)
+    except ValueError as e:
+      raise ValueError(f"rl.{e}") from None
+    if self.reward == "reverse_kl_kstep" and self.gamma == 0:
+      raise ValueError(
+          "rl.reward='reverse_kl_kstep' needs rl.gamma > 0 (with gamma = 0 "
+          "every K gives the immediate reward); got rl.gamma=0")
+    if self.reward != "llmr":
+      if self.unfinished == "bootstrap":
+        raise ValueError(
+            f"rl.unfinished='bootstrap' charges a cut rollout the teacher's "
+            f"state value V_(T+1), which the rl.reward={self.reward!r} "
+            f"return has none of; use 'drop' or 'terminal'")
+      if self.baseline in ("teacher_expected", "value"):
+        raise ValueError(
+            f"rl.baseline={self.baseline!r} is a teacher state value on the "
+            f"Q-value scale of the llmr reward, not a baseline of "
+            f"rl.reward={self.reward!r}; use 'none' or 'batch_mean'")
+
+  @property
+  def uses_student_logprobs(self) -> bool:
+    """Whether the return depends on the student's own log-probabilities."""
+    return self.reward != "llmr"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -221,6 +274,117 @@ def word_kd_step(state: state_lib.TrainState, teacher_params: Any,
   return state, {"loss": loss, "tokens": count, **info}
 
 
+@dataclasses.dataclass(frozen=True)
+class GKDConfig:
+  """GKD (Agarwal et al. 2024; SPEC §6) options (hashable: static in jit).
+
+  Each micro-batch, with probability `lmbda` (a coin from the step's key) the
+  targets are the student's own samples of the sources, otherwise the batch's
+  gold targets; the loss is the token-level generalised JSD between the
+  teacher's and the student's full next-token distributions on those
+  targets (`losses.generalized_jsd_loss`).
+
+  Attributes:
+    lmbda: lambda in [0, 1], the fraction of batches on student samples
+      (0 = always gold targets, 1 = always on-policy).
+    beta: JSD weight in [0, 1]; P = teacher, Q = student,
+      `JSD_beta = beta KL(P || M) + (1 - beta) KL(Q || M)`,
+      M = beta P + (1 - beta) Q: beta = 0 is forward KL(P || Q), beta = 1
+      reverse KL(Q || P).
+    temperature: Student sampling temperature (0 = greedy).
+    max_decode_len: Length of the student's samples (new tokens).
+  """
+  lmbda: float = 0.5
+  beta: float = 0.5
+  temperature: float = 1.0
+  max_decode_len: int = 64
+
+  @classmethod
+  def from_config(cls, cfg: ml_collections.ConfigDict) -> GKDConfig:
+    fields = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{name: cfg[name] for name in fields if name in cfg})
+
+  def __post_init__(self):
+    if isinstance(self.lmbda, bool) or not isinstance(
+        self.lmbda, (int, float)) or not 0.0 <= self.lmbda <= 1.0:
+      raise ValueError(f"gkd.lmbda (lambda, the fraction of batches on "
+                       f"student samples) must be a number in [0, 1], got "
+                       f"{self.lmbda!r}")
+    try:
+      losses.check_beta(self.beta)
+    except ValueError as e:
+      raise ValueError(f"gkd.{e}") from None
+    if isinstance(self.temperature, bool) or not isinstance(
+        self.temperature, (int, float)) or not self.temperature >= 0:
+      raise ValueError(f"gkd.temperature must be a number >= 0 (0 = greedy), "
+                       f"got {self.temperature!r}")
+    if isinstance(self.max_decode_len, bool) or not isinstance(
+        self.max_decode_len, int) or self.max_decode_len < 1:
+      raise ValueError(f"gkd.max_decode_len must be an int >= 1, got "
+                       f"{self.max_decode_len!r}")
+
+
+def gkd_targets(params: Any, batch: Batch, rng: jax.Array, *, models: Models,
+                gkd: GKDConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """This batch's GKD targets: (decoder inputs [B, L], mask [B, L], on-policy).
+
+  L = max(gold target length, gkd.max_decode_len): both kinds are padded to
+  it so that one `lax.cond` picks between them and only the picked branch
+  runs (the student samples only on on-policy batches). `on_policy` is a
+  bool scalar, drawn with probability `gkd.lmbda`.
+  """
+  coin_rng, sample_rng = jax.random.split(rng)
+  gold_len = batch["decoder_input_ids"].shape[1]
+  length = max(gold_len, gkd.max_decode_len)
+
+  def gold():
+    pad = ((0, 0), (0, length - gold_len))
+    return (jnp.pad(batch["decoder_input_ids"], pad),
+            jnp.pad(batch["decoder_attention_mask"], pad).astype(jnp.int32))
+
+  def sampled():
+    out = models.sample(params, models.student, batch, sample_rng,
+                        max_new_tokens=gkd.max_decode_len,
+                        temperature=gkd.temperature)
+    mask = length_mask(out.lengths, gkd.max_decode_len) * (
+        batch["example_mask"] > 0)[:, None]
+    pad = ((0, 0), (0, length - gkd.max_decode_len))
+    inputs = t5.shift_right(out.tokens, models.student)
+    return (jnp.pad(inputs, pad).astype(batch["decoder_input_ids"].dtype),
+            jnp.pad(mask, pad).astype(jnp.int32))
+
+  if gkd.lmbda == 0.0:
+    return (*gold(), jnp.asarray(False))
+  if gkd.lmbda == 1.0:
+    return (*sampled(), jnp.asarray(True))
+  on_policy = jax.random.bernoulli(coin_rng, gkd.lmbda)
+  inputs, mask = jax.lax.cond(on_policy, sampled, gold)
+  return inputs, mask, on_policy
+
+
+def gkd_step(state: state_lib.TrainState, teacher_params: Any, batch: Batch,
+             *, models: Models, optim: state_lib.OptimConfig, gkd: GKDConfig
+             ) -> tuple[state_lib.TrainState, Metrics]:
+  """One GKD update: `gkd_targets`, then the generalised JSD on them."""
+  rng, target_rng = jax.random.split(state.rng)
+  inputs, mask, on_policy = gkd_targets(
+      jax.lax.stop_gradient(state.params), batch, target_rng, models=models,
+      gkd=gkd)
+  args = (batch["input_ids"], batch["attention_mask"], inputs, mask)
+  teacher_logits = jax.lax.stop_gradient(
+      models.forward(teacher_params, models.teacher, *args))
+
+  def loss_fn(params):
+    logits = models.forward(params, models.student, *args)
+    total, count = losses.generalized_jsd_loss(
+        logits, teacher_logits, mask, beta=gkd.beta)
+    return _mean(total, count), count
+
+  state, loss, count, info = _minimize(state, optim, rng, loss_fn)
+  return state, {"loss": loss, "tokens": count,
+                 "on_policy": on_policy.astype(jnp.float32), **info}
+
+
 def student_rollout(params: Any, batch: Batch, sample_rng: jax.Array, *,
                     models: Models, rl: RLConfig) -> dict[str, Any]:
   """Step 1 of `rl_step`: the student's rollout and its masks (student mesh).
@@ -255,7 +419,8 @@ def teacher_scores(teacher_params: Any, batch: Batch, actions: jax.Array,
   Returns:
     A dict: q_taken, values, bootstrap_value (None unless rl.unfinished ==
     "bootstrap"), teacher_values (the baseline's [B, T] state values; None
-    unless rl.baseline is "teacher_expected" or "value").
+    unless rl.baseline is "teacher_expected" or "value"), teacher_logprobs
+    (`log p_T(a_t)`, None unless rl.reward is a reverse-KL reward).
   """
   length = rl.max_decode_len
   # The teacher scores one extra position for "bootstrap": V after the last.
@@ -284,8 +449,12 @@ def teacher_scores(teacher_params: Any, batch: Batch, actions: jax.Array,
         value="expected")
   elif rl.baseline == "value":  # b_t = V_t of the returns' own value
     teacher_values = values
+  teacher_logprobs = None
+  if rl.uses_student_logprobs:
+    teacher_logprobs = returns.teacher_log_probs(teacher_logits, actions, mask)
   return {"q_taken": q_taken, "values": values,
-          "bootstrap_value": bootstrap_value, "teacher_values": teacher_values}
+          "bootstrap_value": bootstrap_value, "teacher_values": teacher_values,
+          "teacher_logprobs": teacher_logprobs}
 
 
 def combine_scores(rollout: dict[str, Any], scores: dict[str, Any], *,
@@ -325,8 +494,9 @@ def score_rollout(params: Any, teacher_params: Any, batch: Batch,
     A dict: actions, mask (EOS included), loss_mask, scale (the finished
     fraction under "drop", else 1), q_taken, values, bootstrap_value (None
     unless rl.unfinished == "bootstrap"), teacher_values (None unless
-    rl.baseline is "teacher_expected" or "value"), behavior_logprobs,
-    decoder_inputs, lengths, finished, real_row.
+    rl.baseline is "teacher_expected" or "value"), teacher_logprobs (None
+    unless a reverse-KL reward), behavior_logprobs, decoder_inputs, lengths,
+    finished, real_row.
   """
   rollout = student_rollout(params, batch, sample_rng, models=models, rl=rl)
   scores = teacher_scores(teacher_params, batch, rollout["actions"],
@@ -335,8 +505,30 @@ def score_rollout(params: Any, teacher_params: Any, batch: Batch,
   return combine_scores(rollout, scores, models=models, rl=rl)
 
 
-def rollout_returns(scored: dict[str, Any], rl: RLConfig, k: int) -> jax.Array:
-  """Step 3 of `rl_step`: the [B, T] K-step returns of a scored rollout."""
+def student_logprobs(student_logits: jax.Array,
+                     actions: jax.Array) -> jax.Array:
+  """[B, T, V] logits, [B, T] actions -> [B, T] detached `log pi(a_t)`."""
+  return jax.lax.stop_gradient(returns.taken_log_probs(
+      student_logits.astype(jnp.float32), actions))
+
+
+def rollout_returns(scored: dict[str, Any], rl: RLConfig, k: int,
+                    student_lp: jax.Array | None = None) -> jax.Array:
+  """Step 3 of `rl_step`: the [B, T] returns of a scored rollout.
+
+  "llmr": the K-step return of SPEC §2. Reverse-KL rewards: the discounted
+  (`reverse_kl`) or K-step chain (`reverse_kl_kstep`) return of
+  `log p_T - log pi`, for which `student_lp` ([B, T], `student_logprobs` of
+  the forward being differentiated) is required.
+  """
+  if rl.uses_student_logprobs:
+    if student_lp is None:
+      raise ValueError(f"rl.reward={rl.reward!r} needs the student's "
+                       f"log-probabilities (student_lp), got None")
+    r = returns.reverse_kl_rewards(scored["teacher_logprobs"], student_lp,
+                                   scored["mask"])
+    chain = k if rl.reward == "reverse_kl_kstep" else 1
+    return returns.chain_returns(r, scored["mask"], chain, rl.gamma)
   g = returns.k_step_returns(scored["q_taken"], scored["values"],
                              scored["mask"], k)
   if scored["bootstrap_value"] is not None:
@@ -357,13 +549,43 @@ def rollout_loss(student_logits: jax.Array, scored: dict[str, Any],
       entropy_coef=rl.entropy_coef)
 
 
-def rollout_update(state: state_lib.TrainState, batch: Batch,
-                   scored: dict[str, Any], g: jax.Array, rng: jax.Array, *,
-                   models: Models, optim: state_lib.OptimConfig, rl: RLConfig
-                   ) -> tuple[state_lib.TrainState, jax.Array, Any, Metrics]:
-  """Steps 4-5 of `rl_step`: student forward + backward, guarded update.
+def rollout_objective(student_logits: jax.Array, scored: dict[str, Any],
+                      rl: RLConfig, k: int, g: jax.Array | None = None
+                      ) -> tuple[jax.Array, tuple[jax.Array, jax.Array,
+                                                  jax.Array]]:
+  """The scalar loss `rl_step` differentiates, from the student's logits.
 
-  Returns (state, loss, (loss token count, mean entropy), update info).
+  The returns are `rollout_returns(scored, rl, k, ...)` (or `g`, if given),
+  with the reverse-KL rewards' student log-probabilities taken from
+  `student_logits` under `stop_gradient`: the gradient flows only through
+  the policy-gradient term's `log pi` and the entropy.
+
+  Returns:
+    (loss, (loss token count, returns [B, T], returns at K = 1 [B, T])),
+    the loss scaled by `scored["scale"]`, the returns without gradient.
+  """
+  lp = (student_logprobs(student_logits, scored["actions"])
+        if rl.uses_student_logprobs else None)
+  g_used = rollout_returns(scored, rl, k, lp) if g is None else g
+  g_k1 = rollout_returns(scored, rl, 1, lp)
+  total, count = rollout_loss(student_logits, scored, g_used, rl)
+  return _mean(total, count) * scored["scale"], (
+      count, jax.lax.stop_gradient(g_used), jax.lax.stop_gradient(g_k1))
+
+
+def rollout_update(state: state_lib.TrainState, batch: Batch,
+                   scored: dict[str, Any], g: jax.Array | None,
+                   rng: jax.Array, *, models: Models,
+                   optim: state_lib.OptimConfig, rl: RLConfig
+                   ) -> tuple[state_lib.TrainState, jax.Array, Any, Metrics]:
+  """Steps 3-5 of `rl_step`: student forward + backward, guarded update.
+
+  `g` None: the returns `rollout_returns(scored, rl, rl.k, ...)` are made
+  inside, from this forward's detached student log-probabilities (what the
+  reverse-KL rewards need).
+
+  Returns (state, loss, (loss token count, mean entropy, returns [B, T],
+  returns at K = 1 [B, T]), update info).
   """
   mask = scored["mask"]
 
@@ -371,11 +593,12 @@ def rollout_update(state: state_lib.TrainState, batch: Batch,
     logits = models.forward(params, models.student, batch["input_ids"],
                             batch["attention_mask"], scored["decoder_inputs"],
                             mask)  # [B, T, V]
-    total, count = rollout_loss(logits, scored, g, rl)
+    loss, (count, g_used, g_k1) = rollout_objective(logits, scored, rl, rl.k,
+                                                    g)
     logp = jax.nn.log_softmax(logits, axis=-1)
     entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)  # [B, T]
     mean_entropy = jnp.sum(entropy * mask) / jnp.maximum(jnp.sum(mask), 1)
-    return _mean(total, count) * scored["scale"], (count, mean_entropy)
+    return loss, (count, mean_entropy, g_used, g_k1)
 
   return _minimize(state, optim, rng, loss_fn)
 
@@ -403,11 +626,11 @@ def rl_update(state: state_lib.TrainState, batch: Batch,
               optim: state_lib.OptimConfig, rl: RLConfig
               ) -> tuple[state_lib.TrainState, Metrics]:
   """Steps 3-5 of `rl_step` on a scored rollout; `rng` becomes state.rng."""
-  g = rollout_returns(scored, rl, rl.k)  # [B, T]
-  state, loss, (count, entropy), info = rollout_update(
-      state, batch, scored, g, rng, models=models, optim=optim, rl=rl)
-  diag = returns.return_diagnostics(scored["q_taken"], scored["values"],
-                                    scored["loss_mask"], rl.k)
+  state, loss, (count, entropy, g, g_k1), info = rollout_update(
+      state, batch, scored, None, rng, models=models, optim=optim, rl=rl)
+  # Of the return in use against its K = 1 counterpart (for "llmr" that is
+  # `returns.return_diagnostics`, with the bootstrap value if any).
+  diag = returns.summarize_returns(g, g_k1, scored["loss_mask"])
   real = jnp.maximum(jnp.sum(scored["real_row"]), 1)
   return state, {
       "loss": loss,
