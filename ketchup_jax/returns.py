@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ketchup_jax import _checks
+from ketchup_jax import chunked
 
 Array = jax.Array
 ArrayLike = Any
@@ -84,21 +85,71 @@ def teacher_q_values(
 
 @functools.partial(jax.jit, static_argnames=("center", "value"))
 def _teacher_q_values(teacher_logits, actions, mask, *, center, value):
+  stats = position_stats(teacher_logits, actions, center=center)
+  return q_values_from_stats(stats, mask, value=value)
+
+
+def position_stats(teacher_logits: Array, actions: Array, *,
+                   center: bool) -> dict[str, Array]:
+  """Every per-position reduction of the Q-values over V, in one pass.
+
+  No checks (callers validate); used whole-sequence by `teacher_q_values` and
+  chunk by chunk by `position_stats_chunked`.
+
+  Args:
+    teacher_logits: [B, T, V] float logits f.
+    actions: [B, T] int taken tokens a_t.
+    center: Q = f - mean_v f (else Q = f).
+
+  Returns:
+    A dict of [B, T] float32 arrays (unmasked):
+      "q_taken": Q_t(a_t);
+      "max": max_a Q_t(a);
+      "expected": sum_a softmax(Q_t)(a) Q_t(a);
+      "logsumexp": log sum_a exp Q_t(a) (the soft value; the teacher's
+        log-probability of the taken token is q_taken - logsumexp).
+  """
   f = teacher_logits.astype(jnp.float32)  # [B, T, V], the one float32 copy
   q_taken = jnp.take_along_axis(
       f, actions[..., None].astype(jnp.int32), axis=-1)[..., 0]  # [B, T]
-  if value == "max":
-    v = jnp.max(f, axis=-1)  # [B, T]
-  else:
-    # softmax(Q) = softmax(f), and sum_a p(a) Q(a) = sum_a p(a) f(a) - mean f.
-    lse = jax.nn.logsumexp(f, axis=-1, keepdims=True)  # [B, T, 1]
-    v = jnp.sum(jnp.exp(f - lse) * f, axis=-1)  # [B, T]
+  top = jnp.max(f, axis=-1)  # [B, T]
+  lse = jax.nn.logsumexp(f, axis=-1)  # [B, T]
+  # softmax(Q) = softmax(f), and sum_a p(a) Q(a) = sum_a p(a) f(a) - mean f.
+  expected = jnp.sum(jnp.exp(f - lse[..., None]) * f, axis=-1)  # [B, T]
+  stats = {"q_taken": q_taken, "max": top, "expected": expected,
+           "logsumexp": lse}
   if center:
     mean = jnp.mean(f, axis=-1)  # [B, T]
-    q_taken = q_taken - mean
-    v = v - mean
+    stats = {name: x - mean for name, x in stats.items()}
+  return stats
+
+
+def position_stats_chunked(hidden: Array, kernel: Array, actions: Array, *,
+                           center: bool, chunk: int) -> dict[str, Array]:
+  """`position_stats` of the logits `hidden @ kernel`, `chunk` positions at a time.
+
+  Args:
+    hidden: [B, T, E] the teacher's LM-head input (`t5.hidden_states`).
+    kernel: [E, V] its LM head (`t5.output_kernel`).
+    actions: [B, T] int taken tokens.
+    center: as in `position_stats`.
+    chunk: positions per chunk (`chunked.map_positions`).
+
+  Returns:
+    As `position_stats`; no `[B, T, V]` array exists, only `[B, chunk, V]`.
+  """
+  return chunked.map_positions(
+      lambda h, a: position_stats(chunked.project(h, kernel), a,
+                                  center=center),
+      (hidden, actions), chunk)
+
+
+def q_values_from_stats(stats: dict[str, Array], mask: Array, *,
+                        value: str) -> tuple[Array, Array]:
+  """`(q_taken, values)` of `teacher_q_values` from `position_stats`' dict."""
   m = _bool_mask(mask)
-  return jnp.where(m, q_taken, 0.0), jnp.where(m, v, 0.0)
+  return (jnp.where(m, stats["q_taken"], 0.0),
+          jnp.where(m, stats[value], 0.0))
 
 
 def _check_token_ids(name: str, ids: ArrayLike, mask: ArrayLike,

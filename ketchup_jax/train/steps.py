@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 import ml_collections
 
+from ketchup_jax import chunked
 from ketchup_jax import losses
 from ketchup_jax import partitioning
 from ketchup_jax import returns
@@ -97,11 +98,30 @@ class RLConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Models:
-  """Static description of the models a step uses."""
+  """Static description of the models a step uses.
+
+  `logits_chunk` > 0 computes every loss and the teacher's Q-values from the
+  LM heads' inputs that many positions at a time (`ketchup_jax.chunked`): no
+  `[B, T, V]` float32 logits, forward or backward; the same numbers. 0 (the
+  default) materialises the whole logits.
+  """
   student: T5Config
   teacher: T5Config | None = None
   mesh: Mesh | None = None
   rules: partitioning.LogicalRules = partitioning.DEFAULT_RULES
+  logits_chunk: int = 0
+
+  def __post_init__(self):
+    chunked.check_chunk(self.logits_chunk)
+
+  def head_inputs(self, params: Any, config: T5Config, input_ids: jax.Array,
+                  attention_mask: jax.Array, decoder_input_ids: jax.Array,
+                  decoder_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`(hidden [B, T, E], kernel [E, V])`: `forward` is `hidden @ kernel`."""
+    hidden = t5.hidden_states(params, config, input_ids, attention_mask,
+                              decoder_input_ids, decoder_mask, mesh=self.mesh,
+                              rules=self.rules)
+    return hidden, t5.output_kernel(params, config)
 
   def forward(self, params: Any, config: T5Config, input_ids: jax.Array,
               attention_mask: jax.Array, decoder_input_ids: jax.Array,
@@ -146,12 +166,17 @@ def _ce_update(state: state_lib.TrainState, models: Models,
   """Cross-entropy of the student on `targets`, and the update."""
   config = models.student
   decoder_inputs = t5.shift_right(targets, config)
+  args = (batch["input_ids"], batch["attention_mask"], decoder_inputs,
+          target_mask)
 
   def loss_fn(params):
-    logits = models.forward(params, config, batch["input_ids"],
-                            batch["attention_mask"], decoder_inputs,
-                            target_mask)  # [B, T, V]
-    total, count = losses.cross_entropy_loss(logits, targets, target_mask)
+    if models.logits_chunk:
+      hidden, kernel = models.head_inputs(params, config, *args)
+      total, count = losses.cross_entropy_loss_chunked(
+          hidden, kernel, targets, target_mask, chunk=models.logits_chunk)
+    else:
+      logits = models.forward(params, config, *args)  # [B, T, V]
+      total, count = losses.cross_entropy_loss(logits, targets, target_mask)
     return _mean(total, count), count
 
   state, loss, count, info = _minimize(state, optim, rng, loss_fn)
@@ -207,14 +232,25 @@ def word_kd_step(state: state_lib.TrainState, teacher_params: Any,
   rng, _ = jax.random.split(state.rng)
   args = (batch["input_ids"], batch["attention_mask"],
           batch["decoder_input_ids"], batch["decoder_attention_mask"])
-  teacher_logits = jax.lax.stop_gradient(
-      models.forward(teacher_params, models.teacher, *args))
+  mask = batch["decoder_attention_mask"]
+  chunk = models.logits_chunk
+  if chunk:
+    teacher_head = jax.lax.stop_gradient(
+        models.head_inputs(teacher_params, models.teacher, *args))
+  else:
+    teacher_logits = jax.lax.stop_gradient(
+        models.forward(teacher_params, models.teacher, *args))
 
   def loss_fn(params):
-    logits = models.forward(params, models.student, *args)
-    total, count = losses.distillation_loss(
-        logits, teacher_logits, batch["decoder_attention_mask"],
-        divergence=divergence)
+    if chunk:
+      hidden, kernel = models.head_inputs(params, models.student, *args)
+      total, count = losses.distillation_loss_chunked(
+          hidden, kernel, *teacher_head, mask, chunk=chunk,
+          divergence=divergence)
+    else:
+      logits = models.forward(params, models.student, *args)
+      total, count = losses.distillation_loss(
+          logits, teacher_logits, mask, divergence=divergence)
     return _mean(total, count), count
 
   state, loss, count, info = _minimize(state, optim, rng, loss_fn)
@@ -264,24 +300,30 @@ def teacher_scores(teacher_params: Any, batch: Batch, actions: jax.Array,
     teacher_actions = jnp.pad(actions, ((0, 0), (0, 1)))
   teacher_inputs = t5.shift_right(teacher_actions, models.teacher)
   teacher_mask = jnp.ones_like(teacher_inputs)
-  teacher_logits = jax.lax.stop_gradient(models.forward(
-      teacher_params, models.teacher, batch["input_ids"],
-      batch["attention_mask"], teacher_inputs, teacher_mask))  # [B, T(+1), V]
+  args = (teacher_params, models.teacher, batch["input_ids"],
+          batch["attention_mask"], teacher_inputs, teacher_mask)
+  # Every reduction over V of the Q-values, [B, T(+1)] each, in one pass.
+  if models.logits_chunk:
+    hidden, kernel = jax.lax.stop_gradient(models.head_inputs(*args))
+    stats = returns.position_stats_chunked(
+        hidden, kernel, teacher_actions, center=rl.center_logits,
+        chunk=models.logits_chunk)
+  else:
+    teacher_logits = jax.lax.stop_gradient(
+        models.forward(*args))  # [B, T(+1), V]
+    stats = returns.position_stats(teacher_logits, teacher_actions,
+                                   center=rl.center_logits)
   bootstrap_value = None
   if rl.unfinished == "bootstrap":
-    _, all_values = returns.teacher_q_values(
-        teacher_logits, teacher_actions, teacher_mask,
-        center=rl.center_logits, value=rl.value)
-    bootstrap_value = jnp.where(finished, 0.0, all_values[:, length])  # [B]
-    teacher_logits = teacher_logits[:, :length]
+    bootstrap_value = jnp.where(finished, 0.0,
+                                stats[rl.value][:, length])  # [B]
+    stats = {name: x[:, :length] for name, x in stats.items()}
 
-  q_taken, values = returns.teacher_q_values(
-      teacher_logits, actions, mask, center=rl.center_logits, value=rl.value)
+  q_taken, values = returns.q_values_from_stats(stats, mask, value=rl.value)
   teacher_values = None
   if rl.baseline == "teacher_expected":
-    _, teacher_values = returns.teacher_q_values(
-        teacher_logits, actions, mask, center=rl.center_logits,
-        value="expected")
+    _, teacher_values = returns.q_values_from_stats(stats, mask,
+                                                    value="expected")
   return {"q_taken": q_taken, "values": values,
           "bootstrap_value": bootstrap_value, "teacher_values": teacher_values}
 
@@ -355,6 +397,17 @@ def rollout_loss(student_logits: jax.Array, scored: dict[str, Any],
       entropy_coef=rl.entropy_coef)
 
 
+def rollout_loss_from_logprobs(logp: jax.Array, entropy: jax.Array,
+                               scored: dict[str, Any], g: jax.Array,
+                               rl: RLConfig) -> tuple[jax.Array, jax.Array]:
+  """`rollout_loss` from the student's [B, T] log pi(a_t) and entropy."""
+  return losses.policy_gradient_loss_from_logprobs(
+      logp, entropy, g, scored["loss_mask"], baseline=rl.baseline,
+      teacher_values=scored["teacher_values"], weight=rl.weight,
+      behavior_logprobs=scored["behavior_logprobs"], denom=rl.denom,
+      reward_clip=rl.reward_clip, entropy_coef=rl.entropy_coef)
+
+
 def rollout_update(state: state_lib.TrainState, batch: Batch,
                    scored: dict[str, Any], g: jax.Array, rng: jax.Array, *,
                    models: Models, optim: state_lib.OptimConfig, rl: RLConfig
@@ -366,12 +419,16 @@ def rollout_update(state: state_lib.TrainState, batch: Batch,
   mask = scored["mask"]
 
   def loss_fn(params):
-    logits = models.forward(params, models.student, batch["input_ids"],
-                            batch["attention_mask"], scored["decoder_inputs"],
-                            mask)  # [B, T, V]
-    total, count = rollout_loss(logits, scored, g, rl)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)  # [B, T]
+    args = (params, models.student, batch["input_ids"],
+            batch["attention_mask"], scored["decoder_inputs"], mask)
+    if models.logits_chunk:
+      hidden, kernel = models.head_inputs(*args)
+      logp, entropy = losses.token_logprobs_chunked(
+          hidden, kernel, scored["actions"], chunk=models.logits_chunk)
+    else:
+      logits = models.forward(*args)  # [B, T, V]
+      logp, entropy = losses.token_logprobs(logits, scored["actions"])
+    total, count = rollout_loss_from_logprobs(logp, entropy, scored, g, rl)
     mean_entropy = jnp.sum(entropy * mask) / jnp.maximum(jnp.sum(mask), 1)
     return _mean(total, count) * scored["scale"], (count, mean_entropy)
 
