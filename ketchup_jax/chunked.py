@@ -5,16 +5,23 @@ distribution (log pi of the taken token, the entropy, the teacher's Q of the
 taken token and its state values); the word-level losses read one divergence
 per position. None of them needs the whole float32 `[B, T, V]` logits at once.
 `map_positions` computes them from the LM head's input (`hidden`, `[B, T, E]`)
-and kernel (`[E, V]`) chunk by chunk of positions: only one `[B, chunk, V]`
+and matrix (`Head`) chunk by chunk of positions: only one `[B, chunk, V]`
 block of logits is alive, in the forward pass and, because each chunk is a
 `jax.checkpoint`, in the backward pass too (it recomputes the chunk's logits
 instead of keeping them). The numbers are those of the full-logits path.
 
-    logits[:, t0:t1] = project(hidden[:, t0:t1], kernel)     # [B, chunk, V]
+    logits[:, t0:t1] = project(hidden[:, t0:t1], head)       # [B, chunk, V]
+
+The head keeps the parameter's own layout (a tied embedding is `[V, E]`, an
+LM head kernel `[E, V]`): a transposed copy made outside the loop over chunks
+would be one more `[E, V]` array (XLA folds the transpose into the matmul only
+inside it).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Any, Callable
 
 import jax
@@ -32,13 +39,36 @@ def check_chunk(chunk: Any) -> int:
   return chunk
 
 
-def project(hidden: Array, kernel: Array) -> Array:
-  """float32 logits `[B, T, V]` from hidden `[B, T, E]` and kernel `[E, V]`.
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["kernel"],
+                   meta_fields=["vocab_first"])
+@dataclasses.dataclass(frozen=True)
+class Head:
+  """An LM head's matrix, a pytree (gradients flow to `kernel`).
+
+  Attributes:
+    kernel: `[E, V]`, or `[V, E]` when `vocab_first` (a tied embedding).
+    vocab_first: The layout (static).
+  """
+  kernel: Array
+  vocab_first: bool = False
+
+  @property
+  def embed_dim(self) -> int:
+    return self.kernel.shape[1 if self.vocab_first else 0]
+
+  @property
+  def vocab_size(self) -> int:
+    return self.kernel.shape[0 if self.vocab_first else 1]
+
+
+def project(hidden: Array, head: Head) -> Array:
+  """float32 logits `[B, T, V]` from hidden `[B, T, E]` and an LM `Head`.
 
   The same contraction as the models' LM heads (inputs in the compute dtype,
   float32 accumulation).
   """
-  return jnp.einsum("ble,ev->blv", hidden, kernel.astype(hidden.dtype),
+  spec = "ble,ve->blv" if head.vocab_first else "ble,ev->blv"
+  return jnp.einsum(spec, hidden, head.kernel.astype(hidden.dtype),
                     preferred_element_type=jnp.float32)
 
 
@@ -49,7 +79,7 @@ def map_positions(fn: Callable[..., Any], arrays: tuple[Array, ...],
   Args:
     fn: Maps arrays `[B, c, ...]` (the same c for all) to a pytree of arrays
       `[B, c, ...]`, position by position (no mixing across positions). It may
-      close over anything (e.g. the LM kernel); gradients flow to it.
+      close over anything (e.g. the LM `Head`); gradients flow to it.
     arrays: Inputs `[B, T, ...]` sharing B and T.
     chunk: Positions per chunk; 0 (or >= T) calls `fn` once on everything.
 

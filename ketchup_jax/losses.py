@@ -288,16 +288,16 @@ def token_logprobs(logits: Array, ids: Array) -> tuple[Array, Array]:
   return _taken(logp_all, ids), entropy
 
 
-def token_logprobs_chunked(hidden: Array, kernel: Array, ids: Array, *,
+def token_logprobs_chunked(hidden: Array, head: chunked.Head, ids: Array, *,
                            chunk: int) -> tuple[Array, Array]:
-  """`token_logprobs` of `hidden @ kernel`, `chunk` positions at a time.
+  """`token_logprobs` of `project(hidden, head)`, `chunk` positions at a time.
 
-  hidden [B, T, E] and kernel [E, V] are the LM head's input and matrix
-  (`t5.hidden_states`, `t5.output_kernel`); forward and backward hold one
+  hidden [B, T, E] and head are the LM head's input and matrix
+  (`t5.hidden_states`, `t5.output_head`); forward and backward hold one
   `[B, chunk, V]` block of logits at a time.
   """
   return chunked.map_positions(
-      lambda h, y: token_logprobs(chunked.project(h, kernel), y),
+      lambda h, y: token_logprobs(chunked.project(h, head), y),
       (hidden, ids), chunk)
 
 
@@ -358,18 +358,18 @@ def _masked_sum(per_token, mask):
 
 def cross_entropy_loss_chunked(
     hidden: ArrayLike,
-    kernel: ArrayLike,
+    head: chunked.Head,
     targets: ArrayLike,
     mask: ArrayLike,
     *,
     chunk: int,
     label_smoothing: float = 0.0,
 ) -> tuple[Array, Array]:
-  """`cross_entropy_loss` of the logits `hidden @ kernel`, chunk by chunk.
+  """`cross_entropy_loss` of the logits `project(hidden, head)`, by chunks.
 
   Args:
     hidden: [B, T, E] LM-head input (`t5.hidden_states`).
-    kernel: [E, V] LM head (`t5.output_kernel`).
+    head: the LM head (`t5.output_head`).
     targets, mask, label_smoothing: as in `cross_entropy_loss`.
     chunk: positions per chunk (`chunked.map_positions`; 0 = all at once).
 
@@ -377,7 +377,7 @@ def cross_entropy_loss_chunked(
     (loss_sum, count): float32 scalars, forward and backward holding one
     `[B, chunk, V]` block of logits at a time.
   """
-  _check_head("hidden", hidden, "kernel", kernel)
+  _check_head("hidden", hidden, "head", head)
   _checks.check_int("targets", targets)
   _checks.check_same_shape({
       "hidden[..., 0]": jax.ShapeDtypeStruct(jnp.shape(hidden)[:2],
@@ -388,21 +388,25 @@ def cross_entropy_loss_chunked(
     raise ValueError(
         f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
   nll = chunked.map_positions(
-      lambda h, y: _token_nll(chunked.project(h, kernel), y,
+      lambda h, y: _token_nll(chunked.project(h, head), y,
                               float(label_smoothing)),
       (hidden, targets), chunk)  # [B, T]
   return _masked_sum(nll, mask)
 
 
-def _check_head(hidden_name, hidden, kernel_name, kernel) -> None:
+def _check_head(hidden_name, hidden, head_name, head) -> None:
   _checks.check_rank(hidden_name, hidden, 3, "[B, T, E]")
-  _checks.check_rank(kernel_name, kernel, 2, "[E, V]")
+  if not isinstance(head, chunked.Head):
+    raise ValueError(f"{head_name} must be a chunked.Head, got "
+                     f"{type(head).__name__}")
+  layout = "[V, E]" if head.vocab_first else "[E, V]"
+  _checks.check_rank(f"{head_name}.kernel", head.kernel, 2, layout)
   _checks.check_float(hidden_name, hidden)
-  _checks.check_float(kernel_name, kernel)
-  if jnp.shape(hidden)[-1] != jnp.shape(kernel)[0]:
+  _checks.check_float(f"{head_name}.kernel", head.kernel)
+  if jnp.shape(hidden)[-1] != head.embed_dim:
     raise ValueError(
-        f"{hidden_name} [B, T, E] and {kernel_name} [E, V] must share E, got "
-        f"{jnp.shape(hidden)} and {jnp.shape(kernel)}")
+        f"{hidden_name} [B, T, E] and {head_name}.kernel {layout} must share "
+        f"E, got {jnp.shape(hidden)} and {jnp.shape(head.kernel)}")
 
 
 def distillation_loss(
@@ -471,21 +475,21 @@ def _distillation_loss(student_logits, teacher_logits, mask, *, divergence,
 
 def distillation_loss_chunked(
     student_hidden: ArrayLike,
-    student_kernel: ArrayLike,
+    student_head: chunked.Head,
     teacher_hidden: ArrayLike,
-    teacher_kernel: ArrayLike,
+    teacher_head: chunked.Head,
     mask: ArrayLike,
     *,
     chunk: int,
     divergence: str = "kl",
     temperature: float = 1.0,
 ) -> tuple[Array, Array]:
-  """`distillation_loss` of `student_hidden @ student_kernel` against
-  `teacher_hidden @ teacher_kernel`, `chunk` positions at a time.
+  """`distillation_loss` of `project(student_hidden, student_head)` against
+  `project(teacher_hidden, teacher_head)`, `chunk` positions at a time.
 
   Args:
     student_hidden, teacher_hidden: [B, T, E_s], [B, T, E_t] LM-head inputs.
-    student_kernel, teacher_kernel: [E_s, V], [E_t, V] LM heads.
+    student_head, teacher_head: their LM heads (`t5.output_head`).
     mask, divergence, temperature: as in `distillation_loss`.
     chunk: positions per chunk (0 = all at once).
 
@@ -495,15 +499,13 @@ def distillation_loss_chunked(
     gradient.
   """
   _checks.check_choice("divergence", divergence, DIVERGENCES)
-  _check_head("student_hidden", student_hidden, "student_kernel",
-              student_kernel)
-  _check_head("teacher_hidden", teacher_hidden, "teacher_kernel",
-              teacher_kernel)
-  s_vocab, t_vocab = jnp.shape(student_kernel)[1], jnp.shape(teacher_kernel)[1]
+  _check_head("student_hidden", student_hidden, "student_head", student_head)
+  _check_head("teacher_hidden", teacher_hidden, "teacher_head", teacher_head)
+  s_vocab, t_vocab = student_head.vocab_size, teacher_head.vocab_size
   if s_vocab != t_vocab:
     raise ValueError(
-        f"teacher and student vocabularies differ: teacher_kernel has "
-        f"{t_vocab} entries, student_kernel {s_vocab}; they must share one "
+        f"teacher and student vocabularies differ: teacher_head has "
+        f"{t_vocab} entries, student_head {s_vocab}; they must share one "
         f"tokenizer")
   positions = {
       "student_hidden[..., 0]": jax.ShapeDtypeStruct(
@@ -515,12 +517,12 @@ def distillation_loss_chunked(
   _checks.check_prefix_mask("mask", mask)
   if not temperature > 0:
     raise ValueError(f"temperature must be > 0, got {temperature!r}")
-  teacher_hidden = jax.lax.stop_gradient(teacher_hidden)
-  teacher_kernel = jax.lax.stop_gradient(teacher_kernel)
+  teacher_hidden, teacher_head = jax.lax.stop_gradient(
+      (teacher_hidden, teacher_head))
   per_token = chunked.map_positions(
       lambda hs, ht: _token_divergence(
-          chunked.project(hs, student_kernel),
-          chunked.project(ht, teacher_kernel), divergence=divergence,
+          chunked.project(hs, student_head),
+          chunked.project(ht, teacher_head), divergence=divergence,
           temperature=float(temperature)),
       (student_hidden, teacher_hidden), chunk)  # [B, T]
   return _masked_sum(per_token, mask)

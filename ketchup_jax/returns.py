@@ -124,13 +124,13 @@ def position_stats(teacher_logits: Array, actions: Array, *,
   return stats
 
 
-def position_stats_chunked(hidden: Array, kernel: Array, actions: Array, *,
-                           center: bool, chunk: int) -> dict[str, Array]:
-  """`position_stats` of the logits `hidden @ kernel`, `chunk` positions at a time.
+def position_stats_chunked(hidden: Array, head: chunked.Head, actions: Array,
+                           *, center: bool, chunk: int) -> dict[str, Array]:
+  """`position_stats` of the logits `project(hidden, head)`, chunk by chunk.
 
   Args:
     hidden: [B, T, E] the teacher's LM-head input (`t5.hidden_states`).
-    kernel: [E, V] its LM head (`t5.output_kernel`).
+    head: its LM head (`t5.output_head`), vocabulary V.
     actions: [B, T] int taken tokens.
     center: as in `position_stats`.
     chunk: positions per chunk (`chunked.map_positions`).
@@ -139,7 +139,7 @@ def position_stats_chunked(hidden: Array, kernel: Array, actions: Array, *,
     As `position_stats`; no `[B, T, V]` array exists, only `[B, chunk, V]`.
   """
   return chunked.map_positions(
-      lambda h, a: position_stats(chunked.project(h, kernel), a,
+      lambda h, a: position_stats(chunked.project(h, head), a,
                                   center=center),
       (hidden, actions), chunk)
 

@@ -23,10 +23,12 @@ B, T, E, V, CHUNK = 3, 7, 8, 37, 3
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
-def _head(seed=0):
+def _head(seed=0, vocab_first=False):
   rng = np.random.default_rng(seed)
   hidden = jnp.asarray(rng.normal(size=(B, T, E)), jnp.float32)
-  kernel = jnp.asarray(rng.normal(size=(E, V)), jnp.float32)
+  kernel = chunked.Head(jnp.asarray(
+      rng.normal(size=(V, E) if vocab_first else (E, V)), jnp.float32),
+                        vocab_first=vocab_first)
   ids = jnp.asarray(rng.integers(0, V, (B, T)), jnp.int32)
   lengths = np.array([T, 4, 0])  # a full row, a short one, an empty one
   mask = jnp.asarray(np.arange(T)[None] < lengths[:, None], jnp.int32)
@@ -44,7 +46,9 @@ def test_hidden_states_times_output_kernel_is_forward(size):
   want = t5.forward(model.params, model.config, src, ones(src), dec, ones(dec))
   hidden = t5.hidden_states(model.params, model.config, src, ones(src), dec,
                             ones(dec))
-  got = chunked.project(hidden, t5.output_kernel(model.params, model.config))
+  head = t5.output_head(model.params, model.config)
+  assert head.vocab_first == model.config.tie_word_embeddings
+  got = chunked.project(hidden, head)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
@@ -90,8 +94,9 @@ def _assert_same(got, want):
     np.testing.assert_allclose(g, w, **TOL)
 
 
-def test_cross_entropy_and_policy_gradient_chunked_equal_whole():
-  hidden, kernel, ids, mask = _head(1)
+@pytest.mark.parametrize("vocab_first", [False, True])
+def test_cross_entropy_and_policy_gradient_chunked_equal_whole(vocab_first):
+  hidden, kernel, ids, mask = _head(1, vocab_first)
   returns_ = jnp.asarray(np.random.default_rng(2).normal(size=(B, T)),
                          jnp.float32)
 

@@ -47,6 +47,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 import numpy as np
 
+from ketchup_jax import chunked
 from ketchup_jax import partitioning
 from ketchup_jax.models.config import REMAT_POLICIES  # pylint: disable=unused-import
 from ketchup_jax.models.config import T5Config
@@ -641,11 +642,11 @@ def hidden_states(
     mesh: Mesh | None = None,
     rules: LogicalRules = partitioning.DEFAULT_RULES,
 ) -> jax.Array:
-  """What the LM head reads: `forward` is `hidden_states @ output_kernel`.
+  """What the LM head reads: `forward` is `project(hidden_states, output_head)`.
 
   The decoder's final-norm output, times `d_model ** -0.5` when
   `config.scale_decoder_outputs` (T5 v1.0's tied head), in the compute dtype.
-  With `output_kernel` it lets a loss project a few positions at a time
+  With `output_head` it lets a loss project a few positions at a time
   (`ketchup_jax.chunked`) instead of materialising `[batch, tgt_len, vocab]`.
 
   Args: as `forward`.
@@ -662,11 +663,13 @@ def hidden_states(
       decoder_attention_mask, method=T5.hidden)
 
 
-def output_kernel(params: Params, config: T5Config) -> jax.Array:
-  """The LM head `[embed, vocab]` in the compute dtype (tied: the embedding)."""
+def output_head(params: Params, config: T5Config) -> chunked.Head:
+  """The LM head in the compute dtype: the tied `[vocab, embed]` embedding,
+  or the untied `[embed, vocab]` kernel (no transposed copy)."""
   if config.tie_word_embeddings:
-    return params["shared"]["embedding"].astype(config.dtype).T
-  return params["lm_head"]["kernel"].astype(config.dtype)
+    return chunked.Head(params["shared"]["embedding"].astype(config.dtype),
+                        vocab_first=True)
+  return chunked.Head(params["lm_head"]["kernel"].astype(config.dtype))
 
 
 def encode(

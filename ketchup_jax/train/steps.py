@@ -116,12 +116,13 @@ class Models:
 
   def head_inputs(self, params: Any, config: T5Config, input_ids: jax.Array,
                   attention_mask: jax.Array, decoder_input_ids: jax.Array,
-                  decoder_mask: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """`(hidden [B, T, E], kernel [E, V])`: `forward` is `hidden @ kernel`."""
+                  decoder_mask: jax.Array
+                  ) -> tuple[jax.Array, chunked.Head]:
+    """`(hidden [B, T, E], head)`: `forward` is `chunked.project` of them."""
     hidden = t5.hidden_states(params, config, input_ids, attention_mask,
                               decoder_input_ids, decoder_mask, mesh=self.mesh,
                               rules=self.rules)
-    return hidden, t5.output_kernel(params, config)
+    return hidden, t5.output_head(params, config)
 
   def forward(self, params: Any, config: T5Config, input_ids: jax.Array,
               attention_mask: jax.Array, decoder_input_ids: jax.Array,
@@ -171,9 +172,9 @@ def _ce_update(state: state_lib.TrainState, models: Models,
 
   def loss_fn(params):
     if models.logits_chunk:
-      hidden, kernel = models.head_inputs(params, config, *args)
+      hidden, head = models.head_inputs(params, config, *args)
       total, count = losses.cross_entropy_loss_chunked(
-          hidden, kernel, targets, target_mask, chunk=models.logits_chunk)
+          hidden, head, targets, target_mask, chunk=models.logits_chunk)
     else:
       logits = models.forward(params, config, *args)  # [B, T, V]
       total, count = losses.cross_entropy_loss(logits, targets, target_mask)
@@ -243,9 +244,9 @@ def word_kd_step(state: state_lib.TrainState, teacher_params: Any,
 
   def loss_fn(params):
     if chunk:
-      hidden, kernel = models.head_inputs(params, models.student, *args)
+      hidden, head = models.head_inputs(params, models.student, *args)
       total, count = losses.distillation_loss_chunked(
-          hidden, kernel, *teacher_head, mask, chunk=chunk,
+          hidden, head, *teacher_head, mask, chunk=chunk,
           divergence=divergence)
     else:
       logits = models.forward(params, models.student, *args)
@@ -304,9 +305,9 @@ def teacher_scores(teacher_params: Any, batch: Batch, actions: jax.Array,
           batch["attention_mask"], teacher_inputs, teacher_mask)
   # Every reduction over V of the Q-values, [B, T(+1)] each, in one pass.
   if models.logits_chunk:
-    hidden, kernel = jax.lax.stop_gradient(models.head_inputs(*args))
+    hidden, head = jax.lax.stop_gradient(models.head_inputs(*args))
     stats = returns.position_stats_chunked(
-        hidden, kernel, teacher_actions, center=rl.center_logits,
+        hidden, head, teacher_actions, center=rl.center_logits,
         chunk=models.logits_chunk)
   else:
     teacher_logits = jax.lax.stop_gradient(
@@ -422,9 +423,9 @@ def rollout_update(state: state_lib.TrainState, batch: Batch,
     args = (params, models.student, batch["input_ids"],
             batch["attention_mask"], scored["decoder_inputs"], mask)
     if models.logits_chunk:
-      hidden, kernel = models.head_inputs(*args)
+      hidden, head = models.head_inputs(*args)
       logp, entropy = losses.token_logprobs_chunked(
-          hidden, kernel, scored["actions"], chunk=models.logits_chunk)
+          hidden, head, scored["actions"], chunk=models.logits_chunk)
     else:
       logits = models.forward(*args)  # [B, T, V]
       logp, entropy = losses.token_logprobs(logits, scored["actions"])
