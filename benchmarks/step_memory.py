@@ -40,10 +40,8 @@ def _abstract(tree: Any) -> Any:
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
 
-def measure(step: str, student_name: str, teacher_name: str, vocab: int,
-            batch: int, length: int, chunk: int, overrides: dict[str, Any]
-            ) -> dict[str, Any]:
-  """One compiled step's memory_analysis, as a `cases` row."""
+def _setup(student_name, teacher_name, vocab, batch, length, chunk, overrides):
+  """Abstract state, teacher, batch and the static step arguments."""
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from ketchup_jax.models import config as config_lib  # pylint: disable=g-import-not-at-top
@@ -59,20 +57,66 @@ def measure(step: str, student_name: str, teacher_name: str, vocab: int,
   tx = state_lib.make_optimizer(optim)
   state = jax.eval_shape(functools.partial(state_lib.init_state, tx=tx,
                                            seed=0), t5.param_shapes(s_cfg))
-  teacher = t5.param_shapes(t_cfg)
+  teacher = _abstract(t5.param_shapes(t_cfg))
   ids = jax.ShapeDtypeStruct((batch, length), jnp.int32)
   data = {"input_ids": ids, "attention_mask": ids,
           "example_mask": jax.ShapeDtypeStruct((batch,), jnp.int32)}
+  rl = steps.RLConfig(k=4, max_decode_len=length)
+  return _abstract(state), teacher, data, mods, optim, rl
+
+
+def measure_phases(student_name: str, teacher_name: str, vocab: int,
+                   batch: int, length: int, chunk: int,
+                   overrides: dict[str, Any]) -> list[dict[str, Any]]:
+  """Temp bytes of the RL step's pieces, each compiled alone."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from ketchup_jax.train import steps  # pylint: disable=g-import-not-at-top
+
+  state, teacher, data, mods, optim, rl = _setup(
+      student_name, teacher_name, vocab, batch, length, chunk, overrides)
+  rng = jax.ShapeDtypeStruct((2,), "uint32")
+  rollout = jax.eval_shape(functools.partial(
+      steps.student_rollout, models=mods, rl=rl), state.params, data, rng)
+  scored = jax.eval_shape(functools.partial(
+      steps.score_rollout, models=mods, rl=rl), state.params, teacher, data,
+                          rng)
+  pieces = {
+      "rollout": (functools.partial(steps.student_rollout, models=mods,
+                                    rl=rl), (state.params, data, rng), ()),
+      "teacher": (lambda t, b, r: steps.teacher_scores(
+          t, b, r["actions"], r["mask"], r["finished"], models=mods, rl=rl),
+                  (teacher, data, rollout), ()),
+      "update": (functools.partial(steps.rl_update, models=mods, optim=optim,
+                                   rl=rl), (state, data, scored, rng), (0,)),
+  }
+  rows = []
+  for name, (fn, args, donate) in pieces.items():
+    mem = jax.jit(fn, donate_argnums=donate).lower(*args).compile(
+        ).memory_analysis()
+    rows.append({"phase": name, "vocab": vocab, "chunk": chunk,
+                 "temp_bytes": int(mem.temp_size_in_bytes)})
+  return rows
+
+
+def measure(step: str, student_name: str, teacher_name: str, vocab: int,
+            batch: int, length: int, chunk: int, overrides: dict[str, Any]
+            ) -> dict[str, Any]:
+  """One compiled step's memory_analysis, as a `cases` row."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from ketchup_jax.train import steps  # pylint: disable=g-import-not-at-top
+
+  state, teacher, data, mods, optim, rl = _setup(
+      student_name, teacher_name, vocab, batch, length, chunk, overrides)
   if step == "rl":
-    rl = steps.RLConfig(k=4, max_decode_len=length)
     fn = functools.partial(steps.rl_step, models=mods, optim=optim, rl=rl)
   else:
-    data.update(decoder_input_ids=ids, decoder_attention_mask=ids)
+    ids = data["input_ids"]
+    data = dict(data, decoder_input_ids=ids, decoder_attention_mask=ids)
     fn = functools.partial(steps.word_kd_step, models=mods, optim=optim,
                            divergence="kl")
   start = time.perf_counter()
-  compiled = jax.jit(fn, donate_argnums=0).lower(
-      _abstract(state), _abstract(teacher), data).compile()
+  compiled = jax.jit(fn, donate_argnums=0).lower(state, teacher,
+                                                 data).compile()
   seconds = time.perf_counter() - start
   mem = compiled.memory_analysis()
   return {"name": f"{step}/{student_name}<-{teacher_name}/V{vocab}/chunk{chunk}",
@@ -112,6 +156,9 @@ def main(argv: list[str] | None = None) -> int:
   common.add_common_flags(parser)
   parser.add_argument("--chunk", type=int, default=32,
                       help="logits_chunk of the chunked cases (positions).")
+  parser.add_argument("--phases", action="store_true",
+                      help="Also compile the RL step's rollout, teacher pass"
+                      " and update alone (chunk on): where the temp goes.")
   parser.add_argument("--steps", default="rl,word_kd",
                       help="Comma-separated: rl, word_kd.")
   args = parser.parse_args(argv)
@@ -139,6 +186,19 @@ def main(argv: list[str] | None = None) -> int:
         print(f"compiled {row['name']} in {row['compile_s']} s", flush=True)
         cases.append(row)
   target_rows = targets(cases, vocabs, d_model)
+  phase_rows = []
+  if args.phases:
+    for vocab in vocabs:
+      phase_rows += measure_phases(student, teacher, vocab, batch, length,
+                                   chunk, overrides)
+    for row in phase_rows:
+      row["temp_mib"] = row["temp_bytes"] / 2 ** 20
+    common.print_table(
+        f"RL step pieces compiled alone, chunk {chunk}",
+        [("phase", "phase", ""), ("vocab", "vocab", "d"),
+         ("temp_mib", "temp MiB", ".0f")], phase_rows)
+    for row in phase_rows:
+      del row["temp_mib"]
   mib = 2 ** 20
   for row in cases:
     for key in ("temp", "argument", "output"):
@@ -172,7 +232,8 @@ def main(argv: list[str] | None = None) -> int:
         del row[key]
   common.write_json("step_memory", {
       "machine": common.machine_info(args.device),
-      "note": note, "cases": cases, "targets": target_rows}, args.out)
+      "note": note, "cases": cases, "targets": target_rows,
+      "rl_phases": phase_rows}, args.out)
   return 0
 
 
