@@ -13,13 +13,16 @@ Q-values, K = 4 returns, student forward + backward, AdamW); the KD step is
 
 Target (printed, not asserted): with chunking on, the temp memory added by
 going from 32,000 to 151,936 entries is under a quarter of one float32
-[B, T, V] tensor at 151,936. The part of that growth that no chunking
-removes is the student's float32 gradient of the [V, E] embedding (printed).
+[B, T, V] tensor at 151,936. What chunking cannot remove are arrays of the
+size of the student's [V, E] embedding (its gradient, the optimizer update's
+temporaries); `emb grad MiB` is the growth of one float32 [V, E]. `--phases`
+compiles the rollout, the teacher pass and the update alone, to show which
+one grows.
 
 A decoder-only Qwen2.5-0.5B / 1.5B pair awaits the decoder model family
 (ketchup_jax has T5 only).
 
-    python -m benchmarks.step_memory [--chunk 32] [--quick]
+    python -m benchmarks.step_memory [--chunk 32] [--phases] [--quick]
 """
 
 from __future__ import annotations
