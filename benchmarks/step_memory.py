@@ -32,25 +32,25 @@ import functools
 import time
 from typing import Any
 
+import jax
+import jax.numpy as jnp
+
 from benchmarks import common
+from ketchup_jax.models import config as config_lib
+from ketchup_jax.models import t5
+from ketchup_jax.train import state as state_lib
+from ketchup_jax.train import steps
 
 VOCABS = (32000, 151936)
 QUICK_VOCABS = (512, 2048)
 
 
 def _abstract(tree: Any) -> Any:
-  import jax  # pylint: disable=g-import-not-at-top
   return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
 
 
 def _setup(student_name, teacher_name, vocab, batch, length, chunk, overrides):
   """Abstract state, teacher, batch and the static step arguments."""
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from ketchup_jax.models import config as config_lib  # pylint: disable=g-import-not-at-top
-  from ketchup_jax.models import t5  # pylint: disable=g-import-not-at-top
-  from ketchup_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
-  from ketchup_jax.train import steps  # pylint: disable=g-import-not-at-top
 
   kw = dict(vocab_size=vocab, dtype=jnp.float32, **overrides)
   s_cfg = config_lib.get_config(student_name, **kw)
@@ -72,8 +72,6 @@ def measure_phases(student_name: str, teacher_name: str, vocab: int,
                    batch: int, length: int, chunk: int,
                    overrides: dict[str, Any]) -> list[dict[str, Any]]:
   """Temp bytes of the RL step's pieces, each compiled alone."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from ketchup_jax.train import steps  # pylint: disable=g-import-not-at-top
 
   state, teacher, data, mods, optim, rl = _setup(
       student_name, teacher_name, vocab, batch, length, chunk, overrides)
@@ -105,8 +103,6 @@ def measure(step: str, student_name: str, teacher_name: str, vocab: int,
             batch: int, length: int, chunk: int, overrides: dict[str, Any]
             ) -> dict[str, Any]:
   """One compiled step's memory_analysis, as a `cases` row."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from ketchup_jax.train import steps  # pylint: disable=g-import-not-at-top
 
   state, teacher, data, mods, optim, rl = _setup(
       student_name, teacher_name, vocab, batch, length, chunk, overrides)
@@ -178,7 +174,6 @@ def main(argv: list[str] | None = None) -> int:
   else:
     student, teacher, batch, length = "t5-base", "t5-large", 8, 512
     vocabs, overrides, chunk = VOCABS, {}, args.chunk
-  from ketchup_jax.models import config as config_lib  # pylint: disable=g-import-not-at-top
   d_model = config_lib.get_config(student).d_model
   cases = []
   for step in chosen:
