@@ -64,8 +64,11 @@ def _peak_rss_mib() -> float:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def build_jax(args, student_dir: str, teacher_dir: str, phases: bool = False):
+def build_jax(args, student_dir: str, teacher_dir: str, phases: bool = False,
+              logits_chunk: int = 0):
   """Returns `(step() -> tokens, compile_seconds, phase calls)` for ketchup_jax.
+
+  `logits_chunk` is `steps.Models.logits_chunk` (0 = whole logits).
 
   With `phases`, the third item maps each phase name (`PHASES`) to a call
   running that phase alone, as its own jitted function on fixed inputs of
@@ -84,7 +87,7 @@ def build_jax(args, student_dir: str, teacher_dir: str, phases: bool = False):
     teacher = models.load(teacher_dir, dtype=jnp.float32)
   s_cfg = student.config.replace(eos_token_id=-1)
   t_cfg = teacher.config.replace(eos_token_id=-1)
-  mods = steps.Models(student=s_cfg, teacher=t_cfg)
+  mods = steps.Models(student=s_cfg, teacher=t_cfg, logits_chunk=logits_chunk)
   optim = state_lib.OptimConfig(steps=1000, learning_rate=1e-5,
                                 schedule="constant", weight_decay=0.01,
                                 max_grad_norm=1.0)
@@ -300,6 +303,10 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--k", type=int, default=4)
   parser.add_argument("--student", default="t5-small")
   parser.add_argument("--teacher", default="t5-base")
+  parser.add_argument("--logits_chunk", type=int, default=0,
+                      help="Also time our step with Models.logits_chunk = N"
+                      " (N < new_tokens), interleaved with the whole-logits"
+                      " one; 0 = skip.")
   parser.add_argument("--no_memory", action="store_true",
                       help="Skip the two peak-memory subprocesses.")
   parser.add_argument("--no_phases", action="store_true",
@@ -328,15 +335,21 @@ def main(argv: list[str] | None = None) -> None:
     common.save_random_t5(args.teacher, t_dir, seed=2)
     run_jax, compile_s, jax_phases = build_jax(args, s_dir, t_dir,
                                                phases=not args.no_phases)
+    chunked_side = {}
+    if args.logits_chunk:
+      chunked_side["jax_chunked"] = build_jax(
+          args, s_dir, t_dir, logits_chunk=args.logits_chunk)[0]
     torch_phase_log: list[dict[str, float]] = []
     run_torch = build_torch(args, s_dir, t_dir, torch_phase_log)
     peaks = []
     matmul = _matmul_probe(args.device, 256 if args.quick else 2048, peaks)
     warm, times, outs = common.interleaved(
-        {"jax": run_jax, "torch": run_torch, "matmul": matmul,
+        {"jax": run_jax, **chunked_side, "torch": run_torch, "matmul": matmul,
          **{f"jax_{name}": fn for name, fn in jax_phases.items()}},
         args.repeats)
     outs.pop("matmul")
+    if chunked_side and outs.pop("jax_chunked") != outs["jax"]:
+      raise RuntimeError("chunked and whole-logits steps differ in tokens")
     torch_phase_log = torch_phase_log[1:]  # Drop the warm-up.
     peaks = peaks[1:]  # Drop the warm-up (compilation).
     if outs["jax"] != outs["torch"]:
@@ -381,6 +394,20 @@ def main(argv: list[str] | None = None) -> None:
       "torch_rss_after_imports_mib": memory.get("torch", {}).get(
           "rss_after_imports_mib"),
   }
+  if chunked_side:
+    row["logits_chunk"] = args.logits_chunk
+    row["jax_chunked_step_s"] = common.median(times["jax_chunked"])
+    row["jax_chunked_s"] = times["jax_chunked"]
+    # > 1: the chunked step is slower (target: <= 1.05).
+    row["chunked_over_whole_median_of_pairs"] = common.median(
+        [c / w for c, w in zip(times["jax_chunked"], times["jax"])])
+    common.print_table(
+        f"our step, logits_chunk={args.logits_chunk} vs whole logits "
+        f"(interleaved; target chunked / whole <= 1.05)",
+        [("jax_step_s", "whole s", ".3f"),
+         ("jax_chunked_step_s", "chunked s", ".3f"),
+         ("chunked_over_whole_median_of_pairs", "chunk/whole", ".3f")],
+        [row])
   phase_rows = []
   if not args.no_phases:
     phase_rows = _phase_rows(times, torch_phase_log)

@@ -203,6 +203,14 @@ def get_config() -> ml_collections.ConfigDict:
       diag_batches=4,
   ))
 
+  # The float32 logits of the LM heads, this many target positions at a time,
+  # in every loss and in the teacher's Q-values (forward and backward; the
+  # same numbers, ketchup_jax/chunked.py). 0 = all positions at once: fastest
+  # when B x T x V x 4 bytes fits, e.g. T5's 32k vocabulary. 32 caps the
+  # logits at B x 32 x V x 4 bytes per buffer for large vocabularies (Qwen's
+  # 151,936) or long targets.
+  c.logits_chunk = 0
+
   # Device mesh. data/fsdp/tensor: sizes within one granule (a TPU slice,
   # or one host/process elsewhere), one of them may be -1 (the devices left
   # over); dcn_*: sizes across granules (data-parallel across hosts is the

@@ -55,6 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 import tqdm
 
+from ketchup_jax import losses
 from ketchup_jax import returns
 from ketchup_jax.train import steps
 
@@ -77,7 +78,8 @@ def pg_objective(student_logits: jax.Array, scored: dict[str, Any],
   Returns (loss, (returns [B, T], returns at K = 1 [B, T])) for any
   `rl.reward` (`steps.rollout_objective`).
   """
-  loss, (_, g, g_k1) = steps.rollout_objective(student_logits, scored, rl, k)
+  logp, entropy = losses.token_logprobs(student_logits, scored["actions"])
+  loss, (_, g, g_k1) = steps.rollout_objective(logp, entropy, scored, rl, k)
   return loss, (g, g_k1)
 
 

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from ketchup_jax import _checks
+from ketchup_jax import chunked
 
 Array = jax.Array
 ArrayLike = Any
@@ -219,8 +220,16 @@ def policy_gradient_loss(
 def _policy_gradient_loss(student_logits, actions, returns, mask,
                           teacher_values, behavior_logprobs, *, baseline,
                           weight, denom, reward_clip, entropy_coef):
-  logp_all = _log_softmax_f32(student_logits)  # [B, T, V]
-  logp = _taken(logp_all, actions)  # [B, T]
+  logp, entropy = token_logprobs(student_logits, actions)  # [B, T] each
+  return _pg_from_logprobs(
+      logp, entropy, returns, mask, teacher_values, behavior_logprobs,
+      baseline=baseline, weight=weight, denom=denom, reward_clip=reward_clip,
+      entropy_coef=entropy_coef)
+
+
+def _pg_from_logprobs(logp, entropy, returns, mask, teacher_values,
+                      behavior_logprobs, *, baseline, weight, denom,
+                      reward_clip, entropy_coef):
   adv = _pg_advantages(
       returns, mask, jax.lax.stop_gradient(logp), teacher_values,
       behavior_logprobs, baseline=baseline, weight=weight, denom=denom,
@@ -228,10 +237,76 @@ def _policy_gradient_loss(student_logits, actions, returns, mask,
   m = jnp.asarray(mask) != 0
   per_token = -adv * logp
   if entropy_coef:
-    entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)  # [B, T]
     per_token = per_token - entropy_coef * entropy
   loss_sum = jnp.sum(jnp.where(m, per_token, 0.0))
   return loss_sum, jnp.sum(m).astype(jnp.float32)
+
+
+def policy_gradient_loss_from_logprobs(
+    logprobs: ArrayLike,
+    entropy: ArrayLike,
+    returns: ArrayLike,
+    mask: ArrayLike,
+    *,
+    baseline: str = "none",
+    teacher_values: ArrayLike | None = None,
+    weight: str = "none",
+    behavior_logprobs: ArrayLike | None = None,
+    denom: float = 1.0,
+    reward_clip: float | None = 50.0,
+    entropy_coef: float = 0.0,
+) -> tuple[Array, Array]:
+  """`policy_gradient_loss` from the per-position `token_logprobs`.
+
+  For callers that compute `log pi(a_t)` and `H_t(pi)` without the whole
+  `[B, T, V]` logits (`token_logprobs_chunked`).
+
+  Args:
+    logprobs: [B, T] float `log pi(a_t)` (differentiable).
+    entropy: [B, T] float `H_t(pi)` (differentiable; read only if
+      `entropy_coef` > 0).
+    returns, mask, baseline, teacher_values, weight, behavior_logprobs, denom,
+    reward_clip, entropy_coef: as in `policy_gradient_loss`.
+
+  Returns:
+    (loss_sum, count): float32 scalars.
+  """
+  _checks.check_float("logprobs", logprobs)
+  _checks.check_float("entropy", entropy)
+  _checks.check_same_shape({"logprobs": logprobs, "entropy": entropy,
+                            "returns": returns})
+  _checks.check_prefix_mask("mask", mask)
+  if not entropy_coef >= 0:
+    raise ValueError(f"entropy_coef must be >= 0, got {entropy_coef!r}")
+  denom, reward_clip = _check_advantage_options(
+      returns, mask, logprobs=logprobs, baseline=baseline,
+      teacher_values=teacher_values, weight=weight,
+      behavior_logprobs=behavior_logprobs, denom=denom,
+      reward_clip=reward_clip)
+  return _pg_from_logprobs(
+      logprobs, entropy, returns, mask, teacher_values, behavior_logprobs,
+      baseline=baseline, weight=weight, denom=denom, reward_clip=reward_clip,
+      entropy_coef=float(entropy_coef))
+
+
+def token_logprobs(logits: Array, ids: Array) -> tuple[Array, Array]:
+  """`(log p(ids), entropy)`, both [B, T] float32, from logits [B, T, V]."""
+  logp_all = _log_softmax_f32(logits)  # [B, T, V]
+  entropy = -jnp.sum(jnp.exp(logp_all) * logp_all, axis=-1)  # [B, T]
+  return _taken(logp_all, ids), entropy
+
+
+def token_logprobs_chunked(hidden: Array, head: chunked.Head, ids: Array, *,
+                           chunk: int) -> tuple[Array, Array]:
+  """`token_logprobs` of `project(hidden, head)`, `chunk` positions at a time.
+
+  hidden [B, T, E] and head are the LM head's input and matrix
+  (`t5.hidden_states`, `t5.output_head`); forward and backward hold one
+  `[B, chunk, V]` block of logits at a time.
+  """
+  return chunked.map_positions(
+      lambda h, y: token_logprobs(chunked.project(h, head), y),
+      (hidden, ids), chunk)
 
 
 # --------------------------------------------------------------------------
@@ -270,13 +345,76 @@ def cross_entropy_loss(
 
 @functools.partial(jax.jit, static_argnames=("label_smoothing",))
 def _cross_entropy_loss(logits, targets, mask, *, label_smoothing):
+  nll = _token_nll(logits, targets, label_smoothing)  # [B, T]
+  return _masked_sum(nll, mask)
+
+
+def _token_nll(logits, targets, label_smoothing):
+  """[B, T, V] logits, [B, T] targets -> [B, T] (smoothed) -log p."""
   logp_all = _log_softmax_f32(logits)  # [B, T, V]
   nll = -_taken(logp_all, targets)  # [B, T]
   if label_smoothing:
     nll = ((1.0 - label_smoothing) * nll
            - label_smoothing * jnp.mean(logp_all, axis=-1))
+  return nll
+
+
+def _masked_sum(per_token, mask):
   m = jnp.asarray(mask) != 0
-  return jnp.sum(jnp.where(m, nll, 0.0)), jnp.sum(m).astype(jnp.float32)
+  return jnp.sum(jnp.where(m, per_token, 0.0)), jnp.sum(m).astype(jnp.float32)
+
+
+def cross_entropy_loss_chunked(
+    hidden: ArrayLike,
+    head: chunked.Head,
+    targets: ArrayLike,
+    mask: ArrayLike,
+    *,
+    chunk: int,
+    label_smoothing: float = 0.0,
+) -> tuple[Array, Array]:
+  """`cross_entropy_loss` of the logits `project(hidden, head)`, by chunks.
+
+  Args:
+    hidden: [B, T, E] LM-head input (`t5.hidden_states`).
+    head: the LM head (`t5.output_head`).
+    targets, mask, label_smoothing: as in `cross_entropy_loss`.
+    chunk: positions per chunk (`chunked.map_positions`; 0 = all at once).
+
+  Returns:
+    (loss_sum, count): float32 scalars, forward and backward holding one
+    `[B, chunk, V]` block of logits at a time.
+  """
+  _check_head("hidden", hidden, "head", head)
+  _checks.check_int("targets", targets)
+  _checks.check_same_shape({
+      "hidden[..., 0]": jax.ShapeDtypeStruct(jnp.shape(hidden)[:2],
+                                             jnp.float32),
+      "targets": targets, "mask": mask})
+  _checks.check_prefix_mask("mask", mask)
+  if not 0.0 <= label_smoothing < 1.0:
+    raise ValueError(
+        f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
+  nll = chunked.map_positions(
+      lambda h, y: _token_nll(chunked.project(h, head), y,
+                              float(label_smoothing)),
+      (hidden, targets), chunk)  # [B, T]
+  return _masked_sum(nll, mask)
+
+
+def _check_head(hidden_name, hidden, head_name, head) -> None:
+  _checks.check_rank(hidden_name, hidden, 3, "[B, T, E]")
+  if not isinstance(head, chunked.Head):
+    raise ValueError(f"{head_name} must be a chunked.Head, got "
+                     f"{type(head).__name__}")
+  layout = "[V, E]" if head.vocab_first else "[E, V]"
+  _checks.check_rank(f"{head_name}.kernel", head.kernel, 2, layout)
+  _checks.check_float(hidden_name, hidden)
+  _checks.check_float(f"{head_name}.kernel", head.kernel)
+  if jnp.shape(hidden)[-1] != head.embed_dim:
+    raise ValueError(
+        f"{hidden_name} [B, T, E] and {head_name}.kernel {layout} must share "
+        f"E, got {jnp.shape(hidden)} and {jnp.shape(head.kernel)}")
 
 
 def distillation_loss(
@@ -343,6 +481,69 @@ def _xlogy_ratio(p: Array, logp: Array, logr: Array) -> Array:
 @functools.partial(jax.jit, static_argnames=("divergence", "temperature"))
 def _distillation_loss(student_logits, teacher_logits, mask, *, divergence,
                        temperature):
+  per_token = _token_divergence(student_logits, teacher_logits,
+                                divergence=divergence, temperature=temperature)
+  return _masked_sum(per_token, mask)
+
+
+def distillation_loss_chunked(
+    student_hidden: ArrayLike,
+    student_head: chunked.Head,
+    teacher_hidden: ArrayLike,
+    teacher_head: chunked.Head,
+    mask: ArrayLike,
+    *,
+    chunk: int,
+    divergence: str = "kl",
+    temperature: float = 1.0,
+) -> tuple[Array, Array]:
+  """`distillation_loss` of `project(student_hidden, student_head)` against
+  `project(teacher_hidden, teacher_head)`, `chunk` positions at a time.
+
+  Args:
+    student_hidden, teacher_hidden: [B, T, E_s], [B, T, E_t] LM-head inputs.
+    student_head, teacher_head: their LM heads (`t5.output_head`).
+    mask, divergence, temperature: as in `distillation_loss`.
+    chunk: positions per chunk (0 = all at once).
+
+  Returns:
+    (loss_sum, count): float32 scalars; only `[B, chunk, V]` blocks of either
+    model's logits exist, in the backward pass too. The teacher gets no
+    gradient.
+  """
+  _checks.check_choice("divergence", divergence, DIVERGENCES)
+  _check_head("student_hidden", student_hidden, "student_head", student_head)
+  _check_head("teacher_hidden", teacher_hidden, "teacher_head", teacher_head)
+  s_vocab, t_vocab = student_head.vocab_size, teacher_head.vocab_size
+  if s_vocab != t_vocab:
+    raise ValueError(
+        f"teacher and student vocabularies differ: teacher_head has "
+        f"{t_vocab} entries, student_head {s_vocab}; they must share one "
+        f"tokenizer")
+  positions = {
+      "student_hidden[..., 0]": jax.ShapeDtypeStruct(
+          jnp.shape(student_hidden)[:2], jnp.float32),
+      "teacher_hidden[..., 0]": jax.ShapeDtypeStruct(
+          jnp.shape(teacher_hidden)[:2], jnp.float32),
+      "mask": mask}
+  _checks.check_same_shape(positions)
+  _checks.check_prefix_mask("mask", mask)
+  if not temperature > 0:
+    raise ValueError(f"temperature must be > 0, got {temperature!r}")
+  teacher_hidden, teacher_head = jax.lax.stop_gradient(
+      (teacher_hidden, teacher_head))
+  per_token = chunked.map_positions(
+      lambda hs, ht: _token_divergence(
+          chunked.project(hs, student_head),
+          chunked.project(ht, teacher_head), divergence=divergence,
+          temperature=float(temperature)),
+      (student_hidden, teacher_hidden), chunk)  # [B, T]
+  return _masked_sum(per_token, mask)
+
+
+def _token_divergence(student_logits, teacher_logits, *, divergence,
+                      temperature):
+  """[B, T, V] student and teacher logits -> [B, T] divergence."""
   logq = _log_softmax_f32(student_logits / temperature)  # [B, T, V]
   logp = jax.lax.stop_gradient(
       _log_softmax_f32(teacher_logits.astype(jnp.float32) / temperature))
@@ -356,8 +557,7 @@ def _distillation_loss(student_logits, teacher_logits, mask, *, divergence,
     per_token = 0.5 * (_xlogy_ratio(p, logp, logm) + _xlogy_ratio(q, logq, logm))
   else:
     per_token = 0.5 * jnp.sum(jnp.abs(p - q), axis=-1)
-  m = jnp.asarray(mask) != 0
-  return jnp.sum(jnp.where(m, per_token, 0.0)), jnp.sum(m).astype(jnp.float32)
+  return per_token
 
 
 def generalized_jsd_loss(

@@ -15,7 +15,9 @@ of `ketchup_jax.partitioning` over a pure-FSDP mesh (`fsdp` = all devices):
 * activations of the largest of the step's three phases (`activation_bytes`):
   the rollout (decoder KV caches), the teacher's forward pass (no gradient:
   one layer alive at a time, plus its float32 logits), and the student's
-  forward + backward pass, whose saved activations depend on `remat`.
+  forward + backward pass, whose saved activations depend on `remat`;
+* float32 logits of `logits_chunk` positions at a time (`config.logits_chunk`,
+  `ketchup_jax.chunked`), or of all T positions when it is 0 (`logits_bytes`).
 
 The parameter counts are exact (`param_count`, checked against
 `t5.param_shapes` and PyTorch `transformers`). The activation terms are an
@@ -140,9 +142,21 @@ def _layer_working_set(config: T5Config, b: int, s: int, t: int, c: int
   return encoder, decoder
 
 
+def logits_bytes(config: T5Config, *, batch: int, target_len: int,
+                 logits_chunk: int, buffers: int) -> int:
+  """`buffers` float32 `[batch, positions, vocab]` arrays.
+
+  positions = `logits_chunk` (at most `target_len`) when chunking is on
+  (`config.logits_chunk` > 0: the losses and Q-values read one chunk of
+  positions at a time, forward and backward), else `target_len`.
+  """
+  positions = min(logits_chunk, target_len) if logits_chunk else target_len
+  return buffers * 4 * batch * positions * config.vocab_size
+
+
 def activation_bytes(config: T5Config, *, batch: int, source_len: int,
                      target_len: int, remat: str = "none",
-                     compute_bytes: int = 2) -> int:
+                     compute_bytes: int = 2, logits_chunk: int = 0) -> int:
   """Student forward + backward on one device's rows (see module docstring).
 
   Args:
@@ -154,6 +168,7 @@ def activation_bytes(config: T5Config, *, batch: int, source_len: int,
       keeps each layer's input and recomputes one layer at a time, "minimal"
       keeps the weight-matmul outputs too (between the two).
     compute_bytes: 2 for bfloat16 compute.
+    logits_chunk: `config.logits_chunk` (0 = whole logits).
   """
   if remat not in config_lib.REMAT_POLICIES:
     raise ValueError(f"remat must be one of {config_lib.REMAT_POLICIES}, got "
@@ -164,7 +179,9 @@ def activation_bytes(config: T5Config, *, batch: int, source_len: int,
   # Cross-attention keys/values of every decoder layer are computed outside
   # the (rematerialised) layers and kept.
   cross_kv = config.num_decoder_layers * 2 * b * s * inner * c
-  logits = 3 * 4 * b * t * config.vocab_size  # float32 logits, softmax, grad
+  # float32 logits, softmax and their gradient.
+  logits = logits_bytes(config, batch=b, target_len=t,
+                        logits_chunk=logits_chunk, buffers=3)
   embeds = c * b * (s + t) * d
   if remat == "none":
     layers = config.num_layers * enc + config.num_decoder_layers * dec
@@ -189,19 +206,22 @@ def rollout_bytes(config: T5Config, *, batch: int, source_len: int,
 
 
 def teacher_forward_bytes(config: T5Config, *, batch: int, source_len: int,
-                          target_len: int, compute_bytes: int = 2) -> int:
+                          target_len: int, compute_bytes: int = 2,
+                          logits_chunk: int = 0) -> int:
   """No gradient: one layer alive, cross keys/values, float32 logits x2."""
   enc, dec = _layer_working_set(config, batch, source_len, target_len,
                                 compute_bytes)
   inner = config.num_heads * config.d_kv
   return (max(enc, dec) + 2 * config.num_decoder_layers * batch * source_len *
-          inner * compute_bytes + 2 * 4 * batch * target_len *
-          config.vocab_size)
+          inner * compute_bytes +
+          logits_bytes(config, batch=batch, target_len=target_len,
+                       logits_chunk=logits_chunk, buffers=2))
 
 
 def rl_step_bytes(teacher: T5Config, student: T5Config, *, devices: int,
                   global_batch: int, source_len: int, target_len: int,
-                  remat: str, teacher_bytes: int = 2) -> dict[str, int]:
+                  remat: str, teacher_bytes: int = 2,
+                  logits_chunk: int = 0) -> dict[str, int]:
   """Per-device bytes of one RL step on a pure-FSDP mesh of `devices`."""
   if global_batch % devices:
     raise ValueError(f"global_batch={global_batch} must be a multiple of the "
@@ -215,8 +235,10 @@ def rl_step_bytes(teacher: T5Config, student: T5Config, *, devices: int,
       "student params+grads+adam": s_local * 16,
       "gathered weights": 2 * t_largest + 2 * s_largest,
       "activations": max(rollout_bytes(student, **kw),
-                         teacher_forward_bytes(teacher, **kw),
-                         activation_bytes(student, remat=remat, **kw)),
+                         teacher_forward_bytes(teacher, **kw,
+                                               logits_chunk=logits_chunk),
+                         activation_bytes(student, remat=remat, **kw,
+                                          logits_chunk=logits_chunk)),
   }
   parts["total"] = sum(parts.values())
   return parts
@@ -225,15 +247,19 @@ def rl_step_bytes(teacher: T5Config, student: T5Config, *, devices: int,
 def table(*, global_batch: int = 16, source_len: int = 512,
           target_len: int = 128, teacher_name: str = "xl",
           students: tuple[str, ...] = ("t5-base", "t5-large"),
-          accelerators: tuple[Accelerator, ...] = ACCELERATORS) -> str:
+          accelerators: tuple[Accelerator, ...] = ACCELERATORS,
+          logits_chunk: int = 32) -> str:
   """The Markdown table of the README."""
   teacher = config_lib.get_config(teacher_name)
+  chunk = (f"float32 logits {logits_chunk} positions at a time "
+           f"(`logits_chunk={logits_chunk}`)" if logits_chunk else
+           "whole float32 logits (`logits_chunk=0`)")
   lines = [
       f"Teacher FLAN-T5-XL shape (`{teacher_name}`, "
       f"{param_count(teacher) / 1e9:.2f} B parameters, bfloat16, frozen); "
       f"students float32 + AdamW; RL step with a global batch of "
       f"{global_batch} rows, source {source_len} and rollout {target_len} "
-      f"tokens, pure FSDP over all devices. GiB per device:", "",
+      f"tokens, {chunk}, pure FSDP over all devices. GiB per device:", "",
       "| student | accelerator | teacher params | student state | "
       "gathered | activations (remat none / full) | total none / full | "
       "fits (none / full) |",
@@ -244,7 +270,8 @@ def table(*, global_batch: int = 16, source_len: int = 512,
       none, full = (rl_step_bytes(teacher, student, devices=acc.devices,
                                   global_batch=global_batch,
                                   source_len=source_len,
-                                  target_len=target_len, remat=r)
+                                  target_len=target_len, remat=r,
+                                  logits_chunk=logits_chunk)
                     for r in ("none", "full"))
       g = lambda x: f"{x / GiB:.2f}"
       fits = lambda p: "yes" if p["total"] <= acc.bytes_per_device else "no"
@@ -345,14 +372,22 @@ def main(argv: list[str] | None = None) -> int:
   parser.add_argument("--target_len", type=int, default=128)
   parser.add_argument("--teacher", default="xl")
   parser.add_argument("--students", default="t5-base,t5-large")
+  parser.add_argument("--logits_chunk", type=int, default=32,
+                      help="config.logits_chunk: float32 logits this many "
+                      "positions at a time (0 = all)")
   parser.add_argument("--own_slice", action="store_true",
                       help="also the teacher on its own half of the devices "
                       "(config.teacher_mesh), for the last student")
   args = parser.parse_args(argv)
+  if args.logits_chunk < 0:
+    print(f"error: --logits_chunk must be an int >= 0 (0 = whole logits), "
+          f"got {args.logits_chunk}", file=sys.stderr)
+    return 2
   try:
     print(table(global_batch=args.batch, source_len=args.source_len,
                 target_len=args.target_len, teacher_name=args.teacher,
-                students=tuple(args.students.split(","))), end="")
+                students=tuple(args.students.split(",")),
+                logits_chunk=args.logits_chunk), end="")
     if args.own_slice:
       print()
       print(slice_table(global_batch=args.batch, source_len=args.source_len,

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ketchup_jax import _checks
+from ketchup_jax import chunked
 
 Array = jax.Array
 ArrayLike = Any
@@ -92,36 +93,76 @@ def teacher_q_values(
 
 @functools.partial(jax.jit, static_argnames=("center", "value"))
 def _teacher_q_values(teacher_logits, actions, mask, *, center, value):
+  stats = position_stats(teacher_logits, actions, center=center)
+  return q_values_from_stats(stats, mask, value=value)
+
+
+def position_stats(teacher_logits: Array, actions: Array, *,
+                   center: bool) -> dict[str, Array]:
+  """Every per-position reduction of the Q-values over V, in one pass.
+
+  No checks (callers validate); used whole-sequence by `teacher_q_values` and
+  chunk by chunk by `position_stats_chunked`.
+
+  Args:
+    teacher_logits: [B, T, V] float logits f.
+    actions: [B, T] int taken tokens a_t.
+    center: Q = f - mean_v f (else Q = f).
+
+  Returns:
+    A dict of [B, T] float32 arrays (unmasked):
+      "q_taken": Q_t(a_t);
+      "max": max_a Q_t(a);
+      "expected": sum_a softmax(Q_t)(a) Q_t(a);
+      "soft": log sum_a exp Q_t(a) (the soft value; the teacher's
+        log-probability of the taken token is q_taken - soft).
+  """
   f = teacher_logits.astype(jnp.float32)  # [B, T, V], the one float32 copy
   q_taken = taken_logits(f, actions)  # [B, T]
-  v = position_values(f, value)  # [B, T]
+  # One logsumexp serves the expected and the soft value.
+  lse = jax.nn.logsumexp(f, axis=-1)  # [B, T]
+  # softmax(Q) = softmax(f), and sum_a p(a) Q(a) = sum_a p(a) f(a) - mean f.
+  expected = jnp.sum(jnp.exp(f - lse[..., None]) * f, axis=-1)  # [B, T]
+  stats = {"q_taken": q_taken, "max": jnp.max(f, axis=-1),
+           "expected": expected, "soft": lse}
   if center:
     mean = jnp.mean(f, axis=-1)  # [B, T]
-    q_taken = q_taken - mean
-    v = v - mean
+    stats = {name: x - mean for name, x in stats.items()}
+  return stats
+
+
+def position_stats_chunked(hidden: Array, head: chunked.Head, actions: Array,
+                           *, center: bool, chunk: int) -> dict[str, Array]:
+  """`position_stats` of the logits `project(hidden, head)`, chunk by chunk.
+
+  Args:
+    hidden: [B, T, E] the teacher's LM-head input (`t5.hidden_states`).
+    head: its LM head (`t5.output_head`), vocabulary V.
+    actions: [B, T] int taken tokens.
+    center: as in `position_stats`.
+    chunk: positions per chunk (`chunked.map_positions`).
+
+  Returns:
+    As `position_stats`; no `[B, T, V]` array exists, only `[B, chunk, V]`.
+  """
+  return chunked.map_positions(
+      lambda h, a: position_stats(chunked.project(h, head), a,
+                                  center=center),
+      (hidden, actions), chunk)
+
+
+def q_values_from_stats(stats: dict[str, Array], mask: Array, *,
+                        value: str) -> tuple[Array, Array]:
+  """`(q_taken, values)` of `teacher_q_values` from `position_stats`' dict."""
   m = _bool_mask(mask)
-  return jnp.where(m, q_taken, 0.0), jnp.where(m, v, 0.0)
+  return (jnp.where(m, stats["q_taken"], 0.0),
+          jnp.where(m, stats[value], 0.0))
 
 
 def taken_logits(f: Array, actions: Array) -> Array:
   """f [..., V] float32, actions [...] int -> f[..., actions] as [...]."""
   return jnp.take_along_axis(
       f, actions[..., None].astype(jnp.int32), axis=-1)[..., 0]
-
-
-def position_values(f: Array, value: str) -> Array:
-  """The uncentred state value of logits f [..., V] float32 -> [...].
-
-  "max": max_a f(a); "expected": sum_a softmax(f)(a) f(a); "soft":
-  logsumexp_a f(a). Centring subtracts mean_v f(v) from each of these (the
-  softmax is unchanged by it), which `teacher_q_values` does afterwards.
-  """
-  if value == "max":
-    return jnp.max(f, axis=-1)
-  lse = jax.nn.logsumexp(f, axis=-1)  # [...]
-  if value == "soft":
-    return lse
-  return jnp.sum(jnp.exp(f - lse[..., None]) * f, axis=-1)
 
 
 def taken_log_probs(f: Array, actions: Array) -> Array:

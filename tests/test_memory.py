@@ -87,6 +87,18 @@ def test_rl_step_bytes_parts_and_remat_order():
                          **dict(kw, global_batch=12))
 
 
+def test_chunked_logits_term():
+  student = config_lib.get_config("t5-base")
+  kw = dict(batch=2, source_len=64, target_len=100)
+  whole = memory.activation_bytes(student, **kw)
+  # Three float32 [b, positions, V] buffers: 100 positions whole, 32 chunked;
+  # a chunk of at least T is the whole sequence.
+  assert whole - memory.activation_bytes(student, logits_chunk=32, **kw) == (
+      3 * 4 * 2 * (100 - 32) * 32128)
+  assert memory.activation_bytes(student, logits_chunk=500, **kw) == whole
+  assert memory.main(["--logits_chunk=-1"]) == 2
+
+
 def test_table_command_prints_every_machine(capsys):
   assert memory.main(["--batch=16"]) == 0
   out = capsys.readouterr().out

@@ -193,7 +193,8 @@ def test_reverse_kl_loss_and_gradient_match_numpy_with_the_student_detached(
                       unfinished="terminal")
 
   def loss(z):
-    return steps.rollout_objective(z, scored, rl, rl.k)[0]
+    logp, entropy = losses.token_logprobs(z, jnp.asarray(actions))
+    return steps.rollout_objective(logp, entropy, scored, rl, rl.k)[0]
 
   got_loss, got_grad = jax.value_and_grad(loss)(jnp.asarray(logits))
 

@@ -47,6 +47,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 import numpy as np
 
+from ketchup_jax import chunked
 from ketchup_jax import partitioning
 from ketchup_jax.models.config import REMAT_POLICIES  # pylint: disable=unused-import
 from ketchup_jax.models.config import T5Config
@@ -485,11 +486,16 @@ class T5(_Base):
     if not self.config.tie_word_embeddings:
       self.lm_head = LMHead(**kw)
 
-  def _logits(self, x: jax.Array) -> jax.Array:
+  def _scale(self, x: jax.Array) -> jax.Array:
+    """The decoder output as the LM head reads it (T5 v1.0: d_model**-0.5)."""
     cfg = self.config
     if cfg.scale_decoder_outputs:
       x = x * (cfg.d_model ** -0.5)
-    if cfg.tie_word_embeddings:
+    return x
+
+  def _logits(self, x: jax.Array) -> jax.Array:
+    x = self._scale(x)
+    if self.config.tie_word_embeddings:
       return self.shared.attend(x)
     return self.lm_head(x)
 
@@ -508,6 +514,17 @@ class T5(_Base):
     x = self.decoder(x, decoder_attention_mask, cross_kv,
                      _mask_bias(attention_mask))
     return self._logits(x)
+
+  def hidden(self, input_ids: jax.Array, attention_mask: jax.Array,
+             decoder_input_ids: jax.Array,
+             decoder_attention_mask: jax.Array) -> jax.Array:
+    """The LM head's input `[batch, tgt_len, embed]` (rescaled if tied)."""
+    encoded = self.encode(input_ids, attention_mask)
+    x = self.shared(decoder_input_ids)
+    cross_kv = self.decoder.cross_key_value(encoded)
+    x = self.decoder(x, decoder_attention_mask, cross_kv,
+                     _mask_bias(attention_mask))
+    return self._scale(x)
 
   def decode_step(self, tokens: jax.Array, index: jax.Array,
                   cache: tuple[Any, ...], cross_kv: tuple[Any, ...],
@@ -612,6 +629,47 @@ def forward(
   return _model(config, mesh, rules).apply(
       {"params": params}, input_ids, attention_mask, decoder_input_ids,
       decoder_attention_mask)
+
+
+def hidden_states(
+    params: Params,
+    config: T5Config,
+    input_ids: jax.Array,
+    attention_mask: jax.Array,
+    decoder_input_ids: jax.Array,
+    decoder_attention_mask: jax.Array | None = None,
+    *,
+    mesh: Mesh | None = None,
+    rules: LogicalRules = partitioning.DEFAULT_RULES,
+) -> jax.Array:
+  """What the LM head reads: `forward` is `project(hidden_states, output_head)`.
+
+  The decoder's final-norm output, times `d_model ** -0.5` when
+  `config.scale_decoder_outputs` (T5 v1.0's tied head), in the compute dtype.
+  With `output_head` it lets a loss project a few positions at a time
+  (`ketchup_jax.chunked`) instead of materialising `[batch, tgt_len, vocab]`.
+
+  Args: as `forward`.
+
+  Returns:
+    `[batch, tgt_len, embed]` in `config.dtype`.
+  """
+  _check_ids("input_ids", input_ids, attention_mask)
+  _check_ids("decoder_input_ids", decoder_input_ids, decoder_attention_mask)
+  if decoder_attention_mask is None:
+    decoder_attention_mask = jnp.ones_like(decoder_input_ids)
+  return _model(config, mesh, rules).apply(
+      {"params": params}, input_ids, attention_mask, decoder_input_ids,
+      decoder_attention_mask, method=T5.hidden)
+
+
+def output_head(params: Params, config: T5Config) -> chunked.Head:
+  """The LM head in the compute dtype: the tied `[vocab, embed]` embedding,
+  or the untied `[embed, vocab]` kernel (no transposed copy)."""
+  if config.tie_word_embeddings:
+    return chunked.Head(params["shared"]["embedding"].astype(config.dtype),
+                        vocab_first=True)
+  return chunked.Head(params["lm_head"]["kernel"].astype(config.dtype))
 
 
 def encode(

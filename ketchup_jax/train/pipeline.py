@@ -46,6 +46,7 @@ import numpy as np
 import optax
 import tqdm
 
+from ketchup_jax import chunked
 from ketchup_jax import data as data_lib
 from ketchup_jax import distributed
 from ketchup_jax import fileio
@@ -143,6 +144,10 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
     if remat not in t5.REMAT_POLICIES:
       raise ValueError(f"config.{role}.remat must be one of "
                        f"{t5.REMAT_POLICIES}, got {remat!r}")
+  try:
+    chunked.check_chunk(cfg.get("logits_chunk", 0))
+  except ValueError as e:
+    raise ValueError(f"config.{e}") from None
 
 
 # --------------------------------------------------------------------------
@@ -715,7 +720,8 @@ def _models(run: Run, student: models.T5LM,
             teacher: models.T5LM | None) -> steps.Models:
   return steps.Models(student=student.config,
                       teacher=None if teacher is None else teacher.config,
-                      mesh=run.mesh)
+                      mesh=run.mesh,
+                      logits_chunk=run.cfg.get("logits_chunk", 0))
 
 
 def stage_teacher_sft(run: Run) -> None:

@@ -24,6 +24,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh
 import ml_collections
 
+from ketchup_jax import chunked
 from ketchup_jax import losses
 from ketchup_jax import partitioning
 from ketchup_jax import returns
@@ -150,11 +151,31 @@ class RLConfig:
 
 @dataclasses.dataclass(frozen=True)
 class Models:
-  """Static description of the models a step uses."""
+  """Static description of the models a step uses.
+
+  `logits_chunk` > 0 computes every loss and the teacher's Q-values from the
+  LM heads' inputs that many positions at a time (`ketchup_jax.chunked`): no
+  `[B, T, V]` float32 logits, forward or backward; the same numbers. 0 (the
+  default) materialises the whole logits.
+  """
   student: T5Config
   teacher: T5Config | None = None
   mesh: Mesh | None = None
   rules: partitioning.LogicalRules = partitioning.DEFAULT_RULES
+  logits_chunk: int = 0
+
+  def __post_init__(self):
+    chunked.check_chunk(self.logits_chunk)
+
+  def head_inputs(self, params: Any, config: T5Config, input_ids: jax.Array,
+                  attention_mask: jax.Array, decoder_input_ids: jax.Array,
+                  decoder_mask: jax.Array
+                  ) -> tuple[jax.Array, chunked.Head]:
+    """`(hidden [B, T, E], head)`: `forward` is `chunked.project` of them."""
+    hidden = t5.hidden_states(params, config, input_ids, attention_mask,
+                              decoder_input_ids, decoder_mask, mesh=self.mesh,
+                              rules=self.rules)
+    return hidden, t5.output_head(params, config)
 
   def forward(self, params: Any, config: T5Config, input_ids: jax.Array,
               attention_mask: jax.Array, decoder_input_ids: jax.Array,
@@ -199,12 +220,17 @@ def _ce_update(state: state_lib.TrainState, models: Models,
   """Cross-entropy of the student on `targets`, and the update."""
   config = models.student
   decoder_inputs = t5.shift_right(targets, config)
+  args = (batch["input_ids"], batch["attention_mask"], decoder_inputs,
+          target_mask)
 
   def loss_fn(params):
-    logits = models.forward(params, config, batch["input_ids"],
-                            batch["attention_mask"], decoder_inputs,
-                            target_mask)  # [B, T, V]
-    total, count = losses.cross_entropy_loss(logits, targets, target_mask)
+    if models.logits_chunk:
+      hidden, head = models.head_inputs(params, config, *args)
+      total, count = losses.cross_entropy_loss_chunked(
+          hidden, head, targets, target_mask, chunk=models.logits_chunk)
+    else:
+      logits = models.forward(params, config, *args)  # [B, T, V]
+      total, count = losses.cross_entropy_loss(logits, targets, target_mask)
     return _mean(total, count), count
 
   state, loss, count, info = _minimize(state, optim, rng, loss_fn)
@@ -260,14 +286,25 @@ def word_kd_step(state: state_lib.TrainState, teacher_params: Any,
   rng, _ = jax.random.split(state.rng)
   args = (batch["input_ids"], batch["attention_mask"],
           batch["decoder_input_ids"], batch["decoder_attention_mask"])
-  teacher_logits = jax.lax.stop_gradient(
-      models.forward(teacher_params, models.teacher, *args))
+  mask = batch["decoder_attention_mask"]
+  chunk = models.logits_chunk
+  if chunk:
+    teacher_head = jax.lax.stop_gradient(
+        models.head_inputs(teacher_params, models.teacher, *args))
+  else:
+    teacher_logits = jax.lax.stop_gradient(
+        models.forward(teacher_params, models.teacher, *args))
 
   def loss_fn(params):
-    logits = models.forward(params, models.student, *args)
-    total, count = losses.distillation_loss(
-        logits, teacher_logits, batch["decoder_attention_mask"],
-        divergence=divergence)
+    if chunk:
+      hidden, head = models.head_inputs(params, models.student, *args)
+      total, count = losses.distillation_loss_chunked(
+          hidden, head, *teacher_head, mask, chunk=chunk,
+          divergence=divergence)
+    else:
+      logits = models.forward(params, models.student, *args)
+      total, count = losses.distillation_loss(
+          logits, teacher_logits, mask, divergence=divergence)
     return _mean(total, count), count
 
   state, loss, count, info = _minimize(state, optim, rng, loss_fn)
@@ -429,29 +466,36 @@ def teacher_scores(teacher_params: Any, batch: Batch, actions: jax.Array,
     teacher_actions = jnp.pad(actions, ((0, 0), (0, 1)))
   teacher_inputs = t5.shift_right(teacher_actions, models.teacher)
   teacher_mask = jnp.ones_like(teacher_inputs)
-  teacher_logits = jax.lax.stop_gradient(models.forward(
-      teacher_params, models.teacher, batch["input_ids"],
-      batch["attention_mask"], teacher_inputs, teacher_mask))  # [B, T(+1), V]
+  args = (teacher_params, models.teacher, batch["input_ids"],
+          batch["attention_mask"], teacher_inputs, teacher_mask)
+  # Every reduction over V of the Q-values, [B, T(+1)] each, in one pass.
+  if models.logits_chunk:
+    hidden, head = jax.lax.stop_gradient(models.head_inputs(*args))
+    stats = returns.position_stats_chunked(
+        hidden, head, teacher_actions, center=rl.center_logits,
+        chunk=models.logits_chunk)
+  else:
+    teacher_logits = jax.lax.stop_gradient(
+        models.forward(*args))  # [B, T(+1), V]
+    stats = returns.position_stats(teacher_logits, teacher_actions,
+                                   center=rl.center_logits)
   bootstrap_value = None
   if rl.unfinished == "bootstrap":
-    _, all_values = returns.teacher_q_values(
-        teacher_logits, teacher_actions, teacher_mask,
-        center=rl.center_logits, value=rl.value)
-    bootstrap_value = jnp.where(finished, 0.0, all_values[:, length])  # [B]
-    teacher_logits = teacher_logits[:, :length]
+    bootstrap_value = jnp.where(finished, 0.0,
+                                stats[rl.value][:, length])  # [B]
+    stats = {name: x[:, :length] for name, x in stats.items()}
 
-  q_taken, values = returns.teacher_q_values(
-      teacher_logits, actions, mask, center=rl.center_logits, value=rl.value)
+  q_taken, values = returns.q_values_from_stats(stats, mask, value=rl.value)
   teacher_values = None
   if rl.baseline == "teacher_expected":
-    _, teacher_values = returns.teacher_q_values(
-        teacher_logits, actions, mask, center=rl.center_logits,
-        value="expected")
+    _, teacher_values = returns.q_values_from_stats(stats, mask,
+                                                    value="expected")
   elif rl.baseline == "value":  # b_t = V_t of the returns' own value
     teacher_values = values
   teacher_logprobs = None
-  if rl.uses_student_logprobs:
-    teacher_logprobs = returns.teacher_log_probs(teacher_logits, actions, mask)
+  if rl.uses_student_logprobs:  # log p_T(a_t) = Q_t(a_t) - soft value
+    teacher_logprobs = jnp.where(mask != 0, stats["q_taken"] - stats["soft"],
+                                 0.0)
   return {"q_taken": q_taken, "values": values,
           "bootstrap_value": bootstrap_value, "teacher_values": teacher_values,
           "teacher_logprobs": teacher_logprobs}
@@ -505,11 +549,20 @@ def score_rollout(params: Any, teacher_params: Any, batch: Batch,
   return combine_scores(rollout, scores, models=models, rl=rl)
 
 
-def student_logprobs(student_logits: jax.Array,
-                     actions: jax.Array) -> jax.Array:
-  """[B, T, V] logits, [B, T] actions -> [B, T] detached `log pi(a_t)`."""
-  return jax.lax.stop_gradient(returns.taken_log_probs(
-      student_logits.astype(jnp.float32), actions))
+def student_token_stats(params: Any, batch: Batch, scored: dict[str, Any], *,
+                        models: Models) -> tuple[jax.Array, jax.Array]:
+  """The student's teacher-forced `(log pi(a_t), entropy)` on the rollout.
+
+  Both [B, T] float32, differentiable in `params`; chunked over positions
+  when `models.logits_chunk` > 0 (no [B, T, V] array, forward or backward).
+  """
+  args = (params, models.student, batch["input_ids"],
+          batch["attention_mask"], scored["decoder_inputs"], scored["mask"])
+  if models.logits_chunk:
+    hidden, head = models.head_inputs(*args)
+    return losses.token_logprobs_chunked(hidden, head, scored["actions"],
+                                         chunk=models.logits_chunk)
+  return losses.token_logprobs(models.forward(*args), scored["actions"])
 
 
 def rollout_returns(scored: dict[str, Any], rl: RLConfig, k: int,
@@ -538,37 +591,38 @@ def rollout_returns(scored: dict[str, Any], rl: RLConfig, k: int,
   return g
 
 
-def rollout_loss(student_logits: jax.Array, scored: dict[str, Any],
-                 g: jax.Array, rl: RLConfig) -> tuple[jax.Array, jax.Array]:
-  """Step 4 of `rl_step`: the policy-gradient loss as `(sum, count)`."""
-  return losses.policy_gradient_loss(
-      student_logits, scored["actions"], g, scored["loss_mask"],
-      baseline=rl.baseline, teacher_values=scored["teacher_values"],
-      weight=rl.weight, behavior_logprobs=scored["behavior_logprobs"],
-      denom=rl.denom, reward_clip=rl.reward_clip,
-      entropy_coef=rl.entropy_coef)
-
-
-def rollout_objective(student_logits: jax.Array, scored: dict[str, Any],
-                      rl: RLConfig, k: int, g: jax.Array | None = None
+def rollout_objective(logp: jax.Array, entropy: jax.Array,
+                      scored: dict[str, Any], rl: RLConfig, k: int,
+                      g: jax.Array | None = None
                       ) -> tuple[jax.Array, tuple[jax.Array, jax.Array,
                                                   jax.Array]]:
-  """The scalar loss `rl_step` differentiates, from the student's logits.
+  """The scalar loss `rl_step` differentiates (SPEC §3), from log pi.
 
-  The returns are `rollout_returns(scored, rl, k, ...)` (or `g`, if given),
-  with the reverse-KL rewards' student log-probabilities taken from
-  `student_logits` under `stop_gradient`: the gradient flows only through
-  the policy-gradient term's `log pi` and the entropy.
+  Args:
+    logp: [B, T] the student's `log pi(a_t)` (`student_token_stats`, or
+      `losses.token_logprobs` of its logits).
+    entropy: [B, T] its entropy.
+    scored: `score_rollout`'s dict.
+    rl: The options.
+    k: K of the returns.
+    g: [B, T] returns to use instead of `rollout_returns(scored, rl, k, ...)`.
+
+  The reverse-KL rewards' student log-probabilities are `logp` under
+  `stop_gradient`: the gradient flows only through the policy-gradient
+  term's `log pi` and the entropy.
 
   Returns:
     (loss, (loss token count, returns [B, T], returns at K = 1 [B, T])),
     the loss scaled by `scored["scale"]`, the returns without gradient.
   """
-  lp = (student_logprobs(student_logits, scored["actions"])
-        if rl.uses_student_logprobs else None)
+  lp = jax.lax.stop_gradient(logp) if rl.uses_student_logprobs else None
   g_used = rollout_returns(scored, rl, k, lp) if g is None else g
   g_k1 = rollout_returns(scored, rl, 1, lp)
-  total, count = rollout_loss(student_logits, scored, g_used, rl)
+  total, count = losses.policy_gradient_loss_from_logprobs(
+      logp, entropy, g_used, scored["loss_mask"], baseline=rl.baseline,
+      teacher_values=scored["teacher_values"], weight=rl.weight,
+      behavior_logprobs=scored["behavior_logprobs"], denom=rl.denom,
+      reward_clip=rl.reward_clip, entropy_coef=rl.entropy_coef)
   return _mean(total, count) * scored["scale"], (
       count, jax.lax.stop_gradient(g_used), jax.lax.stop_gradient(g_k1))
 
@@ -590,13 +644,9 @@ def rollout_update(state: state_lib.TrainState, batch: Batch,
   mask = scored["mask"]
 
   def loss_fn(params):
-    logits = models.forward(params, models.student, batch["input_ids"],
-                            batch["attention_mask"], scored["decoder_inputs"],
-                            mask)  # [B, T, V]
-    loss, (count, g_used, g_k1) = rollout_objective(logits, scored, rl, rl.k,
-                                                    g)
-    logp = jax.nn.log_softmax(logits, axis=-1)
-    entropy = -jnp.sum(jnp.exp(logp) * logp, axis=-1)  # [B, T]
+    logp, entropy = student_token_stats(params, batch, scored, models=models)
+    loss, (count, g_used, g_k1) = rollout_objective(logp, entropy, scored,
+                                                    rl, rl.k, g)
     mean_entropy = jnp.sum(entropy * mask) / jnp.maximum(jnp.sum(mask), 1)
     return loss, (count, mean_entropy, g_used, g_k1)
 

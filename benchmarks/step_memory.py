@@ -1,0 +1,239 @@
+"""Compile-time memory of the RL step and the word-level KD step, chunked or not.
+
+Each case is `jax.jit(step, donate_argnums=0).lower(...).compile()` on
+abstract inputs (`jax.ShapeDtypeStruct`: nothing is allocated or run), and
+its `memory_analysis()`: temp bytes (XLA's scratch buffers: activations,
+logits, gradients, ...), argument bytes (state, teacher, batch) and output
+bytes. Shapes: T5 v1.0 T5-base student and T5-large teacher (tied, rescaled
+LM head), float32 compute, at vocabularies 32,000 and 151,936 (Qwen's),
+B = 8 source and target positions 512, `Models.logits_chunk` 0 (whole logits)
+and on. The RL step is `steps.rl_step` (rollout of 512 tokens, teacher
+Q-values, K = 4 returns, student forward + backward, AdamW); the KD step is
+`steps.word_kd_step` (forward KL on gold targets).
+
+Target (printed, not asserted): with chunking on, the temp memory added by
+going from 32,000 to 151,936 entries is under a quarter of one float32
+[B, T, V] tensor at 151,936. What chunking cannot remove are arrays of the
+size of the student's [V, E] embedding (its gradient, the optimizer update's
+temporaries); `emb grad MiB` is the growth of one float32 [V, E]. `--phases`
+compiles the rollout, the teacher pass and the update alone, to show which
+one grows.
+
+A decoder-only Qwen2.5-0.5B / 1.5B pair awaits the decoder model family
+(ketchup_jax has T5 only).
+
+    python -m benchmarks.step_memory [--chunk 32] [--phases] [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from benchmarks import common
+from ketchup_jax.models import config as config_lib
+from ketchup_jax.models import t5
+from ketchup_jax.train import state as state_lib
+from ketchup_jax.train import steps
+
+VOCABS = (32000, 151936)
+QUICK_VOCABS = (512, 2048)
+
+
+def _abstract(tree: Any) -> Any:
+  return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), tree)
+
+
+def _setup(student_name, teacher_name, vocab, batch, length, chunk, overrides):
+  """Abstract state, teacher, batch and the static step arguments."""
+
+  kw = dict(vocab_size=vocab, dtype=jnp.float32, **overrides)
+  s_cfg = config_lib.get_config(student_name, **kw)
+  t_cfg = config_lib.get_config(teacher_name, **kw)
+  mods = steps.Models(student=s_cfg, teacher=t_cfg, logits_chunk=chunk)
+  optim = state_lib.OptimConfig(steps=1000, learning_rate=1e-5)
+  tx = state_lib.make_optimizer(optim)
+  state = jax.eval_shape(functools.partial(state_lib.init_state, tx=tx,
+                                           seed=0), t5.param_shapes(s_cfg))
+  teacher = _abstract(t5.param_shapes(t_cfg))
+  ids = jax.ShapeDtypeStruct((batch, length), jnp.int32)
+  data = {"input_ids": ids, "attention_mask": ids,
+          "example_mask": jax.ShapeDtypeStruct((batch,), jnp.int32)}
+  rl = steps.RLConfig(k=4, max_decode_len=length)
+  return _abstract(state), teacher, data, mods, optim, rl
+
+
+def measure_phases(student_name: str, teacher_name: str, vocab: int,
+                   batch: int, length: int, chunk: int,
+                   overrides: dict[str, Any]) -> list[dict[str, Any]]:
+  """Temp bytes of the RL step's pieces, each compiled alone."""
+
+  state, teacher, data, mods, optim, rl = _setup(
+      student_name, teacher_name, vocab, batch, length, chunk, overrides)
+  rng = jax.ShapeDtypeStruct((2,), "uint32")
+  rollout = jax.eval_shape(functools.partial(
+      steps.student_rollout, models=mods, rl=rl), state.params, data, rng)
+  scored = jax.eval_shape(functools.partial(
+      steps.score_rollout, models=mods, rl=rl), state.params, teacher, data,
+                          rng)
+  pieces = {
+      "rollout": (functools.partial(steps.student_rollout, models=mods,
+                                    rl=rl), (state.params, data, rng), ()),
+      "teacher": (lambda t, b, r: steps.teacher_scores(
+          t, b, r["actions"], r["mask"], r["finished"], models=mods, rl=rl),
+                  (teacher, data, rollout), ()),
+      "update": (functools.partial(steps.rl_update, models=mods, optim=optim,
+                                   rl=rl), (state, data, scored, rng), (0,)),
+  }
+  rows = []
+  for name, (fn, args, donate) in pieces.items():
+    mem = jax.jit(fn, donate_argnums=donate).lower(*args).compile(
+        ).memory_analysis()
+    rows.append({"phase": name, "vocab": vocab, "chunk": chunk,
+                 "temp_bytes": int(mem.temp_size_in_bytes)})
+  return rows
+
+
+def measure(step: str, student_name: str, teacher_name: str, vocab: int,
+            batch: int, length: int, chunk: int, overrides: dict[str, Any]
+            ) -> dict[str, Any]:
+  """One compiled step's memory_analysis, as a `cases` row."""
+
+  state, teacher, data, mods, optim, rl = _setup(
+      student_name, teacher_name, vocab, batch, length, chunk, overrides)
+  if step == "rl":
+    fn = functools.partial(steps.rl_step, models=mods, optim=optim, rl=rl)
+  else:
+    ids = data["input_ids"]
+    data = dict(data, decoder_input_ids=ids, decoder_attention_mask=ids)
+    fn = functools.partial(steps.word_kd_step, models=mods, optim=optim,
+                           divergence="kl")
+  start = time.perf_counter()
+  compiled = jax.jit(fn, donate_argnums=0).lower(state, teacher,
+                                                 data).compile()
+  seconds = time.perf_counter() - start
+  mem = compiled.memory_analysis()
+  return {"name": f"{step}/{student_name}<-{teacher_name}/V{vocab}/chunk{chunk}",
+          "step": step, "family": "t5", "student": student_name,
+          "teacher": teacher_name, "vocab": vocab, "batch": batch,
+          "target_len": length, "chunk": chunk,
+          "temp_bytes": int(mem.temp_size_in_bytes),
+          "argument_bytes": int(mem.argument_size_in_bytes),
+          "output_bytes": int(mem.output_size_in_bytes),
+          "compile_s": round(seconds, 1)}
+
+
+def targets(cases: list[dict[str, Any]], vocabs: tuple[int, int],
+            d_model: int) -> list[dict[str, Any]]:
+  """Per step and chunk: temp growth from the small to the large vocabulary."""
+  small, large = vocabs
+  by_key = {(c["step"], c["chunk"], c["vocab"]): c for c in cases}
+  rows = []
+  for step, chunk in sorted({(c["step"], c["chunk"]) for c in cases}):
+    lo, hi = by_key[(step, chunk, small)], by_key[(step, chunk, large)]
+    one_logits = 4 * hi["batch"] * hi["target_len"] * large
+    added = hi["temp_bytes"] - lo["temp_bytes"]
+    rows.append({
+        "step": step, "chunk": chunk, "added_temp_bytes": added,
+        "one_f32_logits_bytes": one_logits,
+        "added_over_logits": added / one_logits,
+        # Unavoidable: the float32 gradient of the student's [V, E] embedding.
+        "embedding_grad_growth_bytes": 4 * (large - small) * d_model,
+        "target": "added < 0.25 x one float32 [B, T, V]",
+        "met": bool(added < 0.25 * one_logits) if chunk else None,
+    })
+  return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+  common.add_common_flags(parser)
+  parser.add_argument("--chunk", type=int, default=32,
+                      help="logits_chunk of the chunked cases (positions).")
+  parser.add_argument("--phases", action="store_true",
+                      help="Also compile the RL step's rollout, teacher pass"
+                      " and update alone (chunk on): where the temp goes.")
+  parser.add_argument("--steps", default="rl,word_kd",
+                      help="Comma-separated: rl, word_kd.")
+  args = parser.parse_args(argv)
+  if args.chunk < 1:
+    raise SystemExit(f"--chunk must be an int >= 1, got {args.chunk}")
+  chosen = [s for s in args.steps.split(",") if s]
+  if not chosen or any(s not in ("rl", "word_kd") for s in chosen):
+    raise SystemExit(f"--steps must be a comma-separated subset of rl,word_kd;"
+                     f" got {args.steps!r}")
+  if args.quick:
+    student, teacher, batch, length = "t5-tiny", "t5-tiny", 2, 16
+    vocabs, overrides = QUICK_VOCABS, {}
+    chunk = min(args.chunk, 4)
+  else:
+    student, teacher, batch, length = "t5-base", "t5-large", 8, 512
+    vocabs, overrides, chunk = VOCABS, {}, args.chunk
+  d_model = config_lib.get_config(student).d_model
+  cases = []
+  for step in chosen:
+    for vocab in vocabs:
+      for c in (0, chunk):
+        row = measure(step, student, teacher, vocab, batch, length, c,
+                      overrides)
+        print(f"compiled {row['name']} in {row['compile_s']} s", flush=True)
+        cases.append(row)
+  target_rows = targets(cases, vocabs, d_model)
+  phase_rows = []
+  if args.phases:
+    for vocab in vocabs:
+      phase_rows += measure_phases(student, teacher, vocab, batch, length,
+                                   chunk, overrides)
+    for row in phase_rows:
+      row["temp_mib"] = row["temp_bytes"] / 2 ** 20
+    common.print_table(
+        f"RL step pieces compiled alone, chunk {chunk}",
+        [("phase", "phase", ""), ("vocab", "vocab", "d"),
+         ("temp_mib", "temp MiB", ".0f")], phase_rows)
+    for row in phase_rows:
+      del row["temp_mib"]
+  mib = 2 ** 20
+  for row in cases:
+    for key in ("temp", "argument", "output"):
+      row[f"{key}_mib"] = row[f"{key}_bytes"] / mib
+  common.print_table(
+      f"compiled step memory (memory_analysis), B={batch}, T={length}",
+      [("step", "step", ""), ("vocab", "vocab", "d"), ("chunk", "chunk", "d"),
+       ("temp_mib", "temp MiB", ".0f"), ("argument_mib", "args MiB", ".0f"),
+       ("output_mib", "output MiB", ".0f"), ("compile_s", "compile s", ".1f")],
+      cases)
+  for row in target_rows:
+    row["added_mib"] = row["added_temp_bytes"] / mib
+    row["logits_mib"] = row["one_f32_logits_bytes"] / mib
+    row["emb_grad_mib"] = row["embedding_grad_growth_bytes"] / mib
+    row["met_str"] = {None: "-", True: "yes", False: "NO"}[row["met"]]
+  common.print_table(
+      f"temp growth V={vocabs[0]} -> {vocabs[1]} (target with chunking: "
+      f"< 0.25 x one float32 [B, T, V])",
+      [("step", "step", ""), ("chunk", "chunk", "d"),
+       ("added_mib", "added MiB", ".0f"),
+       ("logits_mib", "[B,T,V] MiB", ".0f"),
+       ("added_over_logits", "ratio", ".3f"),
+       ("emb_grad_mib", "emb grad MiB", ".0f"), ("met_str", "met", "")],
+      target_rows)
+  note = ("decoder-only Qwen2.5-0.5B / 1.5B pair: not measured, awaits the "
+          "decoder model family (ketchup_jax has T5 only)")
+  print(f"\n{note}")
+  for rows in (cases, target_rows):
+    for row in rows:
+      for key in [k for k in row if k.endswith("_mib") or k == "met_str"]:
+        del row[key]
+  common.write_json("step_memory", {
+      "machine": common.machine_info(args.device),
+      "note": note, "cases": cases, "targets": target_rows,
+      "rl_phases": phase_rows}, args.out)
+  return 0
+
+
+if __name__ == "__main__":
+  raise SystemExit(main())
