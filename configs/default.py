@@ -28,6 +28,9 @@ def optim(*, steps: int, learning_rate: float, batch_size: int,
       weight_decay=weight_decay,
       # Global-norm gradient clipping; 0 disables.
       max_grad_norm=max_grad_norm,
+      # Adam's epsilon (added to sqrt(v)): larger values stop Adam from
+      # scaling near-zero gradients up to full learning-rate steps.
+      eps=1e-8,
       # Micro-batches per optimizer update (gradient accumulation).
       grad_accum=grad_accum,
       # Decode the validation split greedily after every N optimizer updates

@@ -229,6 +229,7 @@ def test_rl_step_on_2x2x2_mesh_matches_one_device():
      r"\('chrf', 'exact_match'\), got 'bleu'"),
     ({"validation.split": "test"},
      r"config.validation.split must not be 'train' or 'test'"),
+    ({"rl.eps": 0.0}, r"config.rl: eps \(Adam's epsilon\) must be > 0, got 0"),
 ])
 def test_bad_config_raises_before_writing(tmp_path, overrides, message):
   cfg = smoke_config()

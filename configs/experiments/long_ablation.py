@@ -10,7 +10,8 @@ updates on 256 examples, best kept): SeqKD continued, LLMR, KETCHUP K = 4 and
 16 with the reference recipe of configs/experiments/recipe_ablation.py
 (temperature 1, no weight, no baseline, lr 1e-5, clip 1), and three
 variants at K = 1 and 4: the pi-weighted loss (`refcompat`, the demo's
-recipe), the authors' recipe, and the state-value baseline.
+recipe), the authors' recipe, the state-value baseline, lr 1e-6, and Adam
+epsilon 1e-3.
 """
 
 import ml_collections
@@ -32,6 +33,11 @@ def get_config():
       "authors": rl(temperature=0.0, weight="reference_compat",
                     max_grad_norm=0.0),
       "value_baseline": rl(baseline="value"),
+      # Controls for "any update of the converged student hurts": a 10x
+      # smaller step, and Adam's epsilon large enough that near-zero
+      # gradients stay near-zero steps.
+      "lr1e-6": rl(learning_rate=1e-6),
+      "eps1e-3": rl(eps=1e-3),
   })
   c.variant_ks = (1, 4)
   c.diagnostics.minibatches = 0

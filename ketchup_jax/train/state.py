@@ -88,6 +88,8 @@ class OptimConfig:
     if not 0 <= self.warmup_steps <= self.steps:
       raise ValueError(f"warmup_steps must be in [0, steps={self.steps}], got "
                        f"{self.warmup_steps!r}")
+    if not self.eps > 0:
+      raise ValueError(f"eps (Adam's epsilon) must be > 0, got {self.eps!r}")
 
   @property
   def micro_steps(self) -> int:
