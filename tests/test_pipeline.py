@@ -206,7 +206,7 @@ def test_rl_step_on_2x2x2_mesh_matches_one_device():
     ({"task.name": "xsumm"}, r"unknown task 'xsumm'; known tasks:"),
     ({"max_source_len": 0}, r"config.max_source_len must be an int >= 1, got 0"),
     ({"rl.k": 0}, r"rl.ks / rl.k must hold ints >= 1"),
-    ({"rl.value": "soft"}, r"rl.value must be one of .*'soft'"),
+    ({"rl.value": "softer"}, r"rl.value must be one of .*'softer'"),
     ({"stages": "rl,train"}, r"config.stages must be a comma-separated list"),
     ({"predistill.method": "mse"}, r"predistill.method must be one of"),
     ({"mesh.data": 3}, r"must multiply to the device count 8"),
