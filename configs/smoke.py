@@ -31,6 +31,8 @@ def get_config():
   c.rl.select = "last"
   c.rl.weight = "none"
   c.rl.schedule = "linear"
+  c.rl.max_grad_norm = 1.0
+  c.rl.temperature = 1.0
   c.eval.batch_size = 16
   c.eval.max_examples = 16
   c.eval.max_decode_len = 12

@@ -23,7 +23,14 @@ from configs.experiments import common
 def get_config():
   base = numbers_long.get_config()
   base.rl.ks = ()
-  base.rl.weight = "none"  # the reference recipe; refcompat is a variant
+  # The reference recipe of recipe_ablation.py, pinned (configs/demo.py,
+  # which numbers_long starts from, runs the authors' recipe).
+  base.rl.weight = "none"
+  base.rl.baseline = "none"
+  base.rl.temperature = 1.0
+  base.rl.max_grad_norm = 1.0
+  base.rl.learning_rate = 1e-5
+  base.rl.schedule = "constant"
   c = common.sweep(base, title="RL recipes on long rollouts (numbers_long)")
   c.methods = ("seqkd", "llmr", "ketchup")
   c.ks = (4, 16)
