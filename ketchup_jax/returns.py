@@ -76,6 +76,13 @@ def teacher_q_values(
     `q_taken[b, t] = Q_t(a_t)` and `values[b, t] = V_t`.
   """
   _checks.check_choice("value", value, VALUES)
+  _check_teacher_inputs(teacher_logits, actions, mask)
+  return _teacher_q_values(
+      teacher_logits, actions, mask, center=center, value=value)
+
+
+def _check_teacher_inputs(teacher_logits, actions, mask) -> None:
+  """[B, T, V] float logits, [B, T] int actions in range, [B, T] prefix mask."""
   _checks.check_rank("teacher_logits", teacher_logits, 3, "[B, T, V]")
   _checks.check_float("teacher_logits", teacher_logits)
   _checks.check_int("actions", actions)
@@ -87,8 +94,6 @@ def teacher_q_values(
   })
   _checks.check_prefix_mask("mask", mask)
   _check_token_ids("actions", actions, mask, jnp.shape(teacher_logits)[-1])
-  return _teacher_q_values(
-      teacher_logits, actions, mask, center=center, value=value)
 
 
 @functools.partial(jax.jit, static_argnames=("center", "value"))
@@ -185,17 +190,7 @@ def teacher_log_probs(teacher_logits: ArrayLike, actions: ArrayLike,
   Returns:
     [B, T] float32, zero where `mask` is 0.
   """
-  _checks.check_rank("teacher_logits", teacher_logits, 3, "[B, T, V]")
-  _checks.check_float("teacher_logits", teacher_logits)
-  _checks.check_int("actions", actions)
-  _checks.check_same_shape({
-      "teacher_logits[..., 0]": jax.ShapeDtypeStruct(
-          jnp.shape(teacher_logits)[:2], jnp.float32),
-      "actions": actions,
-      "mask": mask,
-  })
-  _checks.check_prefix_mask("mask", mask)
-  _check_token_ids("actions", actions, mask, jnp.shape(teacher_logits)[-1])
+  _check_teacher_inputs(teacher_logits, actions, mask)
   return _teacher_log_probs(teacher_logits, actions, mask)
 
 

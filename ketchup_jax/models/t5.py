@@ -622,13 +622,9 @@ def forward(
   Returns:
     float32 logits `[batch, tgt_len, vocab]`.
   """
-  _check_ids("input_ids", input_ids, attention_mask)
-  _check_ids("decoder_input_ids", decoder_input_ids, decoder_attention_mask)
-  if decoder_attention_mask is None:
-    decoder_attention_mask = jnp.ones_like(decoder_input_ids)
-  return _model(config, mesh, rules).apply(
-      {"params": params}, input_ids, attention_mask, decoder_input_ids,
-      decoder_attention_mask)
+  return _teacher_forced(params, config, input_ids, attention_mask,
+                         decoder_input_ids, decoder_attention_mask, mesh=mesh,
+                         rules=rules, method=None)
 
 
 def hidden_states(
@@ -654,13 +650,23 @@ def hidden_states(
   Returns:
     `[batch, tgt_len, embed]` in `config.dtype`.
   """
+  return _teacher_forced(params, config, input_ids, attention_mask,
+                         decoder_input_ids, decoder_attention_mask, mesh=mesh,
+                         rules=rules, method=T5.hidden)
+
+
+def _teacher_forced(params, config, input_ids, attention_mask,
+                    decoder_input_ids, decoder_attention_mask, *, mesh, rules,
+                    method):
+  """`forward` (method None: `T5.__call__`) or `hidden_states`, checked."""
   _check_ids("input_ids", input_ids, attention_mask)
   _check_ids("decoder_input_ids", decoder_input_ids, decoder_attention_mask)
   if decoder_attention_mask is None:
     decoder_attention_mask = jnp.ones_like(decoder_input_ids)
+  kwargs = {} if method is None else {"method": method}
   return _model(config, mesh, rules).apply(
       {"params": params}, input_ids, attention_mask, decoder_input_ids,
-      decoder_attention_mask, method=T5.hidden)
+      decoder_attention_mask, **kwargs)
 
 
 def output_head(params: Params, config: T5Config) -> chunked.Head:
