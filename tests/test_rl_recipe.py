@@ -23,6 +23,7 @@ from ketchup_jax import models
 from ketchup_jax import returns
 from ketchup_jax.train import state as state_lib
 from ketchup_jax.train import steps
+from ketchup_jax.train import validation
 
 
 def _chain_regret_loop(q, v, mask, k):
@@ -104,3 +105,17 @@ def test_greedy_self_distillation_without_a_baseline_moves_the_student():
   moved, metrics = _self_distillation_step(rl)
   assert moved > 1e-3  # Adam's first step is lr * sign(grad) = 1e-2
   assert float(metrics["loss"]) > 0.0  # -mean(A * log pi): A > 0, log pi < 0
+
+
+def test_validation_carve_out_is_deterministic_disjoint_and_removed():
+
+  train = [{"source": f"s{i}", "target": f"t{i}"} for i in range(100)]
+  rest, held = validation.carve_out(train, 30)
+  assert len(held) == 10 and len(rest) == 90  # at most a tenth of train
+  assert {ex["source"] for ex in held}.isdisjoint(ex["source"] for ex in rest)
+  assert [ex for ex in train if ex in held] == held  # order kept
+  again, held_again = validation.carve_out(list(reversed(train)), 30)
+  assert sorted(ex["source"] for ex in held_again) == sorted(
+      ex["source"] for ex in held)  # chosen by content, not position
+  with pytest.raises(ValueError, match="has 9 examples, too few"):
+    validation.carve_out(train[:9], 5)
