@@ -108,7 +108,6 @@ def test_greedy_self_distillation_without_a_baseline_moves_the_student():
 
 
 def test_validation_carve_out_is_deterministic_disjoint_and_removed():
-
   train = [{"source": f"s{i}", "target": f"t{i}"} for i in range(100)]
   rest, held = validation.carve_out(train, 30)
   assert len(held) == 10 and len(rest) == 90  # at most a tenth of train
