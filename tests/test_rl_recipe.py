@@ -118,3 +118,13 @@ def test_validation_carve_out_is_deterministic_disjoint_and_removed():
       ex["source"] for ex in held)  # chosen by content, not position
   with pytest.raises(ValueError, match="has 9 examples, too few"):
     validation.carve_out(train[:9], 5)
+
+
+def test_validation_subset_of_a_sorted_split_spans_it_not_a_prefix():
+  split = [{"source": f"{i:04d}", "target": str(i)} for i in range(1000)]
+  chosen = validation.subset(split, 100)
+  numbers = [int(ex["target"]) for ex in chosen]
+  assert len(numbers) == 100 and numbers == sorted(numbers)  # order kept
+  quarters = np.bincount(np.asarray(numbers) // 250, minlength=4)
+  assert quarters.min() >= 10, quarters  # a prefix would be [100, 0, 0, 0]
+  assert validation.subset(split[:50], 100) == split[:50]  # small: all of it

@@ -256,7 +256,7 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
     val_split = val_cfg.get("split", "validation")
     max_val = val_cfg.get("max_examples", 512)
     if val_split in task.splits and task.examples(val_split):
-      val_examples = task.examples(val_split)[:max_val]
+      val_examples = validation.subset(task.examples(val_split), max_val)
       logging.info("validation: %d examples of split %r, metric %s",
                    len(val_examples), val_split, val_metric)
     else:  # e.g. a jsonl task with train and test files only

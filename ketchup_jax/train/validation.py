@@ -13,8 +13,9 @@ The best-so-far (its parameters, score and step) lives in the checkpointed
 `TrainState.selection`, so a stage killed and resumed selects exactly what an
 uninterrupted run selects.
 
-The validation split is the task's own `validation` split when it has one;
-otherwise a deterministic carve-out of train (the examples whose source
+The validation split is the task's own `validation` split when it has one
+(its `max_examples` lowest-hashing examples, not a prefix: splits are often
+sorted); otherwise a deterministic carve-out of train (the examples whose source
 hashes lowest, removed from train), which never overlaps test because train
 does not.
 """
@@ -134,6 +135,23 @@ def _source_hash(example: dict[str, str]) -> bytes:
                          digest_size=8).digest()
 
 
+def _lowest_hashing(examples: list[dict[str, str]], n: int) -> set[int]:
+  return set(sorted(range(len(examples)),
+                    key=lambda i: _source_hash(examples[i]))[:n])
+
+
+def subset(examples: list[dict[str, str]], n: int) -> list[dict[str, str]]:
+  """At most n examples: the n whose source hashes lowest, in their order.
+
+  Not a prefix: splits are often sorted (the numbers tasks ascend), and a
+  prefix would validate on one end of the distribution only.
+  """
+  if len(examples) <= n:
+    return list(examples)
+  chosen = _lowest_hashing(examples, n)
+  return [ex for i, ex in enumerate(examples) if i in chosen]
+
+
 def carve_out(train: list[dict[str, str]], n: int
               ) -> tuple[list[dict[str, str]], list[dict[str, str]]]:
   """(train without the carve-out, the carve-out): the n lowest-hashing.
@@ -145,8 +163,7 @@ def carve_out(train: list[dict[str, str]], n: int
   if n < 1:
     raise ValueError(f"the train split has {len(train)} examples, too few to "
                      f"carve a validation set out of (needs >= 10)")
-  chosen = set(sorted(range(len(train)),
-                      key=lambda i: _source_hash(train[i]))[:n])
+  chosen = _lowest_hashing(train, n)
   return ([ex for i, ex in enumerate(train) if i not in chosen],
           [ex for i, ex in enumerate(train) if i in chosen])
 
