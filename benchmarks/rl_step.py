@@ -6,7 +6,7 @@ The step: student rollout (sampling, temperature 1, exactly `--new_tokens`
 tokens: EOS is disabled on both sides), teacher teacher-forced pass, K-step
 returns (K = `--k`), student forward + backward, gradient clipping (global
 norm 1) and AdamW (lr 1e-5, weight decay 0.01). Ours is
-`ketchup_jax.train.steps.rl_step` under one `jax.jit` with the state donated
+`ketchup_jax.train.rollouts.rl_step` under one `jax.jit` with the state donated
 (it also computes the entropy and the return diagnostics, which the PyTorch
 step does not); the PyTorch step is `benchmarks.torch_ref.RLStep`.
 
@@ -78,6 +78,7 @@ def build_jax(args, student_dir: str, teacher_dir: str, phases: bool = False,
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   from ketchup_jax import models  # pylint: disable=g-import-not-at-top
+  from ketchup_jax.train import rollouts  # pylint: disable=g-import-not-at-top
   from ketchup_jax.train import state as state_lib  # pylint: disable=g-import-not-at-top
   from ketchup_jax.train import steps  # pylint: disable=g-import-not-at-top
 
@@ -91,7 +92,7 @@ def build_jax(args, student_dir: str, teacher_dir: str, phases: bool = False,
   optim = state_lib.OptimConfig(steps=1000, learning_rate=1e-5,
                                 schedule="constant", weight_decay=0.01,
                                 max_grad_norm=1.0)
-  rl = steps.RLConfig(k=args.k, max_decode_len=args.new_tokens,
+  rl = rollouts.RLConfig(k=args.k, max_decode_len=args.new_tokens,
                       temperature=1.0, unfinished="terminal")
   tx = state_lib.make_optimizer(optim)
   with jax.default_device(device):
@@ -104,7 +105,7 @@ def build_jax(args, student_dir: str, teacher_dir: str, phases: bool = False,
              "example_mask": jnp.ones((args.batch,), jnp.int32)}
   phase_fns = (_jax_phases(state, teacher.params, batch, mods, optim, rl)
                if phases else {})
-  step_fn = jax.jit(lambda s, t, b: steps.rl_step(s, t, b, models=mods,
+  step_fn = jax.jit(lambda s, t, b: rollouts.rl_step(s, t, b, models=mods,
                                                   optim=optim, rl=rl),
                     donate_argnums=0)
   start = time.perf_counter()
@@ -133,45 +134,46 @@ PHASE_NAMES = {"rollout": "student rollout (sampling)",
 
 
 def _jax_phases(state, teacher_params, batch, mods, optim, rl):
-  """Phase name -> call timing that phase of `steps.rl_step` alone.
+  """Phase name -> call timing that phase of `rollouts.rl_step` alone.
 
   The calls are the public pieces `rl_step` is built from:
-  `steps.student_rollout`, `steps.teacher_scores` (teacher forward +
-  `returns.teacher_q_values`), `steps.rollout_returns`, and
-  `steps.rollout_update` (student forward + backward + guarded AdamW).
+  `rollouts.student_rollout`, `rollouts.teacher_scores` (teacher forward +
+  `returns.teacher_q_values`), `rollouts.rollout_returns`, and
+  `rollouts.rollout_update` (student forward + backward + guarded AdamW).
   Nothing is donated: the state is a private copy, the step's own state is
   donated separately.
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from ketchup_jax.train import steps  # pylint: disable=g-import-not-at-top
+  from ketchup_jax.train import rollouts  # pylint: disable=g-import-not-at-top
 
   state = jax.tree.map(lambda x: jnp.array(x, copy=True), state)
   rng, sample_rng = jax.random.split(state.rng)
 
   def rollout(params, b, key):
-    return steps.student_rollout(params, b, key, models=mods, rl=rl)
+    return rollouts.student_rollout(params, b, key, models=mods, rl=rl)
 
   def teacher(t_params, b, actions, mask, finished):
-    return steps.teacher_scores(t_params, b, actions, mask, finished,
-                                models=mods, rl=rl)
+    return rollouts.teacher_scores(t_params, b, actions, mask, finished,
+                                   models=mods, rl=rl)
 
   def update(s, b, scored, g, key):
-    new_state, loss, _, _ = steps.rollout_update(
+    new_state, loss, _, _ = rollouts.rollout_update(
         s, b, scored, g, key, models=mods, optim=optim, rl=rl)
     return new_state, loss
 
   jitted = {"rollout": jax.jit(rollout), "teacher": jax.jit(teacher),
-            "returns": jax.jit(lambda sc: steps.rollout_returns(sc, rl, rl.k)),
+            "returns": jax.jit(
+                lambda sc: rollouts.rollout_returns(sc, rl, rl.k)),
             "update": jax.jit(update)}
   # Inputs of the later phases: one scored rollout of the step's shapes.
-  scored = jax.jit(lambda p, t, b, key: steps.score_rollout(
+  scored = jax.jit(lambda p, t, b, key: rollouts.score_rollout(
       p, t, b, key, models=mods, rl=rl))(state.params, teacher_params, batch,
                                          sample_rng)
   g = jitted["returns"](scored)
   args = {"rollout": (state.params, batch, sample_rng),
-          "teacher": (teacher_params, batch, scored["actions"],
-                      scored["mask"], scored["finished"]),
+          "teacher": (teacher_params, batch, scored.actions, scored.mask,
+                      scored.rollout.finished),
           "returns": (scored,),
           "update": (state, batch, scored, g, rng)}
   return {name: (lambda f=f, a=args[name]: jax.block_until_ready(f(*a)))

@@ -7,7 +7,7 @@ logits, gradients, ...), argument bytes (state, teacher, batch) and output
 bytes. Shapes: T5 v1.0 T5-base student and T5-large teacher (tied, rescaled
 LM head), float32 compute, at vocabularies 32,000 and 151,936 (Qwen's),
 B = 8 source and target positions 512, `Models.logits_chunk` 0 (whole logits)
-and on. The RL step is `steps.rl_step` (rollout of 512 tokens, teacher
+and on. The RL step is `rollouts.rl_step` (rollout of 512 tokens, teacher
 Q-values, K = 4 returns, student forward + backward, AdamW); the KD step is
 `steps.word_kd_step` (forward KL on gold targets).
 
@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from benchmarks import common
 from ketchup_jax.models import config as config_lib
 from ketchup_jax.models import t5
+from ketchup_jax.train import rollouts
 from ketchup_jax.train import state as state_lib
 from ketchup_jax.train import steps
 
@@ -64,7 +65,7 @@ def _setup(student_name, teacher_name, vocab, batch, length, chunk, overrides):
   ids = jax.ShapeDtypeStruct((batch, length), jnp.int32)
   data = {"input_ids": ids, "attention_mask": ids,
           "example_mask": jax.ShapeDtypeStruct((batch,), jnp.int32)}
-  rl = steps.RLConfig(k=4, max_decode_len=length)
+  rl = rollouts.RLConfig(k=4, max_decode_len=length)
   return _abstract(state), teacher, data, mods, optim, rl
 
 
@@ -77,17 +78,17 @@ def measure_phases(student_name: str, teacher_name: str, vocab: int,
       student_name, teacher_name, vocab, batch, length, chunk, overrides)
   rng = jax.ShapeDtypeStruct((2,), "uint32")
   rollout = jax.eval_shape(functools.partial(
-      steps.student_rollout, models=mods, rl=rl), state.params, data, rng)
+      rollouts.student_rollout, models=mods, rl=rl), state.params, data, rng)
   scored = jax.eval_shape(functools.partial(
-      steps.score_rollout, models=mods, rl=rl), state.params, teacher, data,
+      rollouts.score_rollout, models=mods, rl=rl), state.params, teacher, data,
                           rng)
   pieces = {
-      "rollout": (functools.partial(steps.student_rollout, models=mods,
+      "rollout": (functools.partial(rollouts.student_rollout, models=mods,
                                     rl=rl), (state.params, data, rng), ()),
-      "teacher": (lambda t, b, r: steps.teacher_scores(
-          t, b, r["actions"], r["mask"], r["finished"], models=mods, rl=rl),
+      "teacher": (lambda t, b, r: rollouts.teacher_scores(
+          t, b, r.actions, r.mask, r.finished, models=mods, rl=rl),
                   (teacher, data, rollout), ()),
-      "update": (functools.partial(steps.rl_update, models=mods, optim=optim,
+      "update": (functools.partial(rollouts.rl_update, models=mods, optim=optim,
                                    rl=rl), (state, data, scored, rng), (0,)),
   }
   rows = []
@@ -107,7 +108,7 @@ def measure(step: str, student_name: str, teacher_name: str, vocab: int,
   state, teacher, data, mods, optim, rl = _setup(
       student_name, teacher_name, vocab, batch, length, chunk, overrides)
   if step == "rl":
-    fn = functools.partial(steps.rl_step, models=mods, optim=optim, rl=rl)
+    fn = functools.partial(rollouts.rl_step, models=mods, optim=optim, rl=rl)
   else:
     ids = data["input_ids"]
     data = dict(data, decoder_input_ids=ids, decoder_attention_mask=ids)

@@ -3,7 +3,7 @@
 For a student, a teacher and a task, draw M independent rollout minibatches.
 For each minibatch `m`: one student rollout and one teacher pass; then, for
 every K in a list, the policy-gradient estimate `g_m^K` of exactly the loss the
-RL stage minimises (`steps.rl_step`: same rollout settings, same unfinished-
+RL stage minimises (`rollouts.rl_step`: same rollout settings, same unfinished-
 row handling, baseline, weight, clip and entropy term). All K share the same
 rollouts and teacher pass, so the comparison between K is paired.
 
@@ -52,11 +52,15 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import tqdm
 
 from ketchup_jax import losses
 from ketchup_jax import returns
+from ketchup_jax.train import context
+from ketchup_jax.train import rollouts
+from ketchup_jax.train import sources
 from ketchup_jax.train import steps
 
 Batch = dict[str, jax.Array]
@@ -66,30 +70,30 @@ RETURN_KEYS = ("return_mean", "return_var", "return_var_k1", "bias_mean",
 
 
 # --------------------------------------------------------------------------
-# The pieces of `steps.rl_step`, split so the gradient can be taken per K
+# The pieces of `rollouts.rl_step`, split so the gradient can be taken per K
 # --------------------------------------------------------------------------
 
 
-def pg_objective(student_logits: jax.Array, scored: dict[str, Any],
-                 rl: steps.RLConfig, k: int
+def pg_objective(student_logits: jax.Array, scored: rollouts.ScoredRollout,
+                 rl: rollouts.RLConfig, k: int
                  ) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
-  """The scalar loss `steps.rl_step` differentiates at jump length k.
+  """The scalar loss `rollouts.rl_step` differentiates at jump length k.
 
   Returns (loss, (returns [B, T], returns at K = 1 [B, T])) for any
-  `rl.reward` (`steps.rollout_objective`).
+  `rl.reward` (`rollouts.rollout_objective`).
   """
-  logp, entropy = losses.token_logprobs(student_logits, scored["actions"])
-  loss, (_, g, g_k1) = steps.rollout_objective(logp, entropy, scored, rl, k)
+  logp, entropy = losses.token_logprobs(student_logits, scored.actions)
+  loss, (_, g, g_k1) = rollouts.rollout_objective(logp, entropy, scored, rl, k)
   return loss, (g, g_k1)
 
 
-def student_logits_fn(batch: Batch, scored: dict[str, jax.Array],
+def student_logits_fn(batch: Batch, scored: rollouts.ScoredRollout,
                       models: steps.Models) -> Callable[[Any], jax.Array]:
   """params -> the student's teacher-forced logits on the rollout."""
   def logits(params):
     return models.forward(params, models.student, batch["input_ids"],
-                          batch["attention_mask"], scored["decoder_inputs"],
-                          scored["mask"])
+                          batch["attention_mask"], scored.decoder_inputs,
+                          scored.mask)
   return logits
 
 
@@ -128,7 +132,7 @@ def flatten(grad: Any) -> jax.Array:
 def minibatch_gradients(student_params: Any, teacher_params: Any,
                         batch: Batch, sample_rng: jax.Array,
                         proj_key: jax.Array, *, models: steps.Models,
-                        rl: steps.RLConfig, ks: tuple[int, ...],
+                        rl: rollouts.RLConfig, ks: tuple[int, ...],
                         projections: int = 0
                         ) -> tuple[jax.Array, jax.Array,
                                    dict[str, jax.Array]]:
@@ -141,11 +145,11 @@ def minibatch_gradients(student_params: Any, teacher_params: Any,
   Returns:
     (vectors, losses, scored, returns): `vectors` [len(ks), D] flattened
     gradients (projections == 0) or [len(ks), R] projections; `losses`
-    [len(ks)] the loss values; `scored` as from `steps.score_rollout`;
+    [len(ks)] the loss values; `scored` as from `rollouts.score_rollout`;
     `returns` [len(ks) + 1, B, T], the return of each K and last the K = 1
     return, of `rl.reward`.
   """
-  scored = steps.score_rollout(student_params, teacher_params, batch,
+  scored = rollouts.score_rollout(student_params, teacher_params, batch,
                                sample_rng, models=models, rl=rl)
   logits, vjp = jax.vjp(student_logits_fn(batch, scored, models),
                         student_params)
@@ -168,7 +172,7 @@ def minibatch_gradients(student_params: Any, teacher_params: Any,
 
 
 @functools.lru_cache(maxsize=16)
-def _jitted(models: steps.Models, rl: steps.RLConfig, ks: tuple[int, ...],
+def _jitted(models: steps.Models, rl: rollouts.RLConfig, ks: tuple[int, ...],
             projections: int) -> Callable[..., Any]:
   """One compiled `minibatch_gradients` per static setting (hook reuse)."""
   return jax.jit(functools.partial(
@@ -227,7 +231,7 @@ class Options:
 
 def gradient_diagnostics(student_params: Any, teacher_params: Any,
                          batches: Sequence[Batch] | Any, *,
-                         models: steps.Models, rl: steps.RLConfig,
+                         models: steps.Models, rl: rollouts.RLConfig,
                          options: Options, progress: bool = False,
                          put: Callable[[Batch], Batch] | None = None
                          ) -> dict[int, dict[str, float]]:
@@ -263,9 +267,9 @@ def gradient_diagnostics(student_params: Any, teacher_params: Any,
                             jax.random.fold_in(base, m), proj_key)
     vectors.append(np.asarray(jax.device_get(vec), np.float64))
     loss_values.append(np.asarray(jax.device_get(lv), np.float64))
-    gs.append(g), ms.append(scored["loss_mask"])
-    real = max(float(jnp.sum(scored["real_row"])), 1.0)
-    finished.append(float(jnp.sum(scored["finished"])) / real)
+    gs.append(g), ms.append(scored.loss_mask)
+    real = max(float(jnp.sum(scored.rollout.real_row)), 1.0)
+    finished.append(float(jnp.sum(scored.rollout.finished)) / real)
   vectors = np.stack(vectors)  # [M, len(ks), D or R]
   width = max(x.shape[-1] for x in ms)
   pad = lambda x: jnp.pad(
@@ -296,7 +300,7 @@ def gradient_diagnostics(student_params: Any, teacher_params: Any,
 def objective_diagnostics(student_params: Any, teacher_params: Any,
                           batches: Callable[[], Any], *,
                           models: steps.Models,
-                          rls: dict[str, steps.RLConfig], options: Options,
+                          rls: dict[str, rollouts.RLConfig], options: Options,
                           progress: bool = False,
                           put: Callable[[Batch], Batch] | None = None
                           ) -> dict[str, dict[int, dict[str, float]]]:
@@ -344,8 +348,8 @@ def table(diag: dict[int, dict[str, float]], *, title: str = "") -> str:
 # --------------------------------------------------------------------------
 
 
-def objective_configs(rl: steps.RLConfig, rewards: Sequence[str],
-                      gamma: float | None = None) -> dict[str, steps.RLConfig]:
+def objective_configs(rl: rollouts.RLConfig, rewards: Sequence[str],
+                      gamma: float | None = None) -> dict[str, rollouts.RLConfig]:
   """{reward: rl with that reward (and `gamma`, if given)}; checked."""
   out = {}
   for reward in rewards:
@@ -356,13 +360,13 @@ def objective_configs(rl: steps.RLConfig, rewards: Sequence[str],
   return out
 
 
-def run_diagnostics(run: Any, student: Any, teacher: Any, *,
+def run_diagnostics(run: context.Run, student: Any, teacher: Any, *,
                     options: Options, split: str = "train",
                     batch_size: int | None = None, progress: bool = True,
                     k: int = 1, rewards: Sequence[str] = (),
                     gamma: float | None = None
                     ) -> dict[str, dict[int, dict[str, float]]]:
-  """`objective_diagnostics` for a `pipeline.Run` and two loaded `T5LM`s.
+  """`objective_diagnostics` for a `context.Run` and two loaded `T5LM`s.
 
   The objectives are `rewards` (default: the run's `rl.reward`), each with
   the run's other RL options (and `gamma`, if given). Minibatches come from
@@ -372,12 +376,11 @@ def run_diagnostics(run: Any, student: Any, teacher: Any, *,
   Returns:
     {reward: {K: {...}}}.
   """
-  from ketchup_jax.train import pipeline  # pylint: disable=g-import-not-at-top
   cfg = run.cfg
   data = run.train if split == "train" else run.eval
-  rl = steps.RLConfig.from_config(cfg.rl, k=k)
+  rl = rollouts.RLConfig.from_config(cfg.rl, k=k)
   rls = objective_configs(rl, tuple(rewards) or (rl.reward,), gamma)
-  models = pipeline._models(run, student, teacher)  # pylint: disable=protected-access
+  models = run.step_models(student, teacher)
   sharding = run.batch_sharding()
   return objective_diagnostics(
       student.params, teacher.params,
@@ -388,10 +391,10 @@ def run_diagnostics(run: Any, student: Any, teacher: Any, *,
       put=lambda b: jax.device_put(b, sharding))
 
 
-def training_hook(run: Any, stage: str, teacher: Any, student_like: Any, *,
+def training_hook(run: context.Run, stage: str, teacher: Any, student_like: Any, *,
                   k: int, every: int, minibatches: int
                   ) -> Callable[[int, Any], None]:
-  """A `pipeline.train_stage` hook: gradient/return variance every N steps.
+  """A `loop.train_stage` hook: gradient/return variance every N steps.
 
   Logs `grad_var`, `grad_mean_sq`, `return_var`, `bias_mean` of the stage's
   own K (at the current parameters) to metrics.jsonl under `<stage>_diag`.
@@ -424,10 +427,8 @@ def _parse_ks(text: str) -> tuple[int, ...]:
   return ks
 
 
-def load_run(workdir: str) -> Any:
-  """A `pipeline.Run` for a finished run directory (reads config.json)."""
-  import ml_collections  # pylint: disable=g-import-not-at-top
-  from ketchup_jax.train import pipeline  # pylint: disable=g-import-not-at-top
+def load_run(workdir: str) -> context.Run:
+  """A `context.Run` for a finished run directory (reads config.json)."""
   path = os.path.join(workdir, "config.json")
   if not os.path.isfile(path):
     raise ValueError(f"--workdir {workdir!r} is not a pipeline run directory "
@@ -435,7 +436,7 @@ def load_run(workdir: str) -> Any:
                      f"`python -m ketchup_jax.main`")
   with open(path, encoding="utf-8") as f:
     cfg = ml_collections.ConfigDict(json.load(f))
-  return pipeline.setup(cfg, workdir)
+  return context.setup(cfg, workdir)
 
 
 def diagnose_workdir(workdir: str, *, student: str, options: Options,
@@ -451,7 +452,6 @@ def diagnose_workdir(workdir: str, *, student: str, options: Options,
     {"student", "split", "options", "seconds", "rewards", "by_k": {K: {...}},
      "by_reward": {reward: {K: {...}}}}.
   """
-  from ketchup_jax.train import pipeline  # pylint: disable=g-import-not-at-top
   run = load_run(workdir)
   if split not in ("train", run.cfg.eval.split):
     raise ValueError(f"--split must be 'train' or the run's eval split "
@@ -461,11 +461,10 @@ def diagnose_workdir(workdir: str, *, student: str, options: Options,
   if student not in have:
     raise ValueError(f"--student={student!r}: no model {run.path('models', student)}; "
                      f"this run has: {', '.join(have) or 'none'}")
-  teacher_lm = pipeline.load_model(
-      run, "teacher", pipeline._teacher_source(run), run.cfg.teacher,  # pylint: disable=protected-access
-      run.cfg.seed)
-  student_lm = pipeline.load_model(run, "student", f"stage:{student}",
-                                   run.cfg.student, run.cfg.seed)
+  teacher_lm = run.load_model("teacher", run.teacher_source(),
+                              run.cfg.teacher, run.cfg.seed)
+  student_lm = run.load_model("student", sources.stage_source(student),
+                              run.cfg.student, run.cfg.seed)
   start = time.perf_counter()
   by_reward = run_diagnostics(run, student_lm, teacher_lm, options=options,
                               split=split, batch_size=batch_size or None,
@@ -531,7 +530,7 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument(
       "--rewards", default="",
       help="Comma-separated objectives on the same rollouts, from "
-      f"{','.join(steps.REWARDS)} (default: the run's rl.reward).")
+      f"{','.join(rollouts.REWARDS)} (default: the run's rl.reward).")
   parser.add_argument("--gamma", type=float, default=None,
                       help="rl.gamma of the reverse-KL objectives (default: "
                       "the run's).")
@@ -542,9 +541,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.batch_size < 0:
       raise ValueError(f"--batch_size must be >= 0, got {args.batch_size}")
     rewards = tuple(r.strip() for r in args.rewards.split(",") if r.strip())
-    bad = [r for r in rewards if r not in steps.REWARDS]
+    bad = [r for r in rewards if r not in rollouts.REWARDS]
     if bad:
-      raise ValueError(f"--rewards must hold values from {steps.REWARDS}, "
+      raise ValueError(f"--rewards must hold values from {rollouts.REWARDS}, "
                        f"got {args.rewards!r}")
     result = diagnose_workdir(args.workdir, student=args.student,
                               options=options, split=args.split,

@@ -17,7 +17,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from ketchup_jax import _checks
+from ketchup_jax import checks
 from ketchup_jax import chunked
 
 Array = jax.Array
@@ -29,24 +29,24 @@ DIVERGENCES = ("kl", "rkl", "js", "tvd")
 
 
 def _check_logits_and_ids(logits_name, logits, ids_name, ids, mask) -> None:
-  _checks.check_rank(logits_name, logits, 3, "[B, T, V]")
-  _checks.check_float(logits_name, logits)
-  _checks.check_int(ids_name, ids)
-  _checks.check_same_shape({
+  checks.check_rank(logits_name, logits, 3, "[B, T, V]")
+  checks.check_float(logits_name, logits)
+  checks.check_int(ids_name, ids)
+  checks.check_same_shape({
       f"{logits_name}[..., 0]": jax.ShapeDtypeStruct(
           jnp.shape(logits)[:2], jnp.float32),
       ids_name: ids,
       "mask": mask,
   })
-  _checks.check_prefix_mask("mask", mask)
+  checks.check_prefix_mask("mask", mask)
 
 
 def _check_optional_like(name: str, x: ArrayLike | None, like: ArrayLike,
                          needed_for: str) -> None:
   if x is None:
     raise ValueError(f"{name} is required for {needed_for}, got None")
-  _checks.check_float(name, x)
-  _checks.check_same_shape({name: x, "returns": like})
+  checks.check_float(name, x)
+  checks.check_same_shape({name: x, "returns": like})
 
 
 def _log_softmax_f32(logits: Array) -> Array:
@@ -68,11 +68,11 @@ def _check_advantage_options(returns, mask, *, logprobs, baseline,
                              teacher_values, weight, behavior_logprobs, denom,
                              reward_clip) -> tuple[float, float | None]:
   """Validates the advantage options; returns (denom, reward_clip) as floats."""
-  _checks.check_choice("baseline", baseline, BASELINES)
-  _checks.check_choice("weight", weight, WEIGHTS)
-  _checks.check_rank("returns", returns, 2, "[B, T]")
-  _checks.check_float("returns", returns)
-  _checks.check_same_shape({"returns": returns, "mask": mask})
+  checks.check_choice("baseline", baseline, BASELINES)
+  checks.check_choice("weight", weight, WEIGHTS)
+  checks.check_rank("returns", returns, 2, "[B, T]")
+  checks.check_float("returns", returns)
+  checks.check_same_shape({"returns": returns, "mask": mask})
   if not denom > 0:
     raise ValueError(f"denom must be > 0, got {denom!r}")
   if reward_clip is not None and not reward_clip > 0:
@@ -197,7 +197,7 @@ def policy_gradient_loss(
   """
   _check_logits_and_ids("student_logits", student_logits, "actions", actions,
                         mask)
-  _checks.check_same_shape({"returns": returns, "actions": actions})
+  checks.check_same_shape({"returns": returns, "actions": actions})
   if not entropy_coef >= 0:
     raise ValueError(f"entropy_coef must be >= 0, got {entropy_coef!r}")
   # The student's own log-probs stand in for `logprobs`: same shape, and the
@@ -271,11 +271,11 @@ def policy_gradient_loss_from_logprobs(
   Returns:
     (loss_sum, count): float32 scalars.
   """
-  _checks.check_float("logprobs", logprobs)
-  _checks.check_float("entropy", entropy)
-  _checks.check_same_shape({"logprobs": logprobs, "entropy": entropy,
+  checks.check_float("logprobs", logprobs)
+  checks.check_float("entropy", entropy)
+  checks.check_same_shape({"logprobs": logprobs, "entropy": entropy,
                             "returns": returns})
-  _checks.check_prefix_mask("mask", mask)
+  checks.check_prefix_mask("mask", mask)
   if not entropy_coef >= 0:
     raise ValueError(f"entropy_coef must be >= 0, got {entropy_coef!r}")
   denom, reward_clip = _check_advantage_options(
@@ -386,12 +386,12 @@ def cross_entropy_loss_chunked(
     `[B, chunk, V]` block of logits at a time.
   """
   _check_head("hidden", hidden, "head", head)
-  _checks.check_int("targets", targets)
-  _checks.check_same_shape({
+  checks.check_int("targets", targets)
+  checks.check_same_shape({
       "hidden[..., 0]": jax.ShapeDtypeStruct(jnp.shape(hidden)[:2],
                                              jnp.float32),
       "targets": targets, "mask": mask})
-  _checks.check_prefix_mask("mask", mask)
+  checks.check_prefix_mask("mask", mask)
   if not 0.0 <= label_smoothing < 1.0:
     raise ValueError(
         f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
@@ -403,14 +403,14 @@ def cross_entropy_loss_chunked(
 
 
 def _check_head(hidden_name, hidden, head_name, head) -> None:
-  _checks.check_rank(hidden_name, hidden, 3, "[B, T, E]")
+  checks.check_rank(hidden_name, hidden, 3, "[B, T, E]")
   if not isinstance(head, chunked.Head):
     raise ValueError(f"{head_name} must be a chunked.Head, got "
                      f"{type(head).__name__}")
   layout = "[V, E]" if head.vocab_first else "[E, V]"
-  _checks.check_rank(f"{head_name}.kernel", head.kernel, 2, layout)
-  _checks.check_float(hidden_name, hidden)
-  _checks.check_float(f"{head_name}.kernel", head.kernel)
+  checks.check_rank(f"{head_name}.kernel", head.kernel, 2, layout)
+  checks.check_float(hidden_name, hidden)
+  checks.check_float(f"{head_name}.kernel", head.kernel)
   if jnp.shape(hidden)[-1] != head.embed_dim:
     raise ValueError(
         f"{hidden_name} [B, T, E] and {head_name}.kernel {layout} must share "
@@ -444,7 +444,7 @@ def distillation_loss(
   Returns:
     (loss_sum, count): float32 scalars.
   """
-  _checks.check_choice("divergence", divergence, DIVERGENCES)
+  checks.check_choice("divergence", divergence, DIVERGENCES)
   _check_distillation_args(student_logits, teacher_logits, mask, temperature)
   return _distillation_loss(student_logits, teacher_logits, mask,
                             divergence=divergence,
@@ -453,22 +453,22 @@ def distillation_loss(
 
 def _check_distillation_args(student_logits, teacher_logits, mask,
                              temperature) -> None:
-  _checks.check_rank("student_logits", student_logits, 3, "[B, T, V]")
-  _checks.check_rank("teacher_logits", teacher_logits, 3, "[B, T, V]")
-  _checks.check_float("student_logits", student_logits)
-  _checks.check_float("teacher_logits", teacher_logits)
+  checks.check_rank("student_logits", student_logits, 3, "[B, T, V]")
+  checks.check_rank("teacher_logits", teacher_logits, 3, "[B, T, V]")
+  checks.check_float("student_logits", student_logits)
+  checks.check_float("teacher_logits", teacher_logits)
   s_shape, t_shape = jnp.shape(student_logits), jnp.shape(teacher_logits)
   if s_shape[-1] != t_shape[-1]:
     raise ValueError(
         f"teacher and student vocabularies differ: teacher_logits has "
         f"{t_shape[-1]} entries, student_logits {s_shape[-1]}; they must share "
         f"one tokenizer")
-  _checks.check_same_shape({"student_logits": student_logits,
+  checks.check_same_shape({"student_logits": student_logits,
                             "teacher_logits": teacher_logits})
-  _checks.check_same_shape({
+  checks.check_same_shape({
       "student_logits[..., 0]": jax.ShapeDtypeStruct(s_shape[:2], jnp.float32),
       "mask": mask})
-  _checks.check_prefix_mask("mask", mask)
+  checks.check_prefix_mask("mask", mask)
   if not temperature > 0:
     raise ValueError(f"temperature must be > 0, got {temperature!r}")
 
@@ -511,7 +511,7 @@ def distillation_loss_chunked(
     model's logits exist, in the backward pass too. The teacher gets no
     gradient.
   """
-  _checks.check_choice("divergence", divergence, DIVERGENCES)
+  checks.check_choice("divergence", divergence, DIVERGENCES)
   _check_head("student_hidden", student_hidden, "student_head", student_head)
   _check_head("teacher_hidden", teacher_hidden, "teacher_head", teacher_head)
   s_vocab, t_vocab = student_head.vocab_size, teacher_head.vocab_size
@@ -526,8 +526,8 @@ def distillation_loss_chunked(
       "teacher_hidden[..., 0]": jax.ShapeDtypeStruct(
           jnp.shape(teacher_hidden)[:2], jnp.float32),
       "mask": mask}
-  _checks.check_same_shape(positions)
-  _checks.check_prefix_mask("mask", mask)
+  checks.check_same_shape(positions)
+  checks.check_prefix_mask("mask", mask)
   if not temperature > 0:
     raise ValueError(f"temperature must be > 0, got {temperature!r}")
   teacher_hidden, teacher_head = jax.lax.stop_gradient(

@@ -28,7 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ketchup_jax import _checks
+from ketchup_jax import checks
 from ketchup_jax import chunked
 
 Array = jax.Array
@@ -75,7 +75,7 @@ def teacher_q_values(
     (q_taken, values), both [B, T] float32 and zero where `mask` is 0:
     `q_taken[b, t] = Q_t(a_t)` and `values[b, t] = V_t`.
   """
-  _checks.check_choice("value", value, VALUES)
+  checks.check_choice("value", value, VALUES)
   _check_teacher_inputs(teacher_logits, actions, mask)
   return _teacher_q_values(
       teacher_logits, actions, mask, center=center, value=value)
@@ -83,16 +83,16 @@ def teacher_q_values(
 
 def _check_teacher_inputs(teacher_logits, actions, mask) -> None:
   """[B, T, V] float logits, [B, T] int actions in range, [B, T] prefix mask."""
-  _checks.check_rank("teacher_logits", teacher_logits, 3, "[B, T, V]")
-  _checks.check_float("teacher_logits", teacher_logits)
-  _checks.check_int("actions", actions)
-  _checks.check_same_shape({
+  checks.check_rank("teacher_logits", teacher_logits, 3, "[B, T, V]")
+  checks.check_float("teacher_logits", teacher_logits)
+  checks.check_int("actions", actions)
+  checks.check_same_shape({
       "teacher_logits[..., 0]": jax.ShapeDtypeStruct(
           jnp.shape(teacher_logits)[:2], jnp.float32),
       "actions": actions,
       "mask": mask,
   })
-  _checks.check_prefix_mask("mask", mask)
+  checks.check_prefix_mask("mask", mask)
   _check_token_ids("actions", actions, mask, jnp.shape(teacher_logits)[-1])
 
 
@@ -220,12 +220,12 @@ def _check_token_ids(name: str, ids: ArrayLike, mask: ArrayLike,
 
 
 def _check_q_v_mask(q_taken, values, mask) -> None:
-  _checks.check_rank("q_taken", q_taken, 2, "[B, T]")
-  _checks.check_float("q_taken", q_taken)
-  _checks.check_float("values", values)
-  _checks.check_same_shape(
+  checks.check_rank("q_taken", q_taken, 2, "[B, T]")
+  checks.check_float("q_taken", q_taken)
+  checks.check_float("values", values)
+  checks.check_same_shape(
       {"q_taken": q_taken, "values": values, "mask": mask})
-  _checks.check_prefix_mask("mask", mask)
+  checks.check_prefix_mask("mask", mask)
 
 
 def one_step_rewards(q_taken: ArrayLike, values: ArrayLike,
@@ -264,10 +264,10 @@ def full_returns(rewards: ArrayLike, mask: ArrayLike) -> Array:
   Returns:
     [B, T] float32 returns, zero after each row's terminal position.
   """
-  _checks.check_rank("rewards", rewards, 2, "[B, T]")
-  _checks.check_float("rewards", rewards)
-  _checks.check_same_shape({"rewards": rewards, "mask": mask})
-  _checks.check_prefix_mask("mask", mask)
+  checks.check_rank("rewards", rewards, 2, "[B, T]")
+  checks.check_float("rewards", rewards)
+  checks.check_same_shape({"rewards": rewards, "mask": mask})
+  checks.check_prefix_mask("mask", mask)
   return _full_returns(rewards, mask)
 
 
@@ -304,7 +304,7 @@ def k_step_returns(q_taken: ArrayLike, values: ArrayLike, mask: ArrayLike,
   Returns:
     [B, T] float32 returns, zero after each row's terminal position.
   """
-  _checks.check_positive_int("k", k)
+  checks.check_positive_int("k", k)
   _check_q_v_mask(q_taken, values, mask)
   return _k_step_returns(q_taken, values, mask, k=int(k))
 
@@ -357,13 +357,13 @@ def reverse_kl_rewards(teacher_logprobs: ArrayLike, student_logprobs: ArrayLike,
   Returns:
     [B, T] float32 rewards with no gradient, zero where `mask` is 0.
   """
-  _checks.check_rank("teacher_logprobs", teacher_logprobs, 2, "[B, T]")
-  _checks.check_float("teacher_logprobs", teacher_logprobs)
-  _checks.check_float("student_logprobs", student_logprobs)
-  _checks.check_same_shape({"teacher_logprobs": teacher_logprobs,
+  checks.check_rank("teacher_logprobs", teacher_logprobs, 2, "[B, T]")
+  checks.check_float("teacher_logprobs", teacher_logprobs)
+  checks.check_float("student_logprobs", student_logprobs)
+  checks.check_same_shape({"teacher_logprobs": teacher_logprobs,
                             "student_logprobs": student_logprobs,
                             "mask": mask})
-  _checks.check_prefix_mask("mask", mask)
+  checks.check_prefix_mask("mask", mask)
   return _reverse_kl_rewards(teacher_logprobs, student_logprobs, mask)
 
 
@@ -405,12 +405,12 @@ def chain_returns(rewards: ArrayLike, mask: ArrayLike, k: int,
   Returns:
     [B, T] float32 returns, zero after each row's terminal position.
   """
-  _checks.check_positive_int("k", k)
+  checks.check_positive_int("k", k)
   gamma = check_gamma(gamma)
-  _checks.check_rank("rewards", rewards, 2, "[B, T]")
-  _checks.check_float("rewards", rewards)
-  _checks.check_same_shape({"rewards": rewards, "mask": mask})
-  _checks.check_prefix_mask("mask", mask)
+  checks.check_rank("rewards", rewards, 2, "[B, T]")
+  checks.check_float("rewards", rewards)
+  checks.check_same_shape({"rewards": rewards, "mask": mask})
+  checks.check_prefix_mask("mask", mask)
   return _chain_returns(rewards, mask, k=int(k), gamma=gamma)
 
 
@@ -486,7 +486,7 @@ def k_step_bias(q_taken: ArrayLike, values: ArrayLike, mask: ArrayLike,
   Returns:
     [B, T] float32, zero after each row's terminal position.
   """
-  _checks.check_positive_int("k", k)
+  checks.check_positive_int("k", k)
   _check_q_v_mask(q_taken, values, mask)
   return _k_step_bias(q_taken, values, mask, k=int(k))
 
@@ -512,9 +512,9 @@ def return_variance(returns: ArrayLike, mask: ArrayLike) -> Array:
   Returns:
     float32 scalar.
   """
-  _checks.check_rank("returns", returns, 2, "[B, T]")
-  _checks.check_float("returns", returns)
-  _checks.check_same_shape({"returns": returns, "mask": mask})
+  checks.check_rank("returns", returns, 2, "[B, T]")
+  checks.check_float("returns", returns)
+  checks.check_same_shape({"returns": returns, "mask": mask})
   return _return_variance(returns, mask)
 
 
@@ -545,7 +545,7 @@ def return_diagnostics(q_taken: ArrayLike, values: ArrayLike, mask: ArrayLike,
       `bias_mean`, `bias_std`, `bias_max`: mean, standard deviation and maximum
         of `Ĝ_t - G_t` over real tokens.
   """
-  _checks.check_positive_int("k", k)
+  checks.check_positive_int("k", k)
   _check_q_v_mask(q_taken, values, mask)
   return _return_diagnostics(q_taken, values, mask, k=int(k))
 
@@ -573,10 +573,10 @@ def summarize_returns(returns: ArrayLike, returns_k1: ArrayLike,
   Returns:
     The dict of `return_diagnostics`.
   """
-  _checks.check_rank("returns", returns, 2, "[B, T]")
-  _checks.check_float("returns", returns)
-  _checks.check_float("returns_k1", returns_k1)
-  _checks.check_same_shape({"returns": returns, "returns_k1": returns_k1,
+  checks.check_rank("returns", returns, 2, "[B, T]")
+  checks.check_float("returns", returns)
+  checks.check_float("returns_k1", returns_k1)
+  checks.check_same_shape({"returns": returns, "returns_k1": returns_k1,
                             "mask": mask})
   return _summarize_returns(returns, returns_k1, mask)
 

@@ -47,7 +47,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
@@ -55,12 +54,21 @@ from typing import Any, Sequence
 
 from absl import logging
 import ml_collections
-import numpy as np
 
+from ketchup_jax import data as data_lib
+from ketchup_jax import diagnostics
 from ketchup_jax import distributed
 from ketchup_jax import fileio
+from ketchup_jax import losses
+from ketchup_jax import reporting
 from ketchup_jax import returns
 from ketchup_jax import runlock
+from ketchup_jax.train import context
+from ketchup_jax.train import evaluate
+from ketchup_jax.train import pipeline
+from ketchup_jax.train import settings
+from ketchup_jax.train import sources
+from ketchup_jax.train import stages
 
 METHODS = ("seqkd", "kl", "rkl", "js", "tvd", "gkd", "llmr", "ketchup",
            "soft", "reverse_kl", "reverse_kl_kstep")
@@ -151,7 +159,6 @@ def _set_dotted(cfg: ml_collections.ConfigDict, key: str, value: Any) -> None:
 
 def check_sweep_config(c: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first bad field."""
-  from ketchup_jax.train import pipeline  # pylint: disable=g-import-not-at-top
   bad = [m for m in c.methods if m not in METHODS]
   if bad or not c.methods:
     raise ValueError(f"config.methods must be a non-empty list from "
@@ -184,7 +191,6 @@ def check_sweep_config(c: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.kstep_gamma must be > 0 for the K-step reverse "
                      f"KL (gamma = 0 is the immediate reward at every K), got "
                      f"{c.kstep_gamma!r}")
-  from ketchup_jax import losses  # pylint: disable=g-import-not-at-top
   for b in c.baselines:
     if b not in losses.BASELINES or b == "none":
       raise ValueError(f"config.baselines must hold values from "
@@ -209,7 +215,7 @@ def check_sweep_config(c: ml_collections.ConfigDict) -> None:
       trial.unlock()
       _set_dotted(trial, key, value)
       try:
-        pipeline.check_config(trial)
+        settings.check_config(trial)
       except ValueError as e:
         raise ValueError(f"config.variants.{name}: {e}") from None
   if c.get("variants", {}) and not variant_ks:
@@ -219,7 +225,7 @@ def check_sweep_config(c: ml_collections.ConfigDict) -> None:
   if d.minibatches and d.minibatches < 2:
     raise ValueError(f"config.diagnostics.minibatches must be 0 (off) or "
                      f">= 2, got {d.minibatches!r}")
-  pipeline.check_config(c.base)
+  settings.check_config(c.base)
 
 
 def plan(c: ml_collections.ConfigDict) -> list[RunSpec]:
@@ -335,16 +341,13 @@ def exported_model(spec: RunSpec) -> str:
 # --------------------------------------------------------------------------
 
 
-def evaluate_model(run: Any, name: str, model_cfg: Any,
+def evaluate_model(run: context.Run, name: str, model_cfg: Any,
                    source: str = "") -> dict[str, float]:
   """Greedy decoding of `models/<name>` (or `source`) on the eval split."""
-  from ketchup_jax.train import evaluate  # pylint: disable=g-import-not-at-top
-  from ketchup_jax.train import pipeline  # pylint: disable=g-import-not-at-top
-  cfg = run.cfg
-  lm = pipeline.load_model(run, name, source or f"stage:{name}", model_cfg,
-                           cfg.seed)
+  lm = run.load_model(name, source or sources.stage_source(name), model_cfg,
+                      run.cfg.seed)
   return evaluate.score(run.task.metric_names,
-                        pipeline.eval_predictions(run, lm, name),
+                        stages.eval_predictions(run, lm, name),
                         run.eval_references)
 
 
@@ -405,11 +408,10 @@ def execute(c: ml_collections.ConfigDict, spec: RunSpec,
 def _execute_locked(c: ml_collections.ConfigDict, spec: RunSpec,
                     cfg: ml_collections.ConfigDict, directory: str,
                     done: str) -> tuple[dict[str, Any], bool]:
-  from ketchup_jax.train import pipeline  # pylint: disable=g-import-not-at-top
   start = time.perf_counter()
   if spec.kind == "teacher" and not trains_teacher(c):
-    run = pipeline.setup(cfg, directory)
-    pipeline._prepare_workdir(run)  # pylint: disable=protected-access
+    run = context.setup(cfg, directory)
+    context.prepare_workdir(run)
     metrics = evaluate_model(run, "teacher", cfg.teacher,
                              source=cfg.teacher.init_from)
     record = {"label": spec.label, "seed": None, "kind": spec.kind, "k": 0,
@@ -418,12 +420,12 @@ def _execute_locked(c: ml_collections.ConfigDict, spec: RunSpec,
     _write_json(done, record)
     return record, True
   pipeline.run(cfg, directory)
-  stage = f"rl_k{spec.k}" if spec.kind == "rl" else cfg.stages
+  stage = exported_model(spec)
   if not os.path.exists(os.path.join(directory, "stages", f"{stage}.json")):
     raise RuntimeError(f"run {directory} stopped before finishing (preempted?);"
                        f" rerun the sweep to resume it")
   train_s = time.perf_counter() - start
-  run = pipeline.setup(cfg, directory)
+  run = context.setup(cfg, directory)
   model_cfg = cfg.teacher if spec.kind == "teacher" else cfg.student
   metrics = evaluate_model(run, exported_model(spec), model_cfg)
   record = {"label": spec.label, "seed": spec.seed, "kind": spec.kind,
@@ -441,7 +443,6 @@ def _execute_locked(c: ml_collections.ConfigDict, spec: RunSpec,
 def diagnose(c: ml_collections.ConfigDict, seed: int,
              workdir: str) -> tuple[dict[str, Any] | None, bool]:
   """Per-K diagnostics of seed's pre-distilled student (cached)."""
-  from ketchup_jax import diagnostics  # pylint: disable=g-import-not-at-top
   d = c.diagnostics
   if not d.minibatches:
     return None, False
@@ -460,105 +461,6 @@ def diagnose(c: ml_collections.ConfigDict, seed: int,
       batch_size=d.batch_size), True
 
 
-# --------------------------------------------------------------------------
-# Aggregation
-# --------------------------------------------------------------------------
-
-
-def mean_std(values: Sequence[float]) -> dict[str, float]:
-  """Mean and sample standard deviation (ddof 1; 0 for one value)."""
-  x = np.asarray(values, np.float64)
-  return {"mean": float(x.mean()),
-          "std": float(x.std(ddof=1)) if len(x) > 1 else 0.0,
-          "n": int(len(x))}
-
-
-def aggregate(records: Sequence[dict[str, Any]],
-              diags: dict[int, dict[str, Any]],
-              training: dict[str, dict[int, list[dict[str, float]]]],
-              *, task: str, metric_names: Sequence[str]) -> dict[str, Any]:
-  """Mean ± std over seeds of every row's metrics and of the diagnostics."""
-  rows: dict[str, dict[str, Any]] = {}
-  start = {str(r["seed"]): r["metrics"] for r in records
-           if r["kind"] == "predistill"}
-  for r in records:
-    row = rows.setdefault(r["label"], {"kind": r["kind"], "k": r["k"],
-                                       "per_seed": {}})
-    row["per_seed"][str(r["seed"])] = r["metrics"]
-    if r.get("selection"):
-      row.setdefault("selected_step", {})[str(r["seed"])] = (
-          r["selection"]["selected_step"])
-  for row in rows.values():
-    row["metrics"] = {m: mean_std([s[m] for s in row["per_seed"].values()])
-                      for m in metric_names}
-    # The change from the same seed's pre-distilled start (paired).
-    paired = [seed for seed in row["per_seed"] if seed in start]
-    if row["kind"] in ("rl", "continue") and paired:
-      row["delta"] = {m: mean_std([row["per_seed"][seed][m] - start[seed][m]
-                                   for seed in paired])
-                      for m in metric_names}
-  by_k: dict[str, dict[str, Any]] = {}
-  for seed, d in sorted(diags.items()):
-    for k, values in d["by_k"].items():
-      entry = by_k.setdefault(k, {})
-      for key, value in values.items():
-        entry.setdefault(key, {}).setdefault("per_seed", {})[str(seed)] = value
-  for entry in by_k.values():
-    for stats in entry.values():
-      stats.update(mean_std(list(stats["per_seed"].values())))
-  return {"task": task, "metric_names": list(metric_names), "rows": rows,
-          "diagnostics": by_k, "training": training}
-
-
-def _fmt(stats: dict[str, float], digits: int = 2) -> str:
-  if stats["n"] > 1:
-    return f"{stats['mean']:.{digits}f} ± {stats['std']:.{digits}f}"
-  return f"{stats['mean']:.{digits}f}"
-
-
-def _fmt_g(stats: dict[str, float]) -> str:
-  if stats["n"] > 1:
-    return f"{stats['mean']:.4g} ± {stats['std']:.2g}"
-  return f"{stats['mean']:.4g}"
-
-
-def results_markdown(results: dict[str, Any], *, title: str = "") -> str:
-  """The paper-shaped table (method x metric, mean ± std) and diagnostics."""
-  names = results["metric_names"]
-  seeds = sorted({s for r in results["rows"].values() for s in r["per_seed"]
-                  if s != "None"})
-  first = names[0]
-  lines = ([f"## {title}", ""] if title else []) + [
-      f"Task `{results['task']}`; mean ± std (sample std) over seeds "
-      f"{', '.join(seeds)} (the teacher is trained once). Δ: the change of "
-      f"{first} from the same seed's pre-distilled student, mean ± std of "
-      f"the paired differences. Selected: the update each seed's run "
-      f"exported, when it selected on validation.", "",
-      "| method | " + " | ".join(names) + f" | Δ {first} | selected |",
-      "|---|" + "---:|" * len(names) + "---:|---|"]
-  for label, row in results["rows"].items():
-    delta = _fmt(row["delta"][first]) if "delta" in row else ""
-    if "delta" in row:
-      delta = ("+" if row["delta"][first]["mean"] >= 0 else "") + delta
-    chosen = ", ".join(str(v) for _, v in sorted(
-        row.get("selected_step", {}).items()))
-    lines.append(f"| {label} | " + " | ".join(
-        _fmt(row["metrics"][n]) for n in names) + f" | {delta} | {chosen} |")
-  diag = results["diagnostics"]
-  if diag:
-    lines += ["", "Diagnostics of the pre-distilled student (all K on the "
-              "same rollouts, per seed; mean ± std over seeds):", "",
-              "| K | grad var (trace) | ‖mean grad‖² | return var | "
-              "bias mean | bias std | bias max |",
-              "|---:|---:|---:|---:|---:|---:|---:|"]
-    for k, d in sorted(diag.items(), key=lambda kv: int(kv[0])):
-      cells = [_fmt_g(d[key]) if key in d else "–" for key in (
-          "grad_var", "grad_mean_sq", "return_var", "bias_mean", "bias_std",
-          "bias_max")]
-      lines.append(f"| {k} | " + " | ".join(cells) + " |")
-  return "\n".join(lines) + "\n"
-
-
 def read_training_diagnostics(directory: str) -> list[dict[str, float]]:
   """The `rl_k<K>_diag` records of a run's metrics.jsonl (training hook)."""
   path = os.path.join(directory, "metrics.jsonl")
@@ -572,105 +474,6 @@ def read_training_diagnostics(directory: str) -> list[dict[str, float]]:
         out.append(rec)
   # A resumed run may log a step twice; keep the last.
   return sorted({r["step"]: r for r in out}.values(), key=lambda r: r["step"])
-
-
-# --------------------------------------------------------------------------
-# Plots
-# --------------------------------------------------------------------------
-
-
-def plot(results: dict[str, Any], directory: str,
-         metric: str | None = None) -> list[str]:
-  """grad var / bias / return var vs K, metric vs K, curves over training."""
-  import matplotlib  # pylint: disable=g-import-not-at-top
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
-  os.makedirs(directory, exist_ok=True)
-  written = []
-
-  def save(fig, name):
-    path = os.path.join(directory, name)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    written.append(path)
-
-  diag = results["diagnostics"]
-  if diag:
-    ks = sorted(int(k) for k in diag)
-    for key, title, fname, logy in (
-        ("grad_var", "Policy-gradient variance (trace of covariance)",
-         "grad_var_vs_k.png", True),
-        ("bias_mean", "Bias of the K-step return, mean Ĝ − G",
-         "bias_vs_k.png", False),
-        ("return_var", "Return variance Var[Ĝ]", "return_var_vs_k.png",
-         True)):
-      fig, ax = plt.subplots(figsize=(4.6, 3.3))
-      mean = [diag[str(k)][key]["mean"] for k in ks]
-      std = [diag[str(k)][key]["std"] for k in ks]
-      ax.errorbar(ks, mean, yerr=std, marker="o", capsize=3)
-      ax.set_xscale("log", base=2)
-      ax.set_xticks(ks, [str(k) for k in ks])
-      if logy:
-        ax.set_yscale("log")
-      ax.set_xlabel("K")
-      ax.set_title(title, fontsize=9)
-      ax.grid(alpha=0.3)
-      save(fig, fname)
-
-  metric = metric or results["metric_names"][0]
-  rows = results["rows"]
-  # LLMR / KETCHUP with the base options only (no ", <variant>" suffix).
-  rl = sorted((r["k"], r["metrics"][metric]) for label, r in rows.items()
-              if r["kind"] == "rl" and label.startswith(("LLMR", "KETCHUP"))
-              and "," not in label)
-  if rl:
-    fig, ax = plt.subplots(figsize=(4.6, 3.3))
-    ax.errorbar([k for k, _ in rl], [s["mean"] for _, s in rl],
-                yerr=[s["std"] for _, s in rl], marker="o", capsize=3,
-                label="LLMR (K=1) / KETCHUP")
-    styles = iter(["--", ":", "-.", (0, (1, 3)), (0, (5, 2)), (0, (3, 1, 1, 1))])
-    for label, r in rows.items():
-      if r["kind"] in ("continue", "predistill"):
-        ax.axhline(r["metrics"][metric]["mean"], ls=next(styles, "--"),
-                   color="gray" if r["kind"] == "predistill" else None,
-                   lw=1, label=label)
-    ax.set_xscale("log", base=2)
-    ax.set_xticks([k for k, _ in rl], [str(k) for k, _ in rl])
-    ax.set_xlabel("K")
-    ax.set_ylabel(metric)
-    n_seeds = max(s["n"] for _, s in rl)
-    ax.set_title(f"Test {metric} vs K (mean ± std, {n_seeds} seeds)"
-                 if n_seeds > 1 else f"Test {metric} vs K (1 seed)",
-                 fontsize=9)
-    ax.legend(fontsize=6)
-    ax.grid(alpha=0.3)
-    save(fig, "metric_vs_k.png")
-
-  training = results.get("training") or {}
-  if training:
-    for key, title, fname in (
-        ("grad_var", "Policy-gradient variance during RL", "grad_var_train.png"),
-        ("return_var", "Return variance during RL", "return_var_train.png")):
-      fig, ax = plt.subplots(figsize=(4.6, 3.3))
-      for label, per_seed in training.items():
-        curves = [c for c in per_seed.values() if c]
-        n = min(len(c) for c in curves)
-        steps_ = [c["step"] for c in curves[0][:n]]
-        vals = np.array([[c[i][key] for i in range(n)] for c in curves])
-        mean, std = vals.mean(0), (vals.std(0, ddof=1) if len(vals) > 1
-                                   else np.zeros(n))
-        ax.plot(steps_, mean, marker=".", label=label)
-        ax.fill_between(steps_, mean - std, mean + std, alpha=0.2)
-      ax.set_yscale("log")
-      ax.set_xlabel("RL step")
-      n_seeds = max(len(v) for v in training.values())
-      ax.set_title(title + (f" (mean ± std, {n_seeds} seeds)" if n_seeds > 1
-                            else " (1 seed)"), fontsize=9)
-      ax.legend(fontsize=7)
-      ax.grid(alpha=0.3)
-      save(fig, fname)
-  return written
 
 
 # --------------------------------------------------------------------------
@@ -695,7 +498,6 @@ def run_sweep(c: ml_collections.ConfigDict, workdir: str, *,
 
 def _run_sweep_locked(c: ml_collections.ConfigDict, workdir: str,
                       log) -> dict[str, Any]:
-  from ketchup_jax.train import pipeline  # pylint: disable=g-import-not-at-top
   fileio.atomic_write(os.path.join(workdir, "sweep_config.json"),
                       c.to_json_best_effort(indent=1, sort_keys=True))
   specs = plan(c)
@@ -726,17 +528,17 @@ def _run_sweep_locked(c: ml_collections.ConfigDict, workdir: str,
       curve = read_training_diagnostics(spec.directory(workdir))
       if curve:
         training.setdefault(spec.label, {})[spec.seed] = curve
-  task = pipeline.data_lib.get_task(c.base.task.name,
-                                    **c.base.task.options.to_dict())
-  results = aggregate(records, diags, training, task=task.name,
-                      metric_names=task.metric_names)
+  task = data_lib.get_task(c.base.task.name, **c.base.task.options.to_dict())
+  results = reporting.aggregate(records, diags, training, task=task.name,
+                                metric_names=task.metric_names)
   results["ran"] = ran
   results["seconds"] = time.perf_counter() - started
   _write_json(os.path.join(workdir, "results.json"), results)
-  with open(os.path.join(workdir, "results.md"), "w", encoding="utf-8") as f:
-    f.write(results_markdown(results, title=c.title))
-  plot(results, os.path.join(workdir, "plots"), c.metric or None)
-  log(results_markdown(results, title=c.title), flush=True)
+  table = reporting.sweep_markdown(results, title=c.title)
+  fileio.atomic_write(os.path.join(workdir, "results.md"), table)
+  reporting.sweep_plots(results, os.path.join(workdir, "plots"),
+                        c.metric or None)
+  log(table, flush=True)
   return results
 
 

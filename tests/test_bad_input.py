@@ -18,8 +18,9 @@ import pytest
 
 import conftest
 
+from ketchup_jax import partitioning
 from ketchup_jax.data import numbers
-from ketchup_jax.train import pipeline
+from ketchup_jax.train import context
 from test_pipeline import REPO, smoke_config
 from test_pipeline import _run_on_one_device
 
@@ -50,13 +51,13 @@ def _jsonl_config(data, **overrides):
 
 
 def _setup_on_one_device(cfg, workdir):
-  original = pipeline.partitioning.make_mesh
-  pipeline.partitioning.make_mesh = lambda **kw: original(
+  original = partitioning.make_mesh
+  partitioning.make_mesh = lambda **kw: original(
       devices=jax.devices()[:1], **kw)
   try:
-    return pipeline.setup(cfg, workdir)
+    return context.setup(cfg, workdir)
   finally:
-    pipeline.partitioning.make_mesh = original
+    partitioning.make_mesh = original
 
 
 def _workdir(tmp_path):

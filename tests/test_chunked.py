@@ -16,6 +16,7 @@ from ketchup_jax import losses
 from ketchup_jax import models
 from ketchup_jax import returns
 from ketchup_jax.models import t5
+from ketchup_jax.train import rollouts
 from ketchup_jax.train import state as state_lib
 from ketchup_jax.train import steps
 
@@ -191,7 +192,7 @@ def test_steps_chunked_equal_whole(stage):
   batch = _step_batch()
   optim = state_lib.OptimConfig(steps=2, learning_rate=1e-3)
   tx = state_lib.make_optimizer(optim)
-  rl = steps.RLConfig(k=2, max_decode_len=ST, unfinished="bootstrap",
+  rl = rollouts.RLConfig(k=2, max_decode_len=ST, unfinished="bootstrap",
                       baseline="teacher_expected", entropy_coef=0.1)
 
   def run(chunk):
@@ -199,7 +200,7 @@ def test_steps_chunked_equal_whole(stage):
                         logits_chunk=chunk)
     state = state_lib.init_state(student.params, tx, 0)
     if stage == "rl":
-      fn = functools.partial(steps.rl_step, models=mods, optim=optim, rl=rl)
+      fn = functools.partial(rollouts.rl_step, models=mods, optim=optim, rl=rl)
     else:
       fn = functools.partial(steps.word_kd_step, models=mods, optim=optim,
                              divergence="js")

@@ -8,6 +8,7 @@ import pytest
 from ketchup_jax import diagnostics
 from ketchup_jax import models
 from ketchup_jax.models import t5
+from ketchup_jax.train import rollouts
 from ketchup_jax.train import state as state_lib
 from ketchup_jax.train import steps
 
@@ -114,7 +115,7 @@ def _np_trace_cov(x):
 
 def test_gradient_variance_matches_an_independent_computation(tiny):
   config, student, teacher = tiny
-  rl = steps.RLConfig(k=1, max_decode_len=LENGTH, unfinished="terminal",
+  rl = rollouts.RLConfig(k=1, max_decode_len=LENGTH, unfinished="terminal",
                       temperature=1.0, reward_clip=50.0)
   batches = _batches(4)
   ks = (1, 3)
@@ -140,7 +141,7 @@ def test_gradient_variance_matches_an_independent_computation(tiny):
 def test_projected_estimate_agrees_with_the_full_gradient(tiny):
   config, student, teacher = tiny
   # The same static settings as the test above: its compiled step is reused.
-  rl = steps.RLConfig(k=1, max_decode_len=LENGTH, unfinished="terminal",
+  rl = rollouts.RLConfig(k=1, max_decode_len=LENGTH, unfinished="terminal",
                       temperature=1.0, reward_clip=50.0)
   mods = steps.Models(student=config, teacher=config)
   batches = _batches(4, seed=1)
@@ -179,7 +180,7 @@ def test_teacher_followed_greedily_has_zero_bias_for_every_k(tiny):
   # Teacher = student and greedy rollouts: every action is the teacher's
   # argmax, so every skipped term V_i - Q_i(a_i) is 0 (SPEC §2).
   config, student, _ = tiny
-  rl = steps.RLConfig(k=1, max_decode_len=LENGTH, unfinished="terminal",
+  rl = rollouts.RLConfig(k=1, max_decode_len=LENGTH, unfinished="terminal",
                       temperature=0.0)
   ks = (1, 3, 16)
   got = diagnostics.gradient_diagnostics(
@@ -205,14 +206,14 @@ def test_teacher_followed_greedily_has_zero_bias_for_every_k(tiny):
     ("bootstrap", "teacher_expected")])
 def test_loss_is_the_one_rl_step_minimises(tiny, unfinished, baseline):
   config, student, teacher = tiny
-  rl = steps.RLConfig(k=2, max_decode_len=LENGTH, unfinished=unfinished,
+  rl = rollouts.RLConfig(k=2, max_decode_len=LENGTH, unfinished=unfinished,
                       baseline=baseline)
   mods = steps.Models(student=config, teacher=config)
   optim = state_lib.OptimConfig(steps=1, learning_rate=1e-4)
   state = state_lib.init_state(student, state_lib.make_optimizer(optim),
                                seed=0)
   batch = jax.tree.map(jnp.asarray, _batches(1, seed=4)[0])
-  _, metrics = jax.jit(lambda s, t, b: steps.rl_step(
+  _, metrics = jax.jit(lambda s, t, b: rollouts.rl_step(
       s, t, b, models=mods, optim=optim, rl=rl))(state, teacher, batch)
   _, sample_rng = jax.random.split(state.rng)
   _, loss_values, _, _ = diagnostics.minibatch_gradients(

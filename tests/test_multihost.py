@@ -42,7 +42,7 @@ from ketchup_jax import distributed
 from ketchup_jax import models
 from ketchup_jax import partitioning
 from ketchup_jax.data import batching
-from ketchup_jax.train import pipeline
+from ketchup_jax.train import sources
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 # RL validates after every update and exports the best one: every process
@@ -160,7 +160,7 @@ def test_every_process_checkpoints_and_process_0_writes(runs, n):
   # The checksum recorded by the run (parameters gathered across processes)
   # is the checksum of the exported file.
   lm = models.load(str(workdir / "models" / "rl_k2"), dtype=jnp.float32)
-  assert _checksum(workdir) == pipeline.params_checksum(lm.params)
+  assert _checksum(workdir) == sources.params_checksum(lm.params)
   assert len(os.listdir(workdir / "tensorboard")) == 1
   logs = sorted((runs / f"logs{n}").glob("process_*.log"))
   assert len(logs) == n

@@ -24,6 +24,8 @@ from ketchup_jax import returns as R
 from ketchup_jax import sweep
 from ketchup_jax.models import t5
 from ketchup_jax.train import pipeline
+from ketchup_jax.train import rollouts
+from ketchup_jax.train import settings
 from ketchup_jax.train import state as state_lib
 from ketchup_jax.train import steps
 from test_pipeline import smoke_config
@@ -164,18 +166,22 @@ def test_reverse_kl_chain_returns_match_the_loop_reference(k, gamma):
 
 
 def _scored(seed, reward_rows=B):
-  """A hand-made `score_rollout` dict with random teacher and actions."""
+  """A hand-made `score_rollout` result with random teacher and actions."""
   teacher_logits, actions, mask = random_case(seed)
   lp_t = taken(np_log_softmax(teacher_logits), actions) * mask
-  return {
-      "actions": jnp.asarray(actions), "mask": jnp.asarray(mask),
-      "loss_mask": jnp.asarray(mask), "scale": jnp.float32(1.0),
-      "q_taken": jnp.zeros((reward_rows, T)), "values": jnp.zeros(
-          (reward_rows, T)),
-      "bootstrap_value": None, "teacher_values": None,
-      "teacher_logprobs": jnp.asarray(lp_t, jnp.float32),
-      "behavior_logprobs": jnp.zeros((reward_rows, T)),
-  }, lp_t
+  zeros = jnp.zeros((reward_rows, T))
+  rollout = rollouts.Rollout(
+      actions=jnp.asarray(actions), mask=jnp.asarray(mask),
+      finished=jnp.ones((reward_rows,), bool),
+      real_row=jnp.ones((reward_rows,), bool), behavior_logprobs=zeros,
+      lengths=jnp.asarray(mask.sum(-1), jnp.int32))
+  scores = rollouts.TeacherScores(
+      q_taken=zeros, values=zeros,
+      teacher_logprobs=jnp.asarray(lp_t, jnp.float32))
+  return rollouts.ScoredRollout(
+      rollout=rollout, scores=scores, loss_mask=jnp.asarray(mask),
+      scale=jnp.float32(1.0), decoder_inputs=jnp.zeros_like(rollout.actions)
+  ), lp_t
 
 
 @pytest.mark.parametrize("reward,k,gamma", [("reverse_kl", 1, 0.0),
@@ -184,17 +190,17 @@ def _scored(seed, reward_rows=B):
 def test_reverse_kl_loss_and_gradient_match_numpy_with_the_student_detached(
     reward, k, gamma):
   scored, lp_t = _scored(3)
-  mask = np.asarray(scored["mask"], np.float64)
-  actions = np.asarray(scored["actions"])
+  mask = np.asarray(scored.mask, np.float64)
+  actions = np.asarray(scored.actions)
   logits = np.random.default_rng(4).normal(size=(B, T, V)).astype(np.float32)
   clip, beta = 2.0, 0.05
-  rl = steps.RLConfig(k=k, reward=reward, gamma=gamma, baseline="batch_mean",
+  rl = rollouts.RLConfig(k=k, reward=reward, gamma=gamma, baseline="batch_mean",
                       reward_clip=clip, entropy_coef=beta,
                       unfinished="terminal")
 
   def loss(z):
     logp, entropy = losses.token_logprobs(z, jnp.asarray(actions))
-    return steps.rollout_objective(logp, entropy, scored, rl, rl.k)[0]
+    return rollouts.rollout_objective(logp, entropy, scored, rl, rl.k)[0]
 
   got_loss, got_grad = jax.value_and_grad(loss)(jnp.asarray(logits))
 
@@ -444,7 +450,7 @@ def _np_reverse_kl_gradients(config, student, teacher, batches, rl, ks,
 
 def test_reverse_kl_kstep_diagnostics_match_an_independent_computation(tiny):
   config, student, teacher = tiny
-  rl = steps.RLConfig(k=1, max_decode_len=7, unfinished="terminal",
+  rl = rollouts.RLConfig(k=1, max_decode_len=7, unfinished="terminal",
                       temperature=1.0, reward="reverse_kl_kstep", gamma=0.9)
   rng = np.random.default_rng(9)
   batches = [{"input_ids": rng.integers(2, VOCAB, (6, SRC)).astype(np.int32),
@@ -494,13 +500,13 @@ def test_bad_reverse_kl_and_gkd_options_are_one_error_before_writing(
 
 def test_reverse_kl_refuses_options_without_meaning_for_it():
   with pytest.raises(ValueError, match="needs rl.gamma > 0"):
-    steps.RLConfig(reward="reverse_kl_kstep", gamma=0.0)
+    rollouts.RLConfig(reward="reverse_kl_kstep", gamma=0.0)
   with pytest.raises(ValueError, match="bootstrap"):
-    steps.RLConfig(reward="reverse_kl", unfinished="bootstrap")
+    rollouts.RLConfig(reward="reverse_kl", unfinished="bootstrap")
   with pytest.raises(ValueError, match="teacher_expected"):
-    steps.RLConfig(reward="reverse_kl", baseline="teacher_expected")
+    rollouts.RLConfig(reward="reverse_kl", baseline="teacher_expected")
   with pytest.raises(ValueError, match="'value' is a teacher state value"):
-    steps.RLConfig(reward="reverse_kl_kstep", gamma=1.0, baseline="value")
+    rollouts.RLConfig(reward="reverse_kl_kstep", gamma=1.0, baseline="value")
 
 
 def test_sweep_runs_soft_reverse_kl_and_gkd_with_the_same_start_and_budget():
@@ -532,7 +538,7 @@ def test_sweep_runs_soft_reverse_kl_and_gkd_with_the_same_start_and_budget():
   kstep = by_name["reverse_kl_k2_g0.9"].rl
   assert (kstep.reward, kstep.k, kstep.gamma) == ("reverse_kl_kstep", 2, 0.9)
   for cfg in by_name.values():
-    pipeline.check_config(cfg)
+    settings.check_config(cfg)
   c.kstep_gamma = 0.0
   with pytest.raises(ValueError, match="config.kstep_gamma must be > 0"):
     sweep.check_sweep_config(c)

@@ -39,7 +39,8 @@ from configs import gsm8k_k8
 from configs import xsum_k4
 from ketchup_jax import models
 from ketchup_jax.data import tasks
-from ketchup_jax.train import pipeline
+from ketchup_jax.train import settings
+from ketchup_jax.train import sources
 import paper_fixtures
 from test_pipeline import _run_on_one_device
 
@@ -142,15 +143,15 @@ def test_shipped_configs_run_the_authors_recipe():
     assert rl.batch_size * rl.grad_accum == 8, name
     assert (rl.eval_every, rl.select) == (8, "best"), name
     assert c.validation.split == "validation", name
-    assert pipeline.rl_ks(c) == (k,), name
-    pipeline.check_config(c)
+    assert settings.rl_ks(c) == (k,), name
+    settings.check_config(c)
 
 
 def test_shipped_config_names_its_k_and_task(paper_run):
   shipped = paper_run["shipped"]
   for role in ("teacher", "student"):
     assert paper_run["cfg"][role].dtype == shipped[role].dtype == "bfloat16"
-  assert pipeline.rl_ks(shipped) == (paper_run["k"],)
+  assert settings.rl_ks(shipped) == (paper_run["k"],)
   assert shipped.stages == "predistill,rl,eval"
   assert shipped.tokenizer.kind == "hf"
   # The stand-in data really is the config's task, with its metrics.
@@ -220,7 +221,7 @@ def test_exported_rl_student_loads_in_torch_with_the_same_logits(paper_run):
   assert ref.config.feed_forward_proj == "relu"
   assert ref.config.vocab_size == paper_fixtures.VOCAB_SIZE
   lm = models.load(path, dtype=jnp.float32)
-  assert pipeline.params_checksum(lm.params) == (
+  assert sources.params_checksum(lm.params) == (
       paper_run["results"]["models"][f"KETCHUP (K={paper_run['k']})"]
       ["checksum"])
   rng = np.random.default_rng(0)

@@ -21,6 +21,8 @@ from configs import smoke
 from ketchup_jax import models
 from ketchup_jax import partitioning
 from ketchup_jax.train import pipeline
+from ketchup_jax.train import rollouts
+from ketchup_jax.train import sources
 from ketchup_jax.train import state as state_lib
 from ketchup_jax.train import steps
 
@@ -55,11 +57,11 @@ def _run_on_one_device(cfg, workdir):
   def one_device_mesh(**kw):
     return original(devices=jax.devices()[:1], **kw)
 
-  pipeline.partitioning.make_mesh = one_device_mesh
+  partitioning.make_mesh = one_device_mesh
   try:
     return pipeline.run(cfg, workdir)
   finally:
-    pipeline.partitioning.make_mesh = original
+    partitioning.make_mesh = original
 
 
 def test_smoke_run_leaves_results_metrics_models_and_plots(smoke_run):
@@ -102,7 +104,7 @@ def test_exported_student_loads_back_with_the_same_checksum(smoke_run):
   workdir, results = smoke_run
   lm = models.load(os.path.join(workdir, "models", "rl_k2"),
                    dtype=jnp.float32)
-  assert pipeline.params_checksum(lm.params) == (
+  assert sources.params_checksum(lm.params) == (
       results["models"]["KETCHUP (K=2)"]["checksum"])
 
 
@@ -166,7 +168,7 @@ def _three_rl_steps(mesh):
   # Adam turns reduction-order noise in near-zero gradients into +-lr steps;
   # a small learning rate keeps that far below the 1e-5 loss tolerance.
   optim = state_lib.OptimConfig(steps=3, learning_rate=1e-4)
-  rl = steps.RLConfig(k=2, max_decode_len=8, unfinished="terminal",
+  rl = rollouts.RLConfig(k=2, max_decode_len=8, unfinished="terminal",
                       baseline="batch_mean")
   mods = steps.Models(student=config, teacher=config, mesh=mesh)
   tx = state_lib.make_optimizer(optim)
@@ -174,7 +176,7 @@ def _three_rl_steps(mesh):
   rng = np.random.default_rng(0)
   batch_sharding = jax.sharding.NamedSharding(
       mesh, jax.sharding.PartitionSpec(("data", "fsdp")))
-  step = jax.jit(lambda s, t, b: steps.rl_step(s, t, b, models=mods,
+  step = jax.jit(lambda s, t, b: rollouts.rl_step(s, t, b, models=mods,
                                                optim=optim, rl=rl))
   losses = []
   for _ in range(3):
@@ -184,7 +186,7 @@ def _three_rl_steps(mesh):
     state, metrics = step(state, teacher, jax.device_put(batch,
                                                          batch_sharding))
     losses.append(float(metrics["loss"]))
-  return losses, pipeline.params_checksum(state.params)
+  return losses, sources.params_checksum(state.params)
 
 
 def test_rl_step_on_2x2x2_mesh_matches_one_device():

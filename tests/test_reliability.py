@@ -16,8 +16,8 @@ import pytest
 
 import conftest
 
-from ketchup_jax.train import pipeline
 from ketchup_jax.train import state as state_lib
+from ketchup_jax.train import steps
 from test_pipeline import REPO, _run_on_one_device, smoke_config
 
 
@@ -106,7 +106,7 @@ def test_apply_gradients_skips_nonfinite_updates():
 
 def test_consecutive_nonfinite_steps_stop_the_run_without_a_bad_checkpoint(
     tmp_path, monkeypatch):
-  real_step = pipeline.steps.supervised_step
+  real_step = steps.supervised_step
 
   def poisoned_step(state, batch, **kw):
     # Two good steps, then every loss is NaN.
@@ -122,7 +122,7 @@ def test_consecutive_nonfinite_steps_stop_the_run_without_a_bad_checkpoint(
     return jax.lax.cond(state.step >= 2, poison,
                         lambda: (new_state, metrics))
 
-  monkeypatch.setattr(pipeline.steps, "supervised_step", poisoned_step)
+  monkeypatch.setattr(steps, "supervised_step", poisoned_step)
   cfg = sft_only(**{"teacher_sft.steps": 20, "checkpoint_every": 1,
                     "max_nonfinite_steps": 3})
   with pytest.raises(FloatingPointError,

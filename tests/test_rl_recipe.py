@@ -21,6 +21,7 @@ import pytest
 from ketchup_jax import losses
 from ketchup_jax import models
 from ketchup_jax import returns
+from ketchup_jax.train import rollouts
 from ketchup_jax.train import state as state_lib
 from ketchup_jax.train import steps
 from ketchup_jax.train import validation
@@ -82,7 +83,7 @@ def _self_distillation_step(rl):
   batch = {"input_ids": rng.integers(2, 64, (8, 6)).astype(np.int32),
            "attention_mask": np.ones((8, 6), np.int32),
            "example_mask": np.ones((8,), np.int32)}
-  new, metrics = jax.jit(lambda s, t, b: steps.rl_step(
+  new, metrics = jax.jit(lambda s, t, b: rollouts.rl_step(
       s, t, b, models=mods, optim=optim, rl=rl))(state, params, batch)
   moved = max(float(jnp.max(jnp.abs(a - b))) for a, b in zip(
       jax.tree.leaves(new.params), jax.tree.leaves(params)))
@@ -90,7 +91,7 @@ def _self_distillation_step(rl):
 
 
 def test_greedy_self_distillation_with_the_value_baseline_does_not_move():
-  rl = steps.RLConfig(k=2, max_decode_len=8, unfinished="terminal",
+  rl = rollouts.RLConfig(k=2, max_decode_len=8, unfinished="terminal",
                       temperature=0.0, baseline="value")
   moved, metrics = _self_distillation_step(rl)
   assert moved == 0.0
@@ -100,7 +101,7 @@ def test_greedy_self_distillation_with_the_value_baseline_does_not_move():
 
 def test_greedy_self_distillation_without_a_baseline_moves_the_student():
   # The authors' loss: A_t = pi * V_t > 0 on every token of the rollout.
-  rl = steps.RLConfig(k=2, max_decode_len=8, unfinished="terminal",
+  rl = rollouts.RLConfig(k=2, max_decode_len=8, unfinished="terminal",
                       temperature=0.0, weight="reference_compat")
   moved, metrics = _self_distillation_step(rl)
   assert moved > 1e-3  # Adam's first step is lr * sign(grad) = 1e-2

@@ -10,6 +10,7 @@ import pytest
 
 from configs.experiments import smoke_sweep
 from ketchup_jax import partitioning
+from ketchup_jax import reporting
 from ketchup_jax import sweep
 from ketchup_jax.train import pipeline
 
@@ -27,7 +28,7 @@ def test_aggregate_is_mean_and_sample_std_over_seeds():
   ]
   diags = {0: {"by_k": {"1": {"grad_var": 2.0}, "4": {"grad_var": 1.0}}},
            1: {"by_k": {"1": {"grad_var": 4.0}, "4": {"grad_var": 1.0}}}}
-  out = sweep.aggregate(records, diags, {}, task="t", metric_names=["chrf"])
+  out = reporting.aggregate(records, diags, {}, task="t", metric_names=["chrf"])
   kl = out["rows"]["KL"]["metrics"]["chrf"]
   # By hand: mean 13, deviations -3, 1, 2 -> sum of squares 14, / (3-1) = 7.
   assert kl["mean"] == pytest.approx(13.0)
@@ -38,7 +39,7 @@ def test_aggregate_is_mean_and_sample_std_over_seeds():
   assert out["diagnostics"]["1"]["grad_var"]["std"] == pytest.approx(
       math.sqrt(2.0))
   assert out["diagnostics"]["4"]["grad_var"]["std"] == 0.0
-  md = sweep.results_markdown(out)
+  md = reporting.sweep_markdown(out)
   assert "| KL | 13.00 ± 2.65 |" in md and "| teacher | 50.00 |" in md
 
 
@@ -71,7 +72,7 @@ def test_plan_gives_every_method_the_same_start_and_budget():
 @pytest.fixture
 def one_device(monkeypatch):
   original = partitioning.make_mesh
-  monkeypatch.setattr(pipeline.partitioning, "make_mesh",
+  monkeypatch.setattr(partitioning, "make_mesh",
                       lambda **kw: original(devices=jax.devices()[:1], **kw))
 
 

@@ -15,7 +15,9 @@ import pytest
 from configs import smoke
 from ketchup_jax import models
 from ketchup_jax import partitioning
+from ketchup_jax.train import context
 from ketchup_jax.train import pipeline
+from ketchup_jax.train import rollouts
 from ketchup_jax.train import state as state_lib
 from ketchup_jax.train import steps
 from ketchup_jax.train import teacher_slice
@@ -46,7 +48,7 @@ def test_own_slice_rl_step_equals_the_same_mesh_step(monkeypatch):
            "example_mask": np.array([1] * 7 + [0], np.int32)}
   batch["attention_mask"][2, 5:] = 0
   # Bootstrap + teacher_expected: every array of teacher_scores crosses.
-  rl = steps.RLConfig(k=2, max_decode_len=T, unfinished="bootstrap",
+  rl = rollouts.RLConfig(k=2, max_decode_len=T, unfinished="bootstrap",
                       baseline="teacher_expected")
   optim = state_lib.OptimConfig(steps=2, learning_rate=1e-3)
   tx = state_lib.make_optimizer(optim)
@@ -66,7 +68,7 @@ def test_own_slice_rl_step_equals_the_same_mesh_step(monkeypatch):
                                       jax.sharding.NamedSharding(
                                           mesh, jax.sharding.PartitionSpec()))
     else:
-      step = jax.jit(functools.partial(steps.rl_step, models=mods,
+      step = jax.jit(functools.partial(rollouts.rl_step, models=mods,
                                        optim=optim, rl=rl))
     history = []
     for _ in range(2):
@@ -142,7 +144,7 @@ def _config(**teacher_mesh):
 ])
 def test_bad_teacher_mesh_is_one_clear_error(fields, message, tmp_path):
   with pytest.raises(ValueError, match=message):
-    pipeline.setup(_config(**fields), str(tmp_path / "run"))
+    context.setup(_config(**fields), str(tmp_path / "run"))
   assert not (tmp_path / "run").exists()
 
 
@@ -150,24 +152,24 @@ def test_bad_batch_and_stage_choices_are_refused(tmp_path):
   cfg = _config(devices=4)
   cfg.rl.batch_size = 6  # student mesh 4 x ... : 6 rows do not split
   with pytest.raises(ValueError, match=r"config.rl.batch_size=6"):
-    pipeline.setup(cfg, str(tmp_path))
+    context.setup(cfg, str(tmp_path))
   cfg = _config(devices=4)  # teacher: 4 row shards; student: 2
   cfg.mesh.data, cfg.mesh.tensor = 2, 2
   cfg.rl.batch_size = 6
   with pytest.raises(ValueError, match=r"config.rl.batch_size=6 must be a "
                      r"multiple of the teacher mesh's data shards "
                      r"\(teacher_mesh data x fsdp = 4\)"):
-    pipeline.setup(cfg, str(tmp_path))
+    context.setup(cfg, str(tmp_path))
   cfg = _config(devices=4)
   cfg.predistill.method = "kl"
   with pytest.raises(ValueError, match=r"config.predistill.method=.kl. .*"
                      r"teacher_mesh.devices=4"):
-    pipeline.setup(cfg, str(tmp_path))
+    context.setup(cfg, str(tmp_path))
   cfg = _config(devices=4)
   cfg.rl.diag_every = 2
   with pytest.raises(ValueError, match=r"config.rl.diag_every=2 .*"
                      r"teacher_mesh.devices=4"):
-    pipeline.setup(cfg, str(tmp_path))
+    context.setup(cfg, str(tmp_path))
 
 
 def test_split_devices_takes_whole_processes():

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from ketchup_jax.data import _hashing
+from ketchup_jax.data import hashing
 
 _NAMES = ("Tom", "Anna", "Sam", "Mia", "Liam", "Emma", "Noah", "Sara", "Ben", "Lucy",
           "Omar", "Julia", "Ravi", "Nina", "Pedro", "Hana")
@@ -41,7 +41,7 @@ def _finish(key: str, question: str, lines: list[str], answer: int) -> Problem:
   return key, question, "\n".join(lines + [f"#### {answer}"]), answer
 
 
-def _shopping(s: _hashing.Stream) -> Problem:
+def _shopping(s: hashing.Stream) -> Problem:
   name = s.choice(_NAMES)
   item1, item2 = s.choice(_ITEMS)
   q1, p1, q2, p2 = s.randint(2, 9), s.randint(2, 12), s.randint(2, 9), s.randint(1, 6)
@@ -66,7 +66,7 @@ def _shopping(s: _hashing.Stream) -> Problem:
   return _finish(key, question, lines, answer)
 
 
-def _sharing(s: _hashing.Stream) -> Problem:
+def _sharing(s: hashing.Stream) -> Problem:
   name = s.choice(_NAMES)
   while True:
     batches, per_batch = s.randint(2, 6), s.randint(6, 12)
@@ -86,7 +86,7 @@ def _sharing(s: _hashing.Stream) -> Problem:
   return _finish(key, question, lines, share)
 
 
-def _ages(s: _hashing.Stream) -> Problem:
+def _ages(s: hashing.Stream) -> Problem:
   name = s.choice(_NAMES)
   age, older, times, years = (s.randint(3, 15), s.randint(2, 9), s.randint(2, 3),
                               s.randint(2, 10))
@@ -102,7 +102,7 @@ def _ages(s: _hashing.Stream) -> Problem:
   return _finish(key, question, lines, future)
 
 
-def _savings(s: _hashing.Stream) -> Problem:
+def _savings(s: hashing.Stream) -> Problem:
   name = s.choice(_NAMES)
   weekly, weeks = s.randint(3, 20), s.randint(2, 12)
   spent = s.randint(1, weekly * weeks - 1)
@@ -115,7 +115,7 @@ def _savings(s: _hashing.Stream) -> Problem:
   return _finish(key, question, lines, left)
 
 
-def _travel(s: _hashing.Stream) -> Problem:
+def _travel(s: hashing.Stream) -> Problem:
   name = s.choice(_NAMES)
   v1, h1 = s.randint(20, 90), s.randint(2, 5)
   v2, h2 = s.randint(20, 90), s.randint(1, 4)
@@ -130,7 +130,7 @@ def _travel(s: _hashing.Stream) -> Problem:
   return _finish(key, question, lines, total)
 
 
-def _orchard(s: _hashing.Stream) -> Problem:
+def _orchard(s: hashing.Stream) -> Problem:
   name = s.choice(_NAMES)
   rows, per_row, apples = s.randint(2, 9), s.randint(3, 12), s.randint(2, 15)
   dead = s.randint(1, rows * per_row - 1)
@@ -146,7 +146,7 @@ def _orchard(s: _hashing.Stream) -> Problem:
   return _finish(key, question, lines, total)
 
 
-_TEMPLATES: tuple[Callable[[_hashing.Stream], Problem], ...] = (
+_TEMPLATES: tuple[Callable[[hashing.Stream], Problem], ...] = (
     _shopping, _sharing, _ages, _savings, _travel, _orchard)
 
 
@@ -157,6 +157,6 @@ def problem(index: int, *, seed: int) -> Problem:
     ``(key, question, target, answer)``; ``key`` names the template and all its
     parameters, so two candidates with the same key are the same problem.
   """
-  stream = _hashing.Stream(seed=seed, key=f"arith/{index}")
+  stream = hashing.Stream(seed=seed, key=f"arith/{index}")
   template = _TEMPLATES[stream.randint(0, len(_TEMPLATES) - 1)]
   return template(stream)

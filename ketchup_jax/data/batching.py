@@ -13,7 +13,7 @@ A batch is a dict of numpy arrays (T5X feature names)::
 in the batch (default buckets: powers of two from 8, then the maximum length), so a
 jitted step compiles once per bucket pair rather than once per batch.
 
-The order is a pure function of ``(seed, epoch)`` (:func:`_hashing.permutation`), and
+The order is a pure function of ``(seed, epoch)`` (:func:`hashing.permutation`), and
 the iterator's position is one integer, the global step: an iterator started at
 ``start_step=s`` yields exactly the batches a fresh one yields after its first ``s``.
 """
@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from ketchup_jax.data import _hashing
+from ketchup_jax.data import hashing
 from ketchup_jax.data.tokenizers import Tokenizer
 
 Batch = dict[str, np.ndarray]
@@ -365,7 +365,7 @@ class BatchIterator:
   def _epoch_order(self, epoch: int) -> np.ndarray:
     if epoch != self._order_epoch:
       n = len(self._data)
-      self._order = (_hashing.permutation(n, seed=self._seed, epoch=epoch)
+      self._order = (hashing.permutation(n, seed=self._seed, epoch=epoch)
                      if self._shuffle else np.arange(n))
       self._order_epoch = epoch
     return self._order

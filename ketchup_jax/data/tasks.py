@@ -21,7 +21,7 @@ import json
 import os
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
-from ketchup_jax.data import _hashing
+from ketchup_jax.data import hashing
 from ketchup_jax.data import arith as arith_lib
 from ketchup_jax.data import numbers as numbers_lib
 
@@ -83,7 +83,7 @@ def split_of(key: str, *, seed: int,
     One of ``SPLITS``.
   """
   _check_fractions(fractions)
-  u = _hashing.unit_interval(key, seed=seed)
+  u = hashing.unit_interval(key, seed=seed)
   edge = 0.0
   for split, fraction in zip(SPLITS, fractions):
     edge += fraction

@@ -14,6 +14,7 @@ import os
 import ml_collections
 
 from ketchup_jax.models import hf_io
+from ketchup_jax.train import sources
 
 
 def model_dirs(cfg: ml_collections.ConfigDict,
@@ -27,10 +28,11 @@ def model_dirs(cfg: ml_collections.ConfigDict,
   found = []
   for role in ("teacher", "student"):
     init_from = cfg[role].init_from
-    if init_from.startswith(("scratch:", "stage:")) or (
-        not os.path.isdir(init_from) and hf_io.could_be_hub_name(init_from)):
+    source = sources.Source.parse(init_from)
+    if source.kind != "path" or (not os.path.isdir(source.name) and
+                                 hf_io.could_be_hub_name(source.name)):
       continue
-    found.append((f"config.{role}.init_from={init_from!r}", init_from))
+    found.append((f"config.{role}.init_from={init_from!r}", source.name))
   stages = os.path.join(workdir, "stages")
   if os.path.isdir(stages):
     for marker in sorted(os.listdir(stages)):

@@ -1,20 +1,20 @@
 """The teacher on its own devices (`config.teacher_mesh.devices` > 0).
 
 By default the frozen teacher lives on the student's mesh, FSDP-sharded like
-the student, and one jitted `steps.rl_step` does rollout, teacher pass and
+the student, and one jitted `rollouts.rl_step` does rollout, teacher pass and
 update. With `teacher_mesh.devices = N`, the last N devices form a second
 mesh that holds only the teacher; the
 student, its optimizer state and the data stay on the others. One RL step is
-then three jitted pieces, built from the same functions as `steps.rl_step`:
+then three jitted pieces, built from the same functions as `rollouts.rl_step`:
 
-1. `steps.student_rollout` on the student mesh;
+1. `rollouts.student_rollout` on the student mesh;
 2. the sources and the [B, T] rollout arrays are put on the teacher mesh's
-   batch sharding (`jax.device_put`), `steps.teacher_scores` runs there;
+   batch sharding (`jax.device_put`), `rollouts.teacher_scores` runs there;
 3. its [B, T] / [B] Q-values and values come back, and
-   `steps.combine_scores` + `steps.rl_update` run on the student mesh.
+   `rollouts.combine_scores` + `rollouts.rl_update` run on the student mesh.
 
 Only [B, S] / [B, T] / [B] arrays cross between the meshes, never the
-[B, T, V] logits. The random numbers are those of `steps.rl_step`, so the
+[B, T, V] logits. The random numbers are those of `rollouts.rl_step`, so the
 losses agree with the same-mesh step up to float rounding. SeqKD
 pre-distillation is split the same way (the teacher's greedy outputs cross);
 word-level distillation (kl/rkl/js/tvd, which needs [B, T, V] teacher logits
@@ -34,6 +34,7 @@ from jax.sharding import PartitionSpec as P
 import ml_collections
 
 from ketchup_jax import partitioning
+from ketchup_jax.train import rollouts
 from ketchup_jax.train import state as state_lib
 from ketchup_jax.train import steps
 
@@ -169,7 +170,7 @@ def check_batch_sizes(cfg: ml_collections.ConfigDict, mesh: Mesh) -> None:
 class SplitStep:
   """A step whose pieces run on two meshes.
 
-  `pipeline.train_stage` calls `compile(state shardings, batch sharding,
+  `loop.train_stage` calls `compile(state shardings, batch sharding,
   replicated sharding)` instead of wrapping the step in one `jax.jit`; the
   result is called like a jitted step: `(state, teacher_params, batch) ->
   (state, metrics)`, the state donated.
@@ -182,7 +183,7 @@ class SplitStep:
 
 @dataclasses.dataclass(frozen=True)
 class RLStep(SplitStep):
-  """`steps.rl_step` with the teacher pass on `teacher_mesh`.
+  """`rollouts.rl_step` with the teacher pass on `teacher_mesh`.
 
   `models.mesh` is the student's mesh; the teacher's parameters must already
   be placed on `teacher_mesh`.
@@ -190,42 +191,44 @@ class RLStep(SplitStep):
   models: steps.Models
   teacher_mesh: Mesh
   optim: state_lib.OptimConfig
-  rl: steps.RLConfig
+  rl: rollouts.RLConfig
 
   def rollout(self, state: state_lib.TrainState,
-              batch: steps.Batch) -> dict[str, Any]:
-    """Piece 1 (student mesh): the same sample key as `steps.rl_step`."""
+              batch: steps.Batch) -> rollouts.Rollout:
+    """Piece 1 (student mesh): the same sample key as `rollouts.rl_step`."""
     _, sample_rng = jax.random.split(state.rng)
-    return steps.student_rollout(state.params, batch, sample_rng,
-                                 models=self.models, rl=self.rl)
+    return rollouts.student_rollout(state.params, batch, sample_rng,
+                                    models=self.models, rl=self.rl)
 
-  def score(self, teacher_params: Any, sent: dict[str, Any]) -> dict[str, Any]:
+  def score(self, teacher_params: Any,
+            sent: dict[str, jax.Array]) -> rollouts.TeacherScores:
     """Piece 2 (teacher mesh): Q-values and values of the rollout."""
     models = dataclasses.replace(self.models, mesh=self.teacher_mesh)
-    return steps.teacher_scores(
+    return rollouts.teacher_scores(
         teacher_params, sent, sent["actions"], sent["mask"], sent["finished"],
         models=models, rl=self.rl)
 
   def update(self, state: state_lib.TrainState, batch: steps.Batch,
-             rollout: dict[str, Any], scores: dict[str, Any]
+             rollout: rollouts.Rollout, scores: rollouts.TeacherScores
              ) -> tuple[state_lib.TrainState, steps.Metrics]:
     """Piece 3 (student mesh): returns, loss and the update."""
     rng, _ = jax.random.split(state.rng)
-    scored = steps.combine_scores(rollout, scores, models=self.models,
-                                  rl=self.rl)
-    return steps.rl_update(state, batch, scored, rng, models=self.models,
-                           optim=self.optim, rl=self.rl)
+    scored = rollouts.combine_scores(rollout, scores, models=self.models,
+                                     rl=self.rl)
+    return rollouts.rl_update(state, batch, scored, rng, models=self.models,
+                              optim=self.optim, rl=self.rl)
 
   def to_teacher(self, batch: steps.Batch,
-                 rollout: dict[str, Any]) -> dict[str, jax.Array]:
+                 rollout: rollouts.Rollout) -> dict[str, jax.Array]:
     """What crosses to the teacher: sources [B, S], rollout [B, T] / [B]."""
     sent = {"input_ids": batch["input_ids"],
             "attention_mask": batch["attention_mask"],
-            "actions": rollout["actions"], "mask": rollout["mask"],
-            "finished": rollout["finished"]}
+            "actions": rollout.actions, "mask": rollout.mask,
+            "finished": rollout.finished}
     return jax.device_put(sent, partitioning.batch_sharding(self.teacher_mesh))
 
-  def to_student(self, scores: dict[str, Any]) -> dict[str, Any]:
+  def to_student(self, scores: rollouts.TeacherScores
+                 ) -> rollouts.TeacherScores:
     """What crosses back: [B, T] Q-values / values and [B] bootstrap values."""
     return jax.device_put(scores, partitioning.batch_sharding(self.models.mesh))
 

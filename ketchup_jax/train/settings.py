@@ -1,0 +1,145 @@
+"""The run configuration, checked once, before anything is written.
+
+`check_config` reads every field of a pipeline config and raises one
+`ValueError` naming the first bad one and its right form. The typed specs it
+builds are what the rest of the package reads: `state.OptimConfig` (per
+stage), `rollouts.RLConfig` (per K), `steps.GKDConfig`,
+`validation.StageValidation`, and `StageId`, the typed name of a stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections
+
+from ketchup_jax import chunked
+from ketchup_jax.models import t5
+from ketchup_jax.train import rollouts
+from ketchup_jax.train import state as state_lib
+from ketchup_jax.train import steps
+from ketchup_jax.train import teacher_slice
+from ketchup_jax.train import validation
+
+STAGES = ("teacher_sft", "predistill", "rl", "eval")
+PREDISTILL_METHODS = ("seqkd", "kl", "rkl", "js", "tvd", "gkd")
+TRAINING_STAGES = validation.TRAINING_STAGES
+
+
+@dataclasses.dataclass(frozen=True)
+class StageId:
+  """One stage of a run: its kind (an entry of `STAGES`) and, for rl, K.
+
+  `name` is what the run directory uses (`models/<name>/`, `stages/<name>.json`,
+  the `stage` of metrics.jsonl records): `rl_k4` for the RL stage with K = 4.
+  """
+  kind: str
+  k: int = 0
+
+  def __post_init__(self):
+    if self.kind not in STAGES:
+      raise ValueError(f"a stage is one of {STAGES}, got {self.kind!r}")
+    if (self.kind == "rl") != (self.k >= 1):
+      raise ValueError(f"K >= 1 is given for the rl stage only, got "
+                       f"{self.kind!r} with k={self.k!r}")
+
+  @property
+  def name(self) -> str:
+    return f"rl_k{self.k}" if self.kind == "rl" else self.kind
+
+  @property
+  def section(self) -> str:
+    """The config section holding its settings (`config.rl` for every K)."""
+    return self.kind
+
+  @property
+  def trains(self) -> bool:
+    return self.kind in TRAINING_STAGES
+
+  def __str__(self) -> str:
+    return self.name
+
+
+def parse_stages(stages: str) -> tuple[str, ...]:
+  """`config.stages` ("teacher_sft,predistill,rl,eval") as a tuple."""
+  names = tuple(s.strip() for s in stages.split(",") if s.strip())
+  unknown = [s for s in names if s not in STAGES]
+  if unknown or not names:
+    raise ValueError(f"config.stages must be a comma-separated list from "
+                     f"{STAGES}, got {stages!r}")
+  return names
+
+
+def rl_ks(cfg: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """The K of every RL stage: `config.rl.ks`, or `(config.rl.k,)`."""
+  ks = tuple(cfg.rl.ks) or (cfg.rl.k,)
+  for k in ks:
+    if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+      raise ValueError(f"config.rl.ks / rl.k must hold ints >= 1, got {ks!r}")
+  return ks
+
+
+def stage_ids(cfg: ml_collections.ConfigDict) -> list[StageId]:
+  """The stages `config.stages` runs, in order (one per K for rl)."""
+  out = []
+  for kind in parse_stages(cfg.stages):
+    if kind == "rl":
+      out.extend(StageId("rl", k) for k in rl_ks(cfg))
+    else:
+      out.append(StageId(kind))
+  return out
+
+
+def _int_at_least(cfg: ml_collections.ConfigDict, where: str, name: str,
+                  low: int) -> None:
+  value = cfg[name]
+  if isinstance(value, bool) or not isinstance(value, int) or value < low:
+    raise ValueError(f"config.{where}{name} must be an int >= {low}, got "
+                     f"{value!r}")
+
+
+def check_config(cfg: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first bad field."""
+  parse_stages(cfg.stages)
+  rl_ks(cfg)
+  teacher_slice.check_config(cfg)
+  validation.check_config(cfg)
+  for name in ("max_source_len", "max_target_len", "checkpoint_every",
+               "log_every", "max_nonfinite_steps"):
+    _int_at_least(cfg, "", name, 1)
+  if not cfg.preemption_grace_s > 0:
+    raise ValueError(f"config.preemption_grace_s must be > 0, got "
+                     f"{cfg.preemption_grace_s!r}")
+  if cfg.predistill.method not in PREDISTILL_METHODS:
+    raise ValueError(f"config.predistill.method must be one of "
+                     f"{PREDISTILL_METHODS}, got {cfg.predistill.method!r}")
+  for stage in TRAINING_STAGES:
+    sub = cfg[stage]
+    _int_at_least(sub, f"{stage}.", "batch_size", 1)
+    try:
+      state_lib.OptimConfig.from_config(sub)
+    except ValueError as e:
+      raise ValueError(f"config.{stage}: {e}") from None
+  for k in rl_ks(cfg):
+    rollouts.RLConfig.from_config(cfg.rl, k=k)
+  if "gkd" in cfg:
+    steps.GKDConfig.from_config(cfg.gkd)
+  every, minibatches = cfg.rl.get("diag_every", 0), cfg.rl.get(
+      "diag_minibatches", 8)
+  if not isinstance(every, int) or every < 0 or not isinstance(
+      minibatches, int) or minibatches < 2:
+    raise ValueError(f"config.rl.diag_every must be an int >= 0 and "
+                     f"config.rl.diag_minibatches an int >= 2, got "
+                     f"{every!r} and {minibatches!r}")
+  for name in ("max_decode_len", "batch_size", "diag_batches"):
+    _int_at_least(cfg.eval, "eval.", name, 1)
+  _int_at_least(cfg.predistill, "predistill.", "max_decode_len", 1)
+  for role in ("teacher", "student"):
+    remat = cfg[role].get("remat", "none")
+    if remat not in t5.REMAT_POLICIES:
+      raise ValueError(f"config.{role}.remat must be one of "
+                       f"{t5.REMAT_POLICIES}, got {remat!r}")
+  try:
+    chunked.check_chunk(cfg.get("logits_chunk", 0))
+  except ValueError as e:
+    raise ValueError(f"config.{e}") from None

@@ -1,0 +1,147 @@
+"""Where a run's models come from: `init_from` specs, parsed once.
+
+`config.teacher.init_from` and `config.student.init_from` are one of
+
+    scratch:<size>   a random model of a `models.SIZES` size (+ overrides);
+    stage:<stage>    the model a finished stage of this run exported
+                     (`DIR/models/<stage>/`);
+    <path or hub>    an HF directory, or a hub name.
+
+`Source.parse` reads one; `load_model` builds or loads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from ketchup_jax import distributed
+from ketchup_jax import models
+
+KINDS = ("scratch", "stage", "path")
+
+
+@dataclasses.dataclass(frozen=True)
+class Source:
+  """A parsed `init_from`.
+
+  Attributes:
+    kind: "scratch", "stage" or "path" (a directory or a hub name).
+    name: The size name, the stage name, or the path / hub name.
+  """
+  kind: str
+  name: str
+
+  @classmethod
+  def parse(cls, init_from: str) -> Source:
+    for kind in ("scratch", "stage"):
+      if init_from.startswith(f"{kind}:"):
+        return cls(kind, init_from[len(kind) + 1:])
+    return cls("path", init_from)
+
+  def __str__(self) -> str:
+    return self.name if self.kind == "path" else f"{self.kind}:{self.name}"
+
+
+def stage_source(stage: str) -> str:
+  """The `init_from` of the model stage `stage` exported."""
+  return str(Source("stage", stage))
+
+
+def _round_up(n: int, multiple: int) -> int:
+  return -(-n // multiple) * multiple
+
+
+def declared_vocab(model_cfg: ml_collections.ConfigDict,
+                   tokenizer_vocab: int) -> int | None:
+  """The vocabulary size a model will have, read without loading it.
+
+  None where it cannot be known before loading (a hub name, a stage output).
+  """
+  source = Source.parse(model_cfg.init_from)
+  if source.kind == "scratch":
+    return model_cfg.overrides.get("vocab_size",
+                                   _round_up(tokenizer_vocab, 8))
+  config_json = os.path.join(source.name, "config.json")
+  if source.kind == "path" and os.path.isfile(config_json):
+    with open(config_json, encoding="utf-8") as f:
+      return json.load(f).get("vocab_size")
+  return None
+
+
+def load_model(init_from: str, model_cfg: ml_collections.ConfigDict,
+               seed: int, *, role: str, mesh: jax.sharding.Mesh,
+               tokenizer_vocab: int, models_dir: str) -> models.T5LM:
+  """Builds or loads the model `init_from` names, on `mesh`.
+
+  Args:
+    init_from: The spec (module docstring).
+    model_cfg: `config.teacher` or `config.student` (dtypes, overrides,
+      remat).
+    seed: Initialisation seed of a `scratch:` model.
+    role: What the model is, for errors ("teacher", "student", a row label).
+    mesh: The mesh its parameters are sharded over.
+    tokenizer_vocab: The tokenizer's vocabulary size; the model's must be at
+      least that.
+    models_dir: `DIR/models`, where `stage:` models are.
+  """
+  source = Source.parse(init_from)
+  kw = dict(dtype=jnp.dtype(model_cfg.dtype),
+            param_dtype=jnp.dtype(model_cfg.param_dtype))
+  if source.kind == "scratch":
+    overrides = dict(model_cfg.overrides.to_dict())
+    overrides.setdefault("vocab_size", _round_up(tokenizer_vocab, 8))
+    lm = models.init(source.name, jax.random.PRNGKey(seed), mesh=mesh,
+                     **overrides, **kw)
+  elif source.kind == "stage":
+    path = os.path.join(models_dir, source.name)
+    if not os.path.isdir(path):
+      raise ValueError(f"{role}.init_from={init_from!r}: no model at {path}; "
+                       f"run that stage first")
+    lm = models.load(path, mesh=mesh, **kw)
+  else:
+    lm = models.load(source.name, mesh=mesh, **kw)
+  if lm.config.vocab_size < tokenizer_vocab:
+    raise ValueError(
+        f"{role} vocabulary has {lm.config.vocab_size} entries but the "
+        f"tokenizer produces ids up to {tokenizer_vocab - 1}")
+  remat = model_cfg.get("remat", "none")
+  if remat != lm.config.remat:  # a compute choice: the parameters are alike
+    lm = dataclasses.replace(lm, config=lm.config.replace(remat=remat))
+  return lm
+
+
+def check_same_vocab(teacher: str, teacher_vocab: int | None, student: str,
+                     student_vocab: int | None) -> None:
+  """Refuses a teacher and student of different vocabulary sizes."""
+  if None not in (teacher_vocab, student_vocab) and (
+      teacher_vocab != student_vocab):
+    raise ValueError(
+        f"teacher and student vocabularies differ: teacher ({teacher}) has "
+        f"{teacher_vocab} entries, student ({student}) {student_vocab}; they "
+        f"must share one tokenizer")
+
+
+def check_loaded_vocab(teacher: models.T5LM, student: models.T5LM) -> None:
+  check_same_vocab("loaded", teacher.config.vocab_size, "loaded",
+                   student.config.vocab_size)
+
+
+def params_checksum(params: Any) -> str:
+  """SHA-256 over every parameter's path, dtype, shape and bytes."""
+  digest = hashlib.sha256()
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  for path, leaf in sorted(leaves, key=lambda kv: jax.tree_util.keystr(kv[0])):
+    array = distributed.to_host(leaf)  # gathered across processes
+    digest.update(jax.tree_util.keystr(path).encode())
+    digest.update(f"{array.dtype}{array.shape}".encode())
+    digest.update(np.ascontiguousarray(array).tobytes())
+  return digest.hexdigest()
