@@ -68,7 +68,7 @@ def build_jax(args, student_dir: str, teacher_dir: str, phases: bool = False,
               logits_chunk: int = 0):
   """Returns `(step() -> tokens, compile_seconds, phase calls)` for ketchup_jax.
 
-  `logits_chunk` is `steps.Models.logits_chunk` (0 = whole logits).
+  `logits_chunk` is `steps.StepModels.logits_chunk` (0 = whole logits).
 
   With `phases`, the third item maps each phase name (`PHASES`) to a call
   running that phase alone, as its own jitted function on fixed inputs of
@@ -88,7 +88,7 @@ def build_jax(args, student_dir: str, teacher_dir: str, phases: bool = False,
     teacher = models.load(teacher_dir, dtype=jnp.float32)
   s_cfg = student.config.replace(eos_token_id=-1)
   t_cfg = teacher.config.replace(eos_token_id=-1)
-  mods = steps.Models(student=s_cfg, teacher=t_cfg, logits_chunk=logits_chunk)
+  mods = steps.StepModels(student=s_cfg, teacher=t_cfg, logits_chunk=logits_chunk)
   optim = state_lib.OptimConfig(steps=1000, learning_rate=1e-5,
                                 schedule="constant", weight_decay=0.01,
                                 max_grad_norm=1.0)
@@ -306,7 +306,7 @@ def main(argv: list[str] | None = None) -> None:
   parser.add_argument("--student", default="t5-small")
   parser.add_argument("--teacher", default="t5-base")
   parser.add_argument("--logits_chunk", type=int, default=0,
-                      help="Also time our step with Models.logits_chunk = N"
+                      help="Also time our step with StepModels.logits_chunk = N"
                       " (N < new_tokens), interleaved with the whole-logits"
                       " one; 0 = skip.")
   parser.add_argument("--no_memory", action="store_true",

@@ -6,7 +6,7 @@ its `memory_analysis()`: temp bytes (XLA's scratch buffers: activations,
 logits, gradients, ...), argument bytes (state, teacher, batch) and output
 bytes. Shapes: T5 v1.0 T5-base student and T5-large teacher (tied, rescaled
 LM head), float32 compute, at vocabularies 32,000 and 151,936 (Qwen's),
-B = 8 source and target positions 512, `Models.logits_chunk` 0 (whole logits)
+B = 8 source and target positions 512, `StepModels.logits_chunk` 0 (whole logits)
 and on. The RL step is `rollouts.rl_step` (rollout of 512 tokens, teacher
 Q-values, K = 4 returns, student forward + backward, AdamW); the KD step is
 `steps.word_kd_step` (forward KL on gold targets).
@@ -56,7 +56,7 @@ def _setup(student_name, teacher_name, vocab, batch, length, chunk, overrides):
   kw = dict(vocab_size=vocab, dtype=jnp.float32, **overrides)
   s_cfg = config_lib.get_config(student_name, **kw)
   t_cfg = config_lib.get_config(teacher_name, **kw)
-  mods = steps.Models(student=s_cfg, teacher=t_cfg, logits_chunk=chunk)
+  mods = steps.StepModels(student=s_cfg, teacher=t_cfg, logits_chunk=chunk)
   optim = state_lib.OptimConfig(steps=1000, learning_rate=1e-5)
   tx = state_lib.make_optimizer(optim)
   state = jax.eval_shape(functools.partial(state_lib.init_state, tx=tx,
@@ -111,7 +111,7 @@ def measure(step: str, student_name: str, teacher_name: str, vocab: int,
     fn = functools.partial(rollouts.rl_step, models=mods, optim=optim, rl=rl)
   else:
     ids = data["input_ids"]
-    data = dict(data, decoder_input_ids=ids, decoder_attention_mask=ids)
+    data = dict(data, decoder_target_ids=ids, decoder_attention_mask=ids)
     fn = functools.partial(steps.word_kd_step, models=mods, optim=optim,
                            divergence="kl")
   start = time.perf_counter()

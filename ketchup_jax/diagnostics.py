@@ -88,12 +88,11 @@ def pg_objective(student_logits: jax.Array, scored: rollouts.ScoredRollout,
 
 
 def student_logits_fn(batch: Batch, scored: rollouts.ScoredRollout,
-                      models: steps.Models) -> Callable[[Any], jax.Array]:
+                      models: steps.StepModels) -> Callable[[Any], jax.Array]:
   """params -> the student's teacher-forced logits on the rollout."""
   def logits(params):
-    return models.forward(params, models.student, batch["input_ids"],
-                          batch["attention_mask"], scored.decoder_inputs,
-                          scored.mask)
+    return models.score(params, models.student, batch["input_ids"],
+                        batch["attention_mask"], scored.actions, scored.mask)
   return logits
 
 
@@ -131,7 +130,7 @@ def flatten(grad: Any) -> jax.Array:
 
 def minibatch_gradients(student_params: Any, teacher_params: Any,
                         batch: Batch, sample_rng: jax.Array,
-                        proj_key: jax.Array, *, models: steps.Models,
+                        proj_key: jax.Array, *, models: steps.StepModels,
                         rl: rollouts.RLConfig, ks: tuple[int, ...],
                         projections: int = 0
                         ) -> tuple[jax.Array, jax.Array,
@@ -172,7 +171,7 @@ def minibatch_gradients(student_params: Any, teacher_params: Any,
 
 
 @functools.lru_cache(maxsize=16)
-def _jitted(models: steps.Models, rl: rollouts.RLConfig, ks: tuple[int, ...],
+def _jitted(models: steps.StepModels, rl: rollouts.RLConfig, ks: tuple[int, ...],
             projections: int) -> Callable[..., Any]:
   """One compiled `minibatch_gradients` per static setting (hook reuse)."""
   return jax.jit(functools.partial(
@@ -231,7 +230,7 @@ class Options:
 
 def gradient_diagnostics(student_params: Any, teacher_params: Any,
                          batches: Sequence[Batch] | Any, *,
-                         models: steps.Models, rl: rollouts.RLConfig,
+                         models: steps.StepModels, rl: rollouts.RLConfig,
                          options: Options, progress: bool = False,
                          put: Callable[[Batch], Batch] | None = None
                          ) -> dict[int, dict[str, float]]:
@@ -241,7 +240,7 @@ def gradient_diagnostics(student_params: Any, teacher_params: Any,
     student_params, teacher_params: Parameter pytrees.
     batches: An iterable yielding at least `options.minibatches` batches
       (dicts with input_ids, attention_mask, example_mask).
-    models: Static model description (`steps.Models`).
+    models: Static model description (`steps.StepModels`).
     rl: The RL options (its `k` is ignored; `options.ks` are used).
     options: What to measure.
     progress: Show a progress bar.
@@ -299,7 +298,7 @@ def gradient_diagnostics(student_params: Any, teacher_params: Any,
 
 def objective_diagnostics(student_params: Any, teacher_params: Any,
                           batches: Callable[[], Any], *,
-                          models: steps.Models,
+                          models: steps.StepModels,
                           rls: dict[str, rollouts.RLConfig], options: Options,
                           progress: bool = False,
                           put: Callable[[Batch], Batch] | None = None

@@ -154,7 +154,7 @@ def test_distillation_chunked_equals_whole(divergence):
 @pytest.mark.parametrize("chunk", [-1, 1.5, True])
 def test_bad_chunk_is_one_clear_error(chunk):
   with pytest.raises(ValueError, match="logits_chunk must be an int >= 0"):
-    steps.Models(student=models.get_config("tiny"), logits_chunk=chunk)
+    steps.StepModels(student=models.get_config("tiny"), logits_chunk=chunk)
 
 
 # One tiny RL step and word-KD step, chunked and not: same metrics and the same
@@ -178,8 +178,6 @@ def _step_batch():
           "attention_mask": np.ones((SB, SS), np.int32),
           "example_mask": np.array([1, 1, 1, 0], np.int32),
           "decoder_target_ids": targets,
-          "decoder_input_ids": np.concatenate(
-              [np.zeros((SB, 1), np.int32), targets[:, :-1]], 1),
           "decoder_attention_mask": dmask.astype(np.int32)}
 
 
@@ -196,7 +194,7 @@ def test_steps_chunked_equal_whole(stage):
                       baseline="teacher_expected", entropy_coef=0.1)
 
   def run(chunk):
-    mods = steps.Models(student=student.config, teacher=teacher.config,
+    mods = steps.StepModels(student=student.config, teacher=teacher.config,
                         logits_chunk=chunk)
     state = state_lib.init_state(student.params, tx, 0)
     if stage == "rl":

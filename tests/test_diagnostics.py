@@ -63,7 +63,7 @@ def _np_k_returns(q, v, mask, k):
 def _reference_gradients(config, student, teacher, batches, rl, ks, seed):
   """[M, len(ks), D] flattened gradients, computed without diagnostics.py."""
   base = jax.random.PRNGKey(seed)
-  mods = steps.Models(student=config, teacher=config)
+  mods = steps.StepModels(student=config, teacher=config)
 
   @jax.jit
   def rollout(batch, key):
@@ -121,7 +121,7 @@ def test_gradient_variance_matches_an_independent_computation(tiny):
   ks = (1, 3)
   got = diagnostics.gradient_diagnostics(
       student, teacher, batches,
-      models=steps.Models(student=config, teacher=config), rl=rl,
+      models=steps.StepModels(student=config, teacher=config), rl=rl,
       options=diagnostics.Options(ks=ks, minibatches=4, seed=5))
   ref = _reference_gradients(config, student, teacher, batches, rl, ks,
                              seed=5)
@@ -143,7 +143,7 @@ def test_projected_estimate_agrees_with_the_full_gradient(tiny):
   # The same static settings as the test above: its compiled step is reused.
   rl = rollouts.RLConfig(k=1, max_decode_len=LENGTH, unfinished="terminal",
                       temperature=1.0, reward_clip=50.0)
-  mods = steps.Models(student=config, teacher=config)
+  mods = steps.StepModels(student=config, teacher=config)
   batches = _batches(4, seed=1)
   kw = dict(models=mods, rl=rl)
   full = diagnostics.gradient_diagnostics(
@@ -185,7 +185,7 @@ def test_teacher_followed_greedily_has_zero_bias_for_every_k(tiny):
   ks = (1, 3, 16)
   got = diagnostics.gradient_diagnostics(
       student, student, _batches(3, seed=2),
-      models=steps.Models(student=config, teacher=config), rl=rl,
+      models=steps.StepModels(student=config, teacher=config), rl=rl,
       options=diagnostics.Options(ks=ks, minibatches=3))
   for k in ks:
     assert got[k]["bias_mean"] == pytest.approx(0.0, abs=1e-4)
@@ -208,7 +208,7 @@ def test_loss_is_the_one_rl_step_minimises(tiny, unfinished, baseline):
   config, student, teacher = tiny
   rl = rollouts.RLConfig(k=2, max_decode_len=LENGTH, unfinished=unfinished,
                       baseline=baseline)
-  mods = steps.Models(student=config, teacher=config)
+  mods = steps.StepModels(student=config, teacher=config)
   optim = state_lib.OptimConfig(steps=1, learning_rate=1e-4)
   state = state_lib.init_state(student, state_lib.make_optimizer(optim),
                                seed=0)

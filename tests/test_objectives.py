@@ -180,8 +180,7 @@ def _scored(seed, reward_rows=B):
       teacher_logprobs=jnp.asarray(lp_t, jnp.float32))
   return rollouts.ScoredRollout(
       rollout=rollout, scores=scores, loss_mask=jnp.asarray(mask),
-      scale=jnp.float32(1.0), decoder_inputs=jnp.zeros_like(rollout.actions)
-  ), lp_t
+      scale=jnp.float32(1.0)), lp_t
 
 
 @pytest.mark.parametrize("reward,k,gamma", [("reverse_kl", 1, 0.0),
@@ -327,8 +326,6 @@ def _gold_batch(seed=0):
           "attention_mask": np.ones((ROWS, SRC), np.int32),
           "example_mask": np.array([1, 1, 1, 0], np.int32),
           "decoder_target_ids": targets * target_mask,
-          "decoder_input_ids": np.asarray(t5.shift_right(
-              jnp.asarray(targets * target_mask), config)),
           "decoder_attention_mask": target_mask}
 
 
@@ -346,7 +343,7 @@ def test_gkd_step_at_lambda_1_is_the_jsd_on_the_students_samples(tiny):
   config, student, teacher = tiny
   gkd = steps.GKDConfig(lmbda=1.0, beta=0.4, temperature=1.5,
                         max_decode_len=8)
-  mods = steps.Models(student=config, teacher=config)
+  mods = steps.StepModels(student=config, teacher=config)
   optim = state_lib.OptimConfig(steps=1, learning_rate=1e-3)
   state = state_lib.init_state(student, state_lib.make_optimizer(optim),
                                seed=3)
@@ -379,19 +376,19 @@ def test_gkd_step_at_lambda_1_is_the_jsd_on_the_students_samples(tiny):
 def test_gkd_targets_mix_student_samples_and_gold_at_lambda_half(tiny):
   config, student, _ = tiny
   gkd = steps.GKDConfig(lmbda=0.5, max_decode_len=8)
-  mods = steps.Models(student=config, teacher=config)
+  mods = steps.StepModels(student=config, teacher=config)
   batch = jax.tree.map(jnp.asarray, _gold_batch())
   fn = jax.jit(jax.vmap(lambda key: steps.gkd_targets(
       student, batch, key, models=mods, gkd=gkd)))
-  inputs, mask, on_policy = fn(jax.random.split(jax.random.PRNGKey(0), 64))
+  targets, mask, on_policy = fn(jax.random.split(jax.random.PRNGKey(0), 64))
   on_policy = np.asarray(on_policy)
   assert 16 < on_policy.sum() < 48  # Binomial(64, 1/2): 5.5 sd either side
   gold = np.pad(np.asarray(batch["decoder_attention_mask"]), ((0, 0), (0, 2)))
-  gold_inputs = np.pad(np.asarray(batch["decoder_input_ids"]),
-                       ((0, 0), (0, 2)))
+  gold_targets = np.pad(np.asarray(batch["decoder_target_ids"]),
+                        ((0, 0), (0, 2)))
   for i in np.flatnonzero(~on_policy):
     np.testing.assert_array_equal(mask[i], gold)
-    np.testing.assert_array_equal(inputs[i], gold_inputs)
+    np.testing.assert_array_equal(targets[i], gold_targets)
   # Samples: each real row is a prefix ending at its EOS or at 8 tokens.
   assert (np.asarray(mask)[on_policy][:, 3] == 0).all()  # the padding row
 
@@ -400,7 +397,7 @@ def _np_reverse_kl_gradients(config, student, teacher, batches, rl, ks,
                              seed):
   """[M, len(ks), D] gradients of SPEC §6's loss, without diagnostics.py."""
   base = jax.random.PRNGKey(seed)
-  mods = steps.Models(student=config, teacher=config)
+  mods = steps.StepModels(student=config, teacher=config)
 
   @jax.jit
   def rollout(batch, key):
@@ -459,7 +456,7 @@ def test_reverse_kl_kstep_diagnostics_match_an_independent_computation(tiny):
   ks = (1, 3)
   got = diagnostics.gradient_diagnostics(
       student, teacher, batches,
-      models=steps.Models(student=config, teacher=config), rl=rl,
+      models=steps.StepModels(student=config, teacher=config), rl=rl,
       options=diagnostics.Options(ks=ks, minibatches=3, seed=4))
   ref, bias = _np_reverse_kl_gradients(config, student, teacher, batches, rl,
                                        ks, seed=4)

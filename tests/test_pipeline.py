@@ -170,7 +170,7 @@ def _three_rl_steps(mesh):
   optim = state_lib.OptimConfig(steps=3, learning_rate=1e-4)
   rl = rollouts.RLConfig(k=2, max_decode_len=8, unfinished="terminal",
                       baseline="batch_mean")
-  mods = steps.Models(student=config, teacher=config, mesh=mesh)
+  mods = steps.StepModels(student=config, teacher=config, mesh=mesh)
   tx = state_lib.make_optimizer(optim)
   state = state_lib.init_state(student, tx, seed=0)
   rng = np.random.default_rng(0)

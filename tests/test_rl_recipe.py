@@ -76,7 +76,7 @@ def _self_distillation_step(rl):
                                config, None)
   optim = state_lib.OptimConfig(steps=1, learning_rate=1e-2,
                                 max_grad_norm=0.0)
-  mods = steps.Models(student=config, teacher=config)
+  mods = steps.StepModels(student=config, teacher=config)
   state = state_lib.init_state(params, state_lib.make_optimizer(optim),
                                seed=0)
   rng = np.random.default_rng(0)

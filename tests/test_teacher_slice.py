@@ -4,6 +4,7 @@ Runs on the 8 fake CPU devices of conftest: 4 for the student, 4 for the
 teacher.
 """
 
+import dataclasses
 import functools
 import json
 import pathlib
@@ -55,7 +56,7 @@ def test_own_slice_rl_step_equals_the_same_mesh_step(monkeypatch):
 
   def run(mesh, t_mesh, split):
     student, teacher = _tiny(1, mesh), _tiny(0, t_mesh)
-    mods = steps.Models(student=student.config, teacher=teacher.config,
+    mods = steps.StepModels(student=student.config, teacher=teacher.config,
                         mesh=mesh)
     state = state_lib.init_state(student.params, tx, 0)
     batch_sharding = partitioning.batch_sharding(mesh)
@@ -86,8 +87,11 @@ def test_own_slice_rl_step_equals_the_same_mesh_step(monkeypatch):
   put = jax.device_put
 
   def recording_put(x, sharding=None, **kw):
-    if isinstance(x, dict) and ("actions" in x or "q_taken" in x):
-      crossed.append((sharding.mesh, {k: v.shape for k, v in x.items()
+    fields = (dataclasses.asdict(x) if isinstance(x, rollouts.TeacherScores)
+              else x)
+    if isinstance(fields, dict) and ("actions" in fields or
+                                     "q_taken" in fields):
+      crossed.append((sharding.mesh, {k: v.shape for k, v in fields.items()
                                       if v is not None}))
     return put(x, sharding, **kw)
 

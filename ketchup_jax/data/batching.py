@@ -4,7 +4,6 @@ A batch is a dict of numpy arrays (T5X feature names)::
 
     input_ids               [B, S] int32  source ids + EOS, 0-padded
     attention_mask          [B, S] int32  1 on real source tokens (a prefix mask)
-    decoder_input_ids       [B, T] int32  targets shifted right, start id = pad id (T5)
     decoder_target_ids      [B, T] int32  target ids + EOS, 0-padded
     decoder_attention_mask  [B, T] int32  1 on real target tokens (a prefix mask)
     example_mask            [B]    int32  1 for real examples, 0 for filler rows
@@ -229,15 +228,11 @@ def collate(sources: Sequence[np.ndarray], targets: Sequence[np.ndarray], *,
                                         pad_id=pad_id)
   target_ids, target_mask = _pad_rows(targets, num_rows=num_rows, length=t_len,
                                       pad_id=pad_id)
-  decoder_input_ids = np.full_like(target_ids, pad_id)
-  decoder_input_ids[:, 1:] = target_ids[:, :-1]
-  decoder_input_ids[:, 1:][target_mask[:, 1:] == 0] = pad_id
   example_mask = np.zeros((num_rows,), dtype=np.int32)
   example_mask[:n] = 1
   return {
       "input_ids": input_ids,  # [B, S]
       "attention_mask": attention_mask,  # [B, S]
-      "decoder_input_ids": decoder_input_ids,  # [B, T]
       "decoder_target_ids": target_ids,  # [B, T]
       "decoder_attention_mask": target_mask,  # [B, T]
       "example_mask": example_mask,  # [B]

@@ -102,9 +102,9 @@ class Run:
     return self.cfg.student.init_from
 
   def step_models(self, student: models.T5LM,
-                  teacher: models.T5LM | None) -> steps.Models:
+                  teacher: models.T5LM | None) -> steps.StepModels:
     """The static description of the models a jitted step uses."""
-    return steps.Models(student=student.config,
+    return steps.StepModels(student=student.config,
                         teacher=None if teacher is None else teacher.config,
                         mesh=self.mesh,
                         logits_chunk=self.cfg.get("logits_chunk", 0))

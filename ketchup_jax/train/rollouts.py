@@ -24,13 +24,12 @@ import ml_collections
 
 from ketchup_jax import losses
 from ketchup_jax import returns
-from ketchup_jax.models import t5
 from ketchup_jax.train import state as state_lib
 from ketchup_jax.train.steps import Batch
 from ketchup_jax.train.steps import length_mask
 from ketchup_jax.train.steps import Metrics
 from ketchup_jax.train.steps import minimize
-from ketchup_jax.train.steps import Models
+from ketchup_jax.train.steps import StepModels
 from ketchup_jax.train.steps import token_mean
 
 UNFINISHED = ("drop", "terminal", "bootstrap")
@@ -199,14 +198,11 @@ class ScoredRollout:
       under rl.unfinished == "drop".
     scale: float32 [], what the mean loss is multiplied by: the finished
       fraction under "drop", else 1.
-    decoder_inputs: int32 [B, T], the student's teacher-forced inputs
-      (`actions` shifted right).
   """
   rollout: Rollout
   scores: TeacherScores
   loss_mask: jax.Array
   scale: jax.Array
-  decoder_inputs: jax.Array
 
   @property
   def actions(self) -> jax.Array:
@@ -219,7 +215,7 @@ class ScoredRollout:
 
 
 def student_rollout(params: Any, batch: Batch, sample_rng: jax.Array, *,
-                    models: Models, rl: RLConfig) -> Rollout:
+                    models: StepModels, rl: RLConfig) -> Rollout:
   """Step 1 of `rl_step`: the student's rollout and its masks (student mesh)."""
   length = rl.max_decode_len
   out = models.sample(
@@ -233,7 +229,7 @@ def student_rollout(params: Any, batch: Batch, sample_rng: jax.Array, *,
 
 
 def teacher_scores(teacher_params: Any, batch: Batch, actions: jax.Array,
-                   mask: jax.Array, finished: jax.Array, *, models: Models,
+                   mask: jax.Array, finished: jax.Array, *, models: StepModels,
                    rl: RLConfig) -> TeacherScores:
   """Step 2 of `rl_step`: the teacher's pass on a rollout -> Q-values.
 
@@ -247,19 +243,18 @@ def teacher_scores(teacher_params: Any, batch: Batch, actions: jax.Array,
   teacher_actions = actions
   if rl.unfinished == "bootstrap":
     teacher_actions = jnp.pad(actions, ((0, 0), (0, 1)))
-  teacher_inputs = t5.shift_right(teacher_actions, models.teacher)
-  teacher_mask = jnp.ones_like(teacher_inputs)
   args = (teacher_params, models.teacher, batch["input_ids"],
-          batch["attention_mask"], teacher_inputs, teacher_mask)
+          batch["attention_mask"], teacher_actions,
+          jnp.ones_like(teacher_actions))
   # Every reduction over V of the Q-values, [B, T(+1)] each, in one pass.
   if models.logits_chunk:
-    hidden, head = jax.lax.stop_gradient(models.head_inputs(*args))
+    hidden, head = jax.lax.stop_gradient(models.score_head(*args))
     stats = returns.position_stats_chunked(
         hidden, head, teacher_actions, center=rl.center_logits,
         chunk=models.logits_chunk)
   else:
     teacher_logits = jax.lax.stop_gradient(
-        models.forward(*args))  # [B, T(+1), V]
+        models.score(*args))  # [B, T(+1), V]
     stats = returns.position_stats(teacher_logits, teacher_actions,
                                    center=rl.center_logits)
   bootstrap_value = None
@@ -286,7 +281,7 @@ def teacher_scores(teacher_params: Any, batch: Batch, actions: jax.Array,
 
 
 def combine_scores(rollout: Rollout, scores: TeacherScores, *,
-                   models: Models, rl: RLConfig) -> ScoredRollout:
+                   rl: RLConfig) -> ScoredRollout:
   """`student_rollout` + `teacher_scores` -> what `score_rollout` returns."""
   if rl.unfinished == "drop":
     loss_mask = rollout.mask * rollout.finished[:, None]
@@ -298,12 +293,11 @@ def combine_scores(rollout: Rollout, scores: TeacherScores, *,
   return ScoredRollout(
       rollout=rollout.replace(lengths=rollout.lengths * rollout.real_row),
       scores=scores, loss_mask=loss_mask,
-      scale=jnp.asarray(scale, jnp.float32),
-      decoder_inputs=t5.shift_right(rollout.actions, models.student))
+      scale=jnp.asarray(scale, jnp.float32))
 
 
 def score_rollout(params: Any, teacher_params: Any, batch: Batch,
-                  sample_rng: jax.Array, *, models: Models, rl: RLConfig
+                  sample_rng: jax.Array, *, models: StepModels, rl: RLConfig
                   ) -> ScoredRollout:
   """Steps 1-2 of `rl_step`: student rollout, teacher Q-values, loss mask.
 
@@ -318,23 +312,23 @@ def score_rollout(params: Any, teacher_params: Any, batch: Batch,
   scores = teacher_scores(teacher_params, batch, rollout.actions,
                           rollout.mask, rollout.finished, models=models,
                           rl=rl)
-  return combine_scores(rollout, scores, models=models, rl=rl)
+  return combine_scores(rollout, scores, rl=rl)
 
 
 def student_token_stats(params: Any, batch: Batch, scored: ScoredRollout, *,
-                        models: Models) -> tuple[jax.Array, jax.Array]:
+                        models: StepModels) -> tuple[jax.Array, jax.Array]:
   """The student's teacher-forced `(log pi(a_t), entropy)` on the rollout.
 
   Both [B, T] float32, differentiable in `params`; chunked over positions
   when `models.logits_chunk` > 0 (no [B, T, V] array, forward or backward).
   """
   args = (params, models.student, batch["input_ids"],
-          batch["attention_mask"], scored.decoder_inputs, scored.mask)
+          batch["attention_mask"], scored.actions, scored.mask)
   if models.logits_chunk:
-    hidden, head = models.head_inputs(*args)
+    hidden, head = models.score_head(*args)
     return losses.token_logprobs_chunked(hidden, head, scored.actions,
                                          chunk=models.logits_chunk)
-  return losses.token_logprobs(models.forward(*args), scored.actions)
+  return losses.token_logprobs(models.score(*args), scored.actions)
 
 
 def rollout_returns(scored: ScoredRollout, rl: RLConfig, k: int,
@@ -401,7 +395,7 @@ def rollout_objective(logp: jax.Array, entropy: jax.Array,
 
 def rollout_update(state: state_lib.TrainState, batch: Batch,
                    scored: ScoredRollout, g: jax.Array | None,
-                   rng: jax.Array, *, models: Models,
+                   rng: jax.Array, *, models: StepModels,
                    optim: state_lib.OptimConfig, rl: RLConfig
                    ) -> tuple[state_lib.TrainState, jax.Array, Any, Metrics]:
   """Steps 3-5 of `rl_step`: student forward + backward, guarded update.
@@ -426,7 +420,7 @@ def rollout_update(state: state_lib.TrainState, batch: Batch,
 
 
 def rl_step(state: state_lib.TrainState, teacher_params: Any, batch: Batch,
-            *, models: Models, optim: state_lib.OptimConfig, rl: RLConfig
+            *, models: StepModels, optim: state_lib.OptimConfig, rl: RLConfig
             ) -> tuple[state_lib.TrainState, Metrics]:
   """One KETCHUP step on a micro-batch of sources (SPEC §2–3).
 
@@ -444,7 +438,7 @@ def rl_step(state: state_lib.TrainState, teacher_params: Any, batch: Batch,
 
 
 def rl_update(state: state_lib.TrainState, batch: Batch,
-              scored: ScoredRollout, rng: jax.Array, *, models: Models,
+              scored: ScoredRollout, rng: jax.Array, *, models: StepModels,
               optim: state_lib.OptimConfig, rl: RLConfig
               ) -> tuple[state_lib.TrainState, Metrics]:
   """Steps 3-5 of `rl_step` on a scored rollout; `rng` becomes state.rng."""

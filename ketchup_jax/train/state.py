@@ -9,6 +9,7 @@ update every `grad_accum` of them (`optax.MultiSteps`).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import flax.struct
@@ -110,8 +111,13 @@ def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:
   return optax.join_schedules([warmup, decay], [cfg.warmup_steps])
 
 
+@functools.lru_cache(maxsize=None)
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
-  """AdamW with the schedule, optional clipping and accumulation."""
+  """AdamW with the schedule, optional clipping and accumulation.
+
+  One object per (hashable) config: the training loop and every step it
+  traces share it instead of each building the chain again.
+  """
   parts = []
   if cfg.max_grad_norm > 0:
     parts.append(optax.clip_by_global_norm(cfg.max_grad_norm))

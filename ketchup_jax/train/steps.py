@@ -12,7 +12,7 @@ Stages:
   `gkd_step`         GKD: generalised JSD on student samples or gold targets.
 
 The RL step (rollout -> teacher Q-values -> K-step returns -> REINFORCE) is
-`ketchup_jax.train.rollouts.rl_step`; it shares `Models` and `minimize`.
+`ketchup_jax.train.rollouts.rl_step`; it shares `StepModels` and `minimize`.
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ Batch = dict[str, jax.Array]
 Metrics = dict[str, jax.Array]
 
 @dataclasses.dataclass(frozen=True)
-class Models:
+class StepModels:
   """Static description of the models a step uses.
 
   `logits_chunk` > 0 computes every loss and the teacher's Q-values from the
@@ -54,22 +54,31 @@ class Models:
   def __post_init__(self):
     chunked.check_chunk(self.logits_chunk)
 
-  def head_inputs(self, params: Any, config: T5Config, input_ids: jax.Array,
-                  attention_mask: jax.Array, decoder_input_ids: jax.Array,
-                  decoder_mask: jax.Array
-                  ) -> tuple[jax.Array, chunked.Head]:
-    """`(hidden [B, T, E], head)`: `forward` is `chunked.project` of them."""
+  def score_head(self, params: Any, config: T5Config, input_ids: jax.Array,
+                 attention_mask: jax.Array, targets: jax.Array,
+                 target_mask: jax.Array) -> tuple[jax.Array, chunked.Head]:
+    """`(hidden [B, T, E], head)`: `score` is `chunked.project` of them."""
     hidden = t5.hidden_states(params, config, input_ids, attention_mask,
-                              decoder_input_ids, decoder_mask, mesh=self.mesh,
-                              rules=self.rules)
+                              t5.shift_right(targets, config), target_mask,
+                              mesh=self.mesh, rules=self.rules)
     return hidden, t5.output_head(params, config)
 
-  def forward(self, params: Any, config: T5Config, input_ids: jax.Array,
-              attention_mask: jax.Array, decoder_input_ids: jax.Array,
-              decoder_mask: jax.Array) -> jax.Array:
+  def score(self, params: Any, config: T5Config, input_ids: jax.Array,
+            attention_mask: jax.Array, targets: jax.Array,
+            target_mask: jax.Array) -> jax.Array:
+    """Teacher-forced float32 logits [B, T, V]: position t predicts targets[t].
+
+    Args:
+      params: The model's parameters.
+      config: Its config.
+      input_ids: [B, S] the prompts (sources).
+      attention_mask: [B, S] 1 on their real tokens.
+      targets: [B, T] the tokens scored (gold targets or a rollout).
+      target_mask: [B, T] 1 on the real ones.
+    """
     return t5.forward(params, config, input_ids, attention_mask,
-                      decoder_input_ids, decoder_mask, mesh=self.mesh,
-                      rules=self.rules)
+                      t5.shift_right(targets, config), target_mask,
+                      mesh=self.mesh, rules=self.rules)
 
   def sample(self, params: Any, config: T5Config, batch: Batch,
              rng: jax.Array, *, max_new_tokens: int, temperature: float = 0.0,
@@ -100,23 +109,21 @@ def token_mean(total: jax.Array, count: jax.Array) -> jax.Array:
   return total / jnp.maximum(count, 1.0)
 
 
-def _ce_update(state: state_lib.TrainState, models: Models,
+def _ce_update(state: state_lib.TrainState, models: StepModels,
                optim: state_lib.OptimConfig, batch: Batch, targets: jax.Array,
                target_mask: jax.Array, rng: jax.Array
                ) -> tuple[state_lib.TrainState, Metrics]:
   """Cross-entropy of the student on `targets`, and the update."""
   config = models.student
-  decoder_inputs = t5.shift_right(targets, config)
-  args = (batch["input_ids"], batch["attention_mask"], decoder_inputs,
-          target_mask)
+  args = (batch["input_ids"], batch["attention_mask"], targets, target_mask)
 
   def loss_fn(params):
     if models.logits_chunk:
-      hidden, head = models.head_inputs(params, config, *args)
+      hidden, head = models.score_head(params, config, *args)
       total, count = losses.cross_entropy_loss_chunked(
           hidden, head, targets, target_mask, chunk=models.logits_chunk)
     else:
-      logits = models.forward(params, config, *args)  # [B, T, V]
+      logits = models.score(params, config, *args)  # [B, T, V]
       total, count = losses.cross_entropy_loss(logits, targets, target_mask)
     return token_mean(total, count), count
 
@@ -125,7 +132,7 @@ def _ce_update(state: state_lib.TrainState, models: Models,
 
 
 def supervised_step(state: state_lib.TrainState, batch: Batch, *,
-                    models: Models, optim: state_lib.OptimConfig
+                    models: StepModels, optim: state_lib.OptimConfig
                     ) -> tuple[state_lib.TrainState, Metrics]:
   """Cross-entropy on the batch's gold targets."""
   rng, _ = jax.random.split(state.rng)
@@ -134,7 +141,7 @@ def supervised_step(state: state_lib.TrainState, batch: Batch, *,
 
 
 def seqkd_targets(teacher_params: Any, batch: Batch, rng: jax.Array, *,
-                  models: Models, max_decode_len: int
+                  models: StepModels, max_decode_len: int
                   ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """The teacher's greedy outputs: tokens, target mask [B, T], done [B]."""
   out = models.sample(teacher_params, models.teacher, batch, rng,
@@ -143,7 +150,7 @@ def seqkd_targets(teacher_params: Any, batch: Batch, rng: jax.Array, *,
 
 
 def seqkd_update(state: state_lib.TrainState, batch: Batch, targets: jax.Array,
-                 target_mask: jax.Array, done: jax.Array, *, models: Models,
+                 target_mask: jax.Array, done: jax.Array, *, models: StepModels,
                  optim: state_lib.OptimConfig
                  ) -> tuple[state_lib.TrainState, Metrics]:
   """The student's cross-entropy update on `seqkd_targets`' outputs."""
@@ -155,7 +162,7 @@ def seqkd_update(state: state_lib.TrainState, batch: Batch, targets: jax.Array,
 
 
 def seqkd_step(state: state_lib.TrainState, teacher_params: Any, batch: Batch,
-               *, models: Models, optim: state_lib.OptimConfig,
+               *, models: StepModels, optim: state_lib.OptimConfig,
                max_decode_len: int) -> tuple[state_lib.TrainState, Metrics]:
   """SeqKD: cross-entropy on the teacher's greedy output for the sources."""
   rng, _ = jax.random.split(state.rng)
@@ -166,30 +173,30 @@ def seqkd_step(state: state_lib.TrainState, teacher_params: Any, batch: Batch,
 
 
 def word_kd_step(state: state_lib.TrainState, teacher_params: Any,
-                 batch: Batch, *, models: Models,
+                 batch: Batch, *, models: StepModels,
                  optim: state_lib.OptimConfig, divergence: str
                  ) -> tuple[state_lib.TrainState, Metrics]:
   """Word-level distillation on the gold targets (teacher-forced)."""
   rng, _ = jax.random.split(state.rng)
   args = (batch["input_ids"], batch["attention_mask"],
-          batch["decoder_input_ids"], batch["decoder_attention_mask"])
+          batch["decoder_target_ids"], batch["decoder_attention_mask"])
   mask = batch["decoder_attention_mask"]
   chunk = models.logits_chunk
   if chunk:
     teacher_head = jax.lax.stop_gradient(
-        models.head_inputs(teacher_params, models.teacher, *args))
+        models.score_head(teacher_params, models.teacher, *args))
   else:
     teacher_logits = jax.lax.stop_gradient(
-        models.forward(teacher_params, models.teacher, *args))
+        models.score(teacher_params, models.teacher, *args))
 
   def loss_fn(params):
     if chunk:
-      hidden, head = models.head_inputs(params, models.student, *args)
+      hidden, head = models.score_head(params, models.student, *args)
       total, count = losses.distillation_loss_chunked(
           hidden, head, *teacher_head, mask, chunk=chunk,
           divergence=divergence)
     else:
-      logits = models.forward(params, models.student, *args)
+      logits = models.score(params, models.student, *args)
       total, count = losses.distillation_loss(
           logits, teacher_logits, mask, divergence=divergence)
     return token_mean(total, count), count
@@ -248,9 +255,9 @@ class GKDConfig:
                        f"{self.max_decode_len!r}")
 
 
-def gkd_targets(params: Any, batch: Batch, rng: jax.Array, *, models: Models,
+def gkd_targets(params: Any, batch: Batch, rng: jax.Array, *, models: StepModels,
                 gkd: GKDConfig) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """This batch's GKD targets: (decoder inputs [B, L], mask [B, L], on-policy).
+  """This batch's GKD targets: (targets [B, L], mask [B, L], on-policy).
 
   L = max(gold target length, gkd.max_decode_len): both kinds are padded to
   it so that one `lax.cond` picks between them and only the picked branch
@@ -258,12 +265,13 @@ def gkd_targets(params: Any, batch: Batch, rng: jax.Array, *, models: Models,
   bool scalar, drawn with probability `gkd.lmbda`.
   """
   coin_rng, sample_rng = jax.random.split(rng)
-  gold_len = batch["decoder_input_ids"].shape[1]
+  gold = batch["decoder_target_ids"]
+  gold_len = gold.shape[1]
   length = max(gold_len, gkd.max_decode_len)
 
-  def gold():
+  def gold_targets():
     pad = ((0, 0), (0, length - gold_len))
-    return (jnp.pad(batch["decoder_input_ids"], pad),
+    return (jnp.pad(gold, pad),
             jnp.pad(batch["decoder_attention_mask"], pad).astype(jnp.int32))
 
   def sampled():
@@ -273,33 +281,32 @@ def gkd_targets(params: Any, batch: Batch, rng: jax.Array, *, models: Models,
     mask = length_mask(out.lengths, gkd.max_decode_len) * (
         batch["example_mask"] > 0)[:, None]
     pad = ((0, 0), (0, length - gkd.max_decode_len))
-    inputs = t5.shift_right(out.tokens, models.student)
-    return (jnp.pad(inputs, pad).astype(batch["decoder_input_ids"].dtype),
+    return (jnp.pad(out.tokens, pad).astype(gold.dtype),
             jnp.pad(mask, pad).astype(jnp.int32))
 
   if gkd.lmbda == 0.0:
-    return (*gold(), jnp.asarray(False))
+    return (*gold_targets(), jnp.asarray(False))
   if gkd.lmbda == 1.0:
     return (*sampled(), jnp.asarray(True))
   on_policy = jax.random.bernoulli(coin_rng, gkd.lmbda)
-  inputs, mask = jax.lax.cond(on_policy, sampled, gold)
-  return inputs, mask, on_policy
+  targets, mask = jax.lax.cond(on_policy, sampled, gold_targets)
+  return targets, mask, on_policy
 
 
 def gkd_step(state: state_lib.TrainState, teacher_params: Any, batch: Batch,
-             *, models: Models, optim: state_lib.OptimConfig, gkd: GKDConfig
+             *, models: StepModels, optim: state_lib.OptimConfig, gkd: GKDConfig
              ) -> tuple[state_lib.TrainState, Metrics]:
   """One GKD update: `gkd_targets`, then the generalised JSD on them."""
   rng, target_rng = jax.random.split(state.rng)
-  inputs, mask, on_policy = gkd_targets(
+  targets, mask, on_policy = gkd_targets(
       jax.lax.stop_gradient(state.params), batch, target_rng, models=models,
       gkd=gkd)
-  args = (batch["input_ids"], batch["attention_mask"], inputs, mask)
+  args = (batch["input_ids"], batch["attention_mask"], targets, mask)
   teacher_logits = jax.lax.stop_gradient(
-      models.forward(teacher_params, models.teacher, *args))
+      models.score(teacher_params, models.teacher, *args))
 
   def loss_fn(params):
-    logits = models.forward(params, models.student, *args)
+    logits = models.score(params, models.student, *args)
     total, count = losses.generalized_jsd_loss(
         logits, teacher_logits, mask, beta=gkd.beta)
     return token_mean(total, count), count

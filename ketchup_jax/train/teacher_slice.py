@@ -188,7 +188,7 @@ class RLStep(SplitStep):
   `models.mesh` is the student's mesh; the teacher's parameters must already
   be placed on `teacher_mesh`.
   """
-  models: steps.Models
+  models: steps.StepModels
   teacher_mesh: Mesh
   optim: state_lib.OptimConfig
   rl: rollouts.RLConfig
@@ -213,8 +213,7 @@ class RLStep(SplitStep):
              ) -> tuple[state_lib.TrainState, steps.Metrics]:
     """Piece 3 (student mesh): returns, loss and the update."""
     rng, _ = jax.random.split(state.rng)
-    scored = rollouts.combine_scores(rollout, scores, models=self.models,
-                                     rl=self.rl)
+    scored = rollouts.combine_scores(rollout, scores, rl=self.rl)
     return rollouts.rl_update(state, batch, scored, rng, models=self.models,
                               optim=self.optim, rl=self.rl)
 
@@ -249,7 +248,7 @@ class RLStep(SplitStep):
 @dataclasses.dataclass(frozen=True)
 class SeqKDStep(SplitStep):
   """`steps.seqkd_step` with the teacher's greedy decoding on its mesh."""
-  models: steps.Models
+  models: steps.StepModels
   teacher_mesh: Mesh
   optim: state_lib.OptimConfig
   max_decode_len: int
