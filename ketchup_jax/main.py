@@ -23,7 +23,8 @@ _CONFIG = config_flags.DEFINE_config_file(
 
 parse_flags = cli.app_flags_parser(
     FLAGS, prog="python -m ketchup_jax.main", doc=__doc__,
-    required=("config", "workdir"), fields_hint="the fields are in configs/default.py")
+    required=("config", "workdir"),
+    fields_hint="the fields are in configs/default.py")
 
 
 def main(argv):
