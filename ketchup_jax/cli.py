@@ -86,7 +86,8 @@ def parse(flag_values: flags.FlagValues, args: Sequence[str], *, prog: str,
     raise FlagError(str(e)) from None
   except (AttributeError, KeyError) as e:  # e.g. --config.rl.kk=3
     field = str(e.args[0] if e.args else e).strip("'\"")
-    raise FlagError(f"unknown config field {field!r}; {fields_hint}") from None
+    hint = f"; {fields_hint}" if fields_hint else ""
+    raise FlagError(f"unknown config field {field!r}{hint}") from None
   if rest[1:]:
     raise FlagError(f"unexpected arguments {rest[1:]}; {prog} takes only "
                     f"--flag=value arguments (see --help)")
