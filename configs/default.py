@@ -185,7 +185,7 @@ def get_config() -> ml_collections.ConfigDict:
       # JSD weight beta in [0, 1], with P = teacher, Q = student,
       # M = beta P + (1 - beta) Q: JSD = beta KL(P||M) + (1 - beta) KL(Q||M).
       # beta = 0 is forward KL(teacher || student), beta = 1 reverse
-      # KL(student || teacher) (ketchup_jax.losses.generalized_jsd_loss).
+      # KL(student || teacher) (ketchup_jax.divergences.generalized_jsd_loss).
       beta=0.5,
       # Sampling temperature of the student's samples (0 = greedy).
       temperature=1.0,

@@ -1,4 +1,4 @@
-"""Argument checks shared by the pure estimators (`returns`, `losses`).
+"""Argument checks shared by the pure estimators (`returns`, `losses`, ...).
 
 A leaf module: it imports nothing of ours, so the estimators stay "arrays in,
 arrays out". Every check runs at trace time on shapes and dtypes; checks on
@@ -85,3 +85,20 @@ def check_prefix_mask(name: str, mask: Any) -> None:
         f"{name} must be a prefix mask (1 up to the last real token, then 0); "
         f"row {row} has a 0 at position {col} followed by a 1 at {col + 1}: "
         f"{m[row].astype(int).tolist()}")
+
+
+def check_token_ids(name: str, ids: Any, mask: Any, vocab_size: int) -> None:
+  """Raises if concrete token `ids` [B, T] at real positions are outside [0, V).
+
+  Real positions are those where `mask` [B, T] is non-zero; like
+  `check_prefix_mask`, a value check, skipped under an outer `jax.jit`.
+  """
+  if isinstance(ids, jax.core.Tracer) or isinstance(mask, jax.core.Tracer):
+    return
+  ids_np, real = np.asarray(ids), np.asarray(mask) != 0
+  bad = real & ((ids_np < 0) | (ids_np >= vocab_size))
+  if bad.any():
+    row, col = np.argwhere(bad)[0]
+    raise ValueError(
+        f"{name} must be token ids in [0, {vocab_size}) at real positions, "
+        f"got {ids_np[row, col]} at row {row}, position {col}")

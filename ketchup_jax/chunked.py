@@ -27,6 +27,8 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from ketchup_jax import checks
+
 Array = jax.Array
 
 
@@ -105,3 +107,20 @@ def map_positions(fn: Callable[..., Any], arrays: tuple[Array, ...],
   body = jax.checkpoint(lambda xs: fn(*xs))
   out = jax.lax.map(body, tuple(split(x) for x in arrays))
   return jax.tree.map(merge, out)
+
+
+def check_head(hidden_name: str, hidden: Any, head_name: str,
+               head: Any) -> None:
+  """Raises unless `hidden` [B, T, E] and `head` (a `Head` of E) fit."""
+  checks.check_rank(hidden_name, hidden, 3, "[B, T, E]")
+  if not isinstance(head, Head):
+    raise ValueError(f"{head_name} must be a chunked.Head, got "
+                     f"{type(head).__name__}")
+  layout = "[V, E]" if head.vocab_first else "[E, V]"
+  checks.check_rank(f"{head_name}.kernel", head.kernel, 2, layout)
+  checks.check_float(hidden_name, hidden)
+  checks.check_float(f"{head_name}.kernel", head.kernel)
+  if jnp.shape(hidden)[-1] != head.embed_dim:
+    raise ValueError(
+        f"{hidden_name} [B, T, E] and {head_name}.kernel {layout} must share "
+        f"E, got {jnp.shape(hidden)} and {jnp.shape(head.kernel)}")

@@ -50,13 +50,16 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
+from absl import flags
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
 
+from ketchup_jax import cli
 from ketchup_jax import losses
+from ketchup_jax import reporting
 from ketchup_jax import returns
 from ketchup_jax.train import context
 from ketchup_jax.train import rollouts
@@ -328,20 +331,6 @@ def objective_diagnostics(student_params: Any, teacher_params: Any,
           for name, rl in rls.items()}
 
 
-def table(diag: dict[int, dict[str, float]], *, title: str = "") -> str:
-  """Markdown table of `gradient_diagnostics` output, one row per K."""
-  lines = ([title, ""] if title else []) + [
-      "| K | grad var (trace) | ‖mean grad‖² | var/‖mean‖² | return var | "
-      "bias mean | bias std | bias max |",
-      "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-  for k, d in diag.items():
-    lines.append(
-        f"| {k} | {d['grad_var']:.4g} | {d['grad_mean_sq']:.4g} | "
-        f"{d['grad_var_rel']:.3g} | {d['return_var']:.4g} | "
-        f"{d['bias_mean']:.4g} | {d['bias_std']:.4g} | {d['bias_max']:.4g} |")
-  return "\n".join(lines) + "\n"
-
-
 # --------------------------------------------------------------------------
 # On a pipeline run: a finished run directory, or inside the RL stage
 # --------------------------------------------------------------------------
@@ -484,74 +473,67 @@ def diagnose_workdir(workdir: str, *, student: str, options: Options,
               encoding="utf-8") as f:
       json.dump(result, f, indent=1)
     with open(os.path.join(out, f"{student}.md"), "w", encoding="utf-8") as f:
-      f.write(tables(result))
+      f.write(reporting.diagnostics_tables(result))
   return result
 
 
-def tables(result: dict[str, Any]) -> str:
-  """The Markdown of a `diagnose_workdir` result: one table per reward."""
-  by_reward = result.get("by_reward") or {"": result["by_k"]}
-  parts = []
-  for reward, by_k in by_reward.items():
-    title = _title(result) + (f" Objective `{reward}`." if reward else "")
-    parts.append(table({int(k): d for k, d in by_k.items()}, title=title))
-  return "\n".join(parts)
-
-
-def _title(result: dict[str, Any]) -> str:
-  o = result["options"]
-  how = (f"{o['projections']} random projections" if o["projections"]
-         else "full gradient")
-  return (f"Student `{result['student']}`, {o['minibatches']} minibatches of "
-          f"{result['batch_size']} from split `{result['split']}`, {how}; "
-          f"all K on the same rollouts.")
+FLAGS = flags.FlagValues()
+_WORKDIR = flags.DEFINE_string("workdir", None, "Pipeline run DIR.",
+                               flag_values=FLAGS)
+_KS = flags.DEFINE_string("ks", "1,2,4,8,16",
+                          "Comma-separated K values (default 1,2,4,8,16).",
+                          flag_values=FLAGS)
+_MINIBATCHES = flags.DEFINE_integer(
+    "minibatches", 16, "M independent rollout minibatches (>= 2).",
+    flag_values=FLAGS)
+_PROJECTIONS = flags.DEFINE_integer(
+    "projections", 0, "0: full gradient; R > 0: R random directions.",
+    flag_values=FLAGS)
+_STUDENT = flags.DEFINE_string(
+    "student", "predistill", "Model under DIR/models/ (default predistill).",
+    flag_values=FLAGS)
+_SPLIT = flags.DEFINE_string("split", "train", "Data split of the rollouts.",
+                             flag_values=FLAGS)
+_BATCH_SIZE = flags.DEFINE_integer(
+    "batch_size", 0, "Rows per minibatch (default: config rl.batch_size).",
+    flag_values=FLAGS)
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the rollouts.",
+                             flag_values=FLAGS)
+_REWARDS = flags.DEFINE_string(
+    "rewards", "", "Comma-separated objectives on the same rollouts, from "
+    f"{','.join(rollouts.REWARDS)} (default: the run's rl.reward).",
+    flag_values=FLAGS)
+_GAMMA = flags.DEFINE_float(
+    "gamma", None, "rl.gamma of the reverse-KL objectives (default: the "
+    "run's).", flag_values=FLAGS)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-  import argparse  # pylint: disable=g-import-not-at-top
-  parser = argparse.ArgumentParser(
-      prog="python -m ketchup_jax.diagnostics",
-      description="Gradient variance, return variance and bias per K on a "
-      "finished pipeline run.")
-  parser.add_argument("--workdir", required=True, help="Pipeline run DIR.")
-  parser.add_argument("--ks", default="1,2,4,8,16",
-                      help="Comma-separated K values (default 1,2,4,8,16).")
-  parser.add_argument("--minibatches", type=int, default=16,
-                      help="M independent rollout minibatches (>= 2).")
-  parser.add_argument("--projections", type=int, default=0,
-                      help="0: full gradient; R > 0: R random directions.")
-  parser.add_argument("--student", default="predistill",
-                      help="Model under DIR/models/ (default predistill).")
-  parser.add_argument("--split", default="train")
-  parser.add_argument("--batch_size", type=int, default=0,
-                      help="Rows per minibatch (default: config rl.batch_size).")
-  parser.add_argument("--seed", type=int, default=0)
-  parser.add_argument(
-      "--rewards", default="",
-      help="Comma-separated objectives on the same rollouts, from "
-      f"{','.join(rollouts.REWARDS)} (default: the run's rl.reward).")
-  parser.add_argument("--gamma", type=float, default=None,
-                      help="rl.gamma of the reverse-KL objectives (default: "
-                      "the run's).")
-  args = parser.parse_args(argv)
+  """The command line; `argv` without the program name (default sys.argv).
+
+  Returns the exit status: 0, or 2 after one `error:` line.
+  """
   try:
-    options = Options(ks=_parse_ks(args.ks), minibatches=args.minibatches,
-                      projections=args.projections, seed=args.seed)
-    if args.batch_size < 0:
-      raise ValueError(f"--batch_size must be >= 0, got {args.batch_size}")
-    rewards = tuple(r.strip() for r in args.rewards.split(",") if r.strip())
+    cli.parse(FLAGS, sys.argv[1:] if argv is None else argv,
+              prog="python -m ketchup_jax.diagnostics", doc=__doc__,
+              required=("workdir",))
+    options = Options(ks=_parse_ks(_KS.value), minibatches=_MINIBATCHES.value,
+                      projections=_PROJECTIONS.value, seed=_SEED.value)
+    if _BATCH_SIZE.value < 0:
+      raise ValueError(f"--batch_size must be >= 0, got {_BATCH_SIZE.value}")
+    rewards = tuple(r.strip() for r in _REWARDS.value.split(",")
+                    if r.strip())
     bad = [r for r in rewards if r not in rollouts.REWARDS]
     if bad:
       raise ValueError(f"--rewards must hold values from {rollouts.REWARDS}, "
-                       f"got {args.rewards!r}")
-    result = diagnose_workdir(args.workdir, student=args.student,
-                              options=options, split=args.split,
-                              batch_size=args.batch_size, rewards=rewards,
-                              gamma=args.gamma)
+                       f"got {_REWARDS.value!r}")
+    result = diagnose_workdir(_WORKDIR.value, student=_STUDENT.value,
+                              options=options, split=_SPLIT.value,
+                              batch_size=_BATCH_SIZE.value, rewards=rewards,
+                              gamma=_GAMMA.value)
   except (ValueError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  print(tables(result))
+    return cli.error(e)
+  print(reporting.diagnostics_tables(result))
   return 0
 
 

@@ -33,15 +33,16 @@ state, rollout and backward pass on the others.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import math
 import sys
 from typing import Any
 
+from absl import flags
 import jax
 
+from ketchup_jax import cli
 from ketchup_jax import partitioning
 from ketchup_jax.models import config as config_lib
 from ketchup_jax.models import t5
@@ -364,39 +365,50 @@ def slice_table(*, global_batch: int = 16, source_len: int = 512,
   return "\n".join(lines) + "\n"
 
 
+FLAGS = flags.FlagValues()
+_BATCH = flags.DEFINE_integer("batch", 16, "global batch (rows)",
+                              flag_values=FLAGS)
+_SOURCE_LEN = flags.DEFINE_integer("source_len", 512, "source tokens",
+                                   flag_values=FLAGS)
+_TARGET_LEN = flags.DEFINE_integer("target_len", 128, "target tokens",
+                                   flag_values=FLAGS)
+_TEACHER = flags.DEFINE_string("teacher", "xl", "teacher model config",
+                               flag_values=FLAGS)
+_STUDENTS = flags.DEFINE_string("students", "t5-base,t5-large",
+                                "comma-separated student model configs",
+                                flag_values=FLAGS)
+_LOGITS_CHUNK = flags.DEFINE_integer(
+    "logits_chunk", 32, "config.logits_chunk: float32 logits this many "
+    "positions at a time (0 = all)", flag_values=FLAGS)
+_OWN_SLICE = flags.DEFINE_bool(
+    "own_slice", False, "also the teacher on its own half of the devices "
+    "(config.teacher_mesh), for the last student", flag_values=FLAGS)
+
+
 def main(argv: list[str] | None = None) -> int:
-  parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--batch", type=int, default=16,
-                      help="global batch (rows)")
-  parser.add_argument("--source_len", type=int, default=512)
-  parser.add_argument("--target_len", type=int, default=128)
-  parser.add_argument("--teacher", default="xl")
-  parser.add_argument("--students", default="t5-base,t5-large")
-  parser.add_argument("--logits_chunk", type=int, default=32,
-                      help="config.logits_chunk: float32 logits this many "
-                      "positions at a time (0 = all)")
-  parser.add_argument("--own_slice", action="store_true",
-                      help="also the teacher on its own half of the devices "
-                      "(config.teacher_mesh), for the last student")
-  args = parser.parse_args(argv)
-  if args.logits_chunk < 0:
-    print(f"error: --logits_chunk must be an int >= 0 (0 = whole logits), "
-          f"got {args.logits_chunk}", file=sys.stderr)
-    return 2
+  """The command line; `argv` without the program name (default sys.argv).
+
+  Returns the exit status: 0, or 2 after one `error:` line.
+  """
   try:
-    print(table(global_batch=args.batch, source_len=args.source_len,
-                target_len=args.target_len, teacher_name=args.teacher,
-                students=tuple(args.students.split(",")),
-                logits_chunk=args.logits_chunk), end="")
-    if args.own_slice:
+    cli.parse(FLAGS, sys.argv[1:] if argv is None else argv,
+              prog="python -m ketchup_jax.memory", doc=__doc__)
+    if _LOGITS_CHUNK.value < 0:
+      raise ValueError(f"--logits_chunk must be an int >= 0 (0 = whole "
+                       f"logits), got {_LOGITS_CHUNK.value}")
+    students = tuple(_STUDENTS.value.split(","))
+    print(table(global_batch=_BATCH.value, source_len=_SOURCE_LEN.value,
+                target_len=_TARGET_LEN.value, teacher_name=_TEACHER.value,
+                students=students, logits_chunk=_LOGITS_CHUNK.value), end="")
+    if _OWN_SLICE.value:
       print()
-      print(slice_table(global_batch=args.batch, source_len=args.source_len,
-                        target_len=args.target_len, teacher_name=args.teacher,
-                        students=tuple(args.students.split(",")[-1:])),
+      print(slice_table(global_batch=_BATCH.value,
+                        source_len=_SOURCE_LEN.value,
+                        target_len=_TARGET_LEN.value,
+                        teacher_name=_TEACHER.value, students=students[-1:]),
             end="")
   except ValueError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
+    return cli.error(e)
   return 0
 
 

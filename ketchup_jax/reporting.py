@@ -297,3 +297,41 @@ def sweep_plots(results: dict[str, Any], directory: str,
       ax.grid(alpha=0.3)
       save(fig, fname)
   return written
+
+
+# The diagnostics (`ketchup_jax.diagnostics`): variance and bias per K.
+
+
+def diagnostics_table(diag: dict[int, dict[str, float]], *, title: str = "") -> str:
+  """Markdown table of `gradient_diagnostics` output, one row per K."""
+  lines = ([title, ""] if title else []) + [
+      "| K | grad var (trace) | ‖mean grad‖² | var/‖mean‖² | return var | "
+      "bias mean | bias std | bias max |",
+      "|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  for k, d in diag.items():
+    lines.append(
+        f"| {k} | {d['grad_var']:.4g} | {d['grad_mean_sq']:.4g} | "
+        f"{d['grad_var_rel']:.3g} | {d['return_var']:.4g} | "
+        f"{d['bias_mean']:.4g} | {d['bias_std']:.4g} | {d['bias_max']:.4g} |")
+  return "\n".join(lines) + "\n"
+
+
+def diagnostics_tables(result: dict[str, Any]) -> str:
+  """The Markdown of a `diagnose_workdir` result: one table per reward."""
+  by_reward = result.get("by_reward") or {"": result["by_k"]}
+  parts = []
+  for reward, by_k in by_reward.items():
+    title = _diagnostics_title(result) + (f" Objective `{reward}`." if reward
+                                          else "")
+    parts.append(diagnostics_table({int(k): d for k, d in by_k.items()},
+                                   title=title))
+  return "\n".join(parts)
+
+
+def _diagnostics_title(result: dict[str, Any]) -> str:
+  o = result["options"]
+  how = (f"{o['projections']} random projections" if o["projections"]
+         else "full gradient")
+  return (f"Student `{result['student']}`, {o['minibatches']} minibatches of "
+          f"{result['batch_size']} from split `{result['split']}`, {how}; "
+          f"all K on the same rollouts.")

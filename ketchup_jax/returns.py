@@ -93,7 +93,8 @@ def _check_teacher_inputs(teacher_logits, actions, mask) -> None:
       "mask": mask,
   })
   checks.check_prefix_mask("mask", mask)
-  _check_token_ids("actions", actions, mask, jnp.shape(teacher_logits)[-1])
+  checks.check_token_ids("actions", actions, mask,
+                          jnp.shape(teacher_logits)[-1])
 
 
 @functools.partial(jax.jit, static_argnames=("center", "value"))
@@ -198,20 +199,6 @@ def teacher_log_probs(teacher_logits: ArrayLike, actions: ArrayLike,
 def _teacher_log_probs(teacher_logits, actions, mask):
   lp = taken_log_probs(teacher_logits.astype(jnp.float32), actions)  # [B, T]
   return jnp.where(_bool_mask(mask), lp, 0.0)
-
-
-def _check_token_ids(name: str, ids: ArrayLike, mask: ArrayLike,
-                     vocab_size: int) -> None:
-  """Raises if concrete token ids at real positions are outside [0, V)."""
-  if isinstance(ids, jax.core.Tracer) or isinstance(mask, jax.core.Tracer):
-    return
-  ids_np, real = np.asarray(ids), np.asarray(mask) != 0
-  bad = real & ((ids_np < 0) | (ids_np >= vocab_size))
-  if bad.any():
-    row, col = np.argwhere(bad)[0]
-    raise ValueError(
-        f"{name} must be token ids in [0, {vocab_size}) at real positions, "
-        f"got {ids_np[row, col]} at row {row}, position {col}")
 
 
 # --------------------------------------------------------------------------

@@ -52,9 +52,13 @@ import sys
 import time
 from typing import Any, Sequence
 
+from absl import app
+from absl import flags
 from absl import logging
 import ml_collections
+from ml_collections import config_flags
 
+from ketchup_jax import cli
 from ketchup_jax import data as data_lib
 from ketchup_jax import diagnostics
 from ketchup_jax import distributed
@@ -542,53 +546,39 @@ def _run_sweep_locked(c: ml_collections.ConfigDict, workdir: str,
   return results
 
 
-class _QuietOrbax:
-  """Drops Orbax's INFO lines (one per file written), as ketchup_jax.main."""
+# --------------------------------------------------------------------------
+# The command line
+# --------------------------------------------------------------------------
 
-  def filter(self, record) -> bool:
-    return record.levelno >= 30 or "/orbax/" not in record.pathname
+FLAGS = flags.FlagValues()
+_WORKDIR = flags.DEFINE_string("workdir", None, "Sweep directory.",
+                               flag_values=FLAGS)
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Sweep config (configs/experiments/*.py).",
+    flag_values=FLAGS, lock_config=True)
+
+parse_flags = cli.app_flags_parser(
+    FLAGS, prog="python -m ketchup_jax.sweep", doc=__doc__,
+    required=("config", "workdir"),
+    fields_hint="the sweep fields are in configs/experiments/common.py, the "
+    "pipeline's (under base.) in configs/default.py")
 
 
 def main(argv: Sequence[str]) -> None:
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  del argv
+  del argv  # `parse_flags` refuses positional arguments
   import jax  # pylint: disable=g-import-not-at-top
-  logging.get_absl_logger().addFilter(_QuietOrbax())
+  cli.quiet_orbax()
   if not os.environ.get("JAX_COMPILATION_CACHE_DIR"):
     # The runs of a sweep compile the same steps again and again.
     jax.config.update("jax_compilation_cache_dir",
-                      os.path.join(os.path.abspath(flags.FLAGS.workdir),
+                      os.path.join(os.path.abspath(_WORKDIR.value),
                                    ".jax_cache"))
   try:
-    run_sweep(flags.FLAGS.config, flags.FLAGS.workdir)
+    run_sweep(_CONFIG.value, _WORKDIR.value)
   except (ValueError, OSError, FloatingPointError, RuntimeError) as e:
     logging.error("%s: %s", type(e).__name__, e)
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(2)
-
-
-def _parse_flags(argv: Sequence[str]) -> Sequence[str]:
-  """absl's parser; a bad or unknown --config.<field> is one line, exit 2."""
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  try:
-    return flags.FLAGS(argv)
-  except flags.Error as e:
-    print(f"error: {e}", file=sys.stderr)
-  except (AttributeError, KeyError) as e:
-    field = str(e.args[0] if e.args else e).strip("'\"")
-    print(f"error: unknown config field {field!r}; the sweep fields are in "
-          f"configs/experiments/common.py, the pipeline's (under base.) in "
-          f"configs/default.py", file=sys.stderr)
-  sys.exit(2)
+    sys.exit(cli.error(e))
 
 
 if __name__ == "__main__":
-  from absl import app  # pylint: disable=g-import-not-at-top
-  from absl import flags  # pylint: disable=g-import-not-at-top
-  from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
-  flags.DEFINE_string("workdir", None, "Sweep directory.")
-  config_flags.DEFINE_config_file(
-      "config", None, "Sweep config (configs/experiments/*.py).",
-      lock_config=True)
-  flags.mark_flags_as_required(["config", "workdir"])
-  app.run(main, flags_parser=_parse_flags)
+  app.run(main, flags_parser=parse_flags)

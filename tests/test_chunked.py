@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from ketchup_jax import chunked
+from ketchup_jax import divergences
 from ketchup_jax import losses
 from ketchup_jax import models
 from ketchup_jax import returns
@@ -129,7 +130,7 @@ def test_cross_entropy_and_policy_gradient_chunked_equal_whole(vocab_first):
     _assert_same(got, want)
 
 
-@pytest.mark.parametrize("divergence", losses.DIVERGENCES)
+@pytest.mark.parametrize("divergence", divergences.DIVERGENCES)
 def test_distillation_chunked_equals_whole(divergence):
   s_hidden, s_kernel, _, mask = _head(3)
   t_hidden, t_kernel, _, _ = _head(4)
@@ -137,10 +138,10 @@ def test_distillation_chunked_equals_whole(divergence):
   def loss(chunk):
     def fn(h, w):
       if chunk:
-        return losses.distillation_loss_chunked(
+        return divergences.distillation_loss_chunked(
             h, w, t_hidden, t_kernel, mask, chunk=chunk,
             divergence=divergence)
-      return losses.distillation_loss(
+      return divergences.distillation_loss(
           chunked.project(h, w), chunked.project(t_hidden, t_kernel), mask,
           divergence=divergence)
     return fn

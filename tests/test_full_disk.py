@@ -185,7 +185,7 @@ _MAIN_WITH_A_FULL_DISK = textwrap.dedent("""
       raise OSError(errno.ENOSPC, "No space left on device")
 
     fileio.write_to = write_to
-    app.run(main.main, flags_parser=main._parse_flags)
+    app.run(main.main, flags_parser=main.parse_flags)
 """)
 
 

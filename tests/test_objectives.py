@@ -18,6 +18,7 @@ import torch
 from configs.experiments import objectives
 from configs.experiments import smoke_sweep
 from ketchup_jax import diagnostics
+from ketchup_jax import divergences
 from ketchup_jax import losses
 from ketchup_jax import models
 from ketchup_jax import returns as R
@@ -254,28 +255,28 @@ def test_gkd_generalized_jsd_and_gradient_match_torch(beta):
   student = np.random.default_rng(6).normal(size=(B, T, V)).astype(np.float32)
 
   def loss(s):
-    return losses.generalized_jsd_loss(s, jnp.asarray(teacher), mask,
+    return divergences.generalized_jsd_loss(s, jnp.asarray(teacher), mask,
                                        beta=beta)[0]
 
   got, grad = jax.value_and_grad(loss)(jnp.asarray(student))
   ref, ref_grad = torch_jsd(student, teacher, mask, beta)
   np.testing.assert_allclose(float(got), ref, rtol=1e-5)
   np.testing.assert_allclose(np.asarray(grad), ref_grad, atol=1e-5)
-  count = losses.generalized_jsd_loss(student, teacher, mask, beta=beta)[1]
+  count = divergences.generalized_jsd_loss(student, teacher, mask, beta=beta)[1]
   assert float(count) == mask.sum()
 
 
 def test_gkd_beta_limits_approach_forward_and_reverse_kl():
   teacher, _, mask = random_case(7)
   student = np.random.default_rng(8).normal(size=(B, T, V)).astype(np.float32)
-  kl = float(losses.distillation_loss(student, teacher, mask,
+  kl = float(divergences.distillation_loss(student, teacher, mask,
                                       divergence="kl")[0])
-  rkl = float(losses.distillation_loss(student, teacher, mask,
+  rkl = float(divergences.distillation_loss(student, teacher, mask,
                                        divergence="rkl")[0])
   assert abs(kl - rkl) > 0.1 * kl  # the two limits are distinguishable
 
   def jsd(beta):
-    return float(losses.generalized_jsd_loss(student, teacher, mask,
+    return float(divergences.generalized_jsd_loss(student, teacher, mask,
                                              beta=beta)[0])
 
   # JSD_beta ~ beta KL(P||Q) as beta -> 0 and (1 - beta) KL(Q||P) as
@@ -291,7 +292,7 @@ def test_gkd_beta_limits_approach_forward_and_reverse_kl():
   np.testing.assert_allclose(jsd(0.0), kl, rtol=1e-6)
   np.testing.assert_allclose(jsd(1.0), rkl, rtol=1e-6)
   # Inside, the SPEC formula is symmetric under (P, Q, beta) -> (Q, P, 1-beta).
-  swapped = float(losses.generalized_jsd_loss(teacher, student, mask,
+  swapped = float(divergences.generalized_jsd_loss(teacher, student, mask,
                                               beta=0.7)[0])
   np.testing.assert_allclose(jsd(0.3), swapped, rtol=1e-5)
 

@@ -8,7 +8,7 @@ import numpy as np
 from hypothesis import given, settings, strategies as st
 from hypothesis.extra import numpy as hnp
 
-from ketchup_jax import losses, returns
+from ketchup_jax import divergences, losses, returns
 
 # Few distinct shapes, so jit compiles a bounded number of programs.
 SHAPES = st.sampled_from([(1, 1), (1, 5), (3, 4), (4, 9)])
@@ -54,7 +54,7 @@ def test_returns_are_finite_and_zero_after_terminal(batch, k, value):
        baseline=st.sampled_from(["none", "batch_mean"]),
        weight=st.sampled_from(["none", "reference_compat"]),
        reward_clip=st.sampled_from([None, 1.0, 50.0]),
-       divergence=st.sampled_from(losses.DIVERGENCES))
+       divergence=st.sampled_from(divergences.DIVERGENCES))
 def test_losses_are_finite(batch, baseline, weight, reward_clip, divergence):
   logits, actions, mask = batch
   g = logits[..., 0] * 100.0
@@ -64,7 +64,7 @@ def test_losses_are_finite(batch, baseline, weight, reward_clip, divergence):
   assert np.isfinite(float(total)) and float(count) == mask.sum()
   if mask.sum() == 0:
     assert float(total) == 0.0
-  kd, _ = losses.distillation_loss(logits, logits[::-1], mask,
+  kd, _ = divergences.distillation_loss(logits, logits[::-1], mask,
                                    divergence=divergence)
   ce, _ = losses.cross_entropy_loss(logits, actions, mask)
   assert np.isfinite(float(kd)) and float(kd) >= -1e-5

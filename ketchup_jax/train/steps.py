@@ -26,6 +26,7 @@ from jax.sharding import Mesh
 import ml_collections
 
 from ketchup_jax import chunked
+from ketchup_jax import divergences
 from ketchup_jax import losses
 from ketchup_jax import partitioning
 from ketchup_jax.models import sampling
@@ -192,12 +193,12 @@ def word_kd_step(state: state_lib.TrainState, teacher_params: Any,
   def loss_fn(params):
     if chunk:
       hidden, head = models.score_head(params, models.student, *args)
-      total, count = losses.distillation_loss_chunked(
+      total, count = divergences.distillation_loss_chunked(
           hidden, head, *teacher_head, mask, chunk=chunk,
           divergence=divergence)
     else:
       logits = models.score(params, models.student, *args)
-      total, count = losses.distillation_loss(
+      total, count = divergences.distillation_loss(
           logits, teacher_logits, mask, divergence=divergence)
     return token_mean(total, count), count
 
@@ -213,7 +214,7 @@ class GKDConfig:
   targets are the student's own samples of the sources, otherwise the batch's
   gold targets; the loss is the token-level generalised JSD between the
   teacher's and the student's full next-token distributions on those
-  targets (`losses.generalized_jsd_loss`).
+  targets (`divergences.generalized_jsd_loss`).
 
   Attributes:
     lmbda: lambda in [0, 1], the fraction of batches on student samples
@@ -242,7 +243,7 @@ class GKDConfig:
                        f"student samples) must be a number in [0, 1], got "
                        f"{self.lmbda!r}")
     try:
-      losses.check_beta(self.beta)
+      divergences.check_beta(self.beta)
     except ValueError as e:
       raise ValueError(f"gkd.{e}") from None
     if isinstance(self.temperature, bool) or not isinstance(
@@ -307,7 +308,7 @@ def gkd_step(state: state_lib.TrainState, teacher_params: Any, batch: Batch,
 
   def loss_fn(params):
     logits = models.score(params, models.student, *args)
-    total, count = losses.generalized_jsd_loss(
+    total, count = divergences.generalized_jsd_loss(
         logits, teacher_logits, mask, beta=gkd.beta)
     return token_mean(total, count), count
 
