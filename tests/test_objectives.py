@@ -320,7 +320,6 @@ def tiny():
 
 def _gold_batch(seed=0):
   rng = np.random.default_rng(seed)
-  config = _tiny_config()
   targets = rng.integers(2, VOCAB, (ROWS, TGT)).astype(np.int32)
   target_mask = prefix_mask([6, 3, 1, 4], TGT)
   return {"input_ids": rng.integers(2, VOCAB, (ROWS, SRC)).astype(np.int32),
