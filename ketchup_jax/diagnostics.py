@@ -58,6 +58,7 @@ import numpy as np
 import tqdm
 
 from ketchup_jax import cli
+from ketchup_jax import fileio
 from ketchup_jax import losses
 from ketchup_jax import reporting
 from ketchup_jax import returns
@@ -469,11 +470,10 @@ def diagnose_workdir(workdir: str, *, student: str, options: Options,
   if run.is_main:
     out = run.path("diagnostics")
     os.makedirs(out, exist_ok=True)
-    with open(os.path.join(out, f"{student}.json"), "w",
-              encoding="utf-8") as f:
-      json.dump(result, f, indent=1)
-    with open(os.path.join(out, f"{student}.md"), "w", encoding="utf-8") as f:
-      f.write(reporting.diagnostics_tables(result))
+    fileio.atomic_write(os.path.join(out, f"{student}.json"),
+                        json.dumps(result, indent=1))
+    fileio.atomic_write(os.path.join(out, f"{student}.md"),
+                        reporting.diagnostics_tables(result))
   return result
 
 

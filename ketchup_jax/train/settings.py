@@ -98,12 +98,62 @@ def _int_at_least(cfg: ml_collections.ConfigDict, where: str, name: str,
                      f"{value!r}")
 
 
+def _check_teacher_mesh(cfg: ml_collections.ConfigDict) -> None:
+  """`config.teacher_mesh`, and the stages an own-slice teacher cannot serve."""
+  sub = cfg.get("teacher_mesh")
+  n = (None if sub is None else sub.get("devices")) or 0
+  if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+    raise ValueError(f"config.teacher_mesh.devices must be an int >= 0 (0 = "
+                     f"the teacher on the student's mesh), got {n!r}")
+  if not n:
+    return
+  axes = teacher_slice.MESH_AXES
+  sizes = [cfg.teacher_mesh.get(a, 1) for a in axes]
+  for name, size in zip(axes, sizes):
+    if isinstance(size, bool) or not isinstance(size, int) or not (
+        size >= 1 or size == -1):
+      raise ValueError(f"config.teacher_mesh.{name} must be an int >= 1 or "
+                       f"-1 (the devices left over), got {size!r}")
+  if sizes.count(-1) > 1:
+    raise ValueError(f"config.teacher_mesh: at most one of data/fsdp/tensor "
+                     f"may be -1, got {dict(zip(axes, sizes))}")
+  stages = parse_stages(cfg.stages)
+  if "predistill" in stages and cfg.predistill.method != "seqkd":
+    raise ValueError(
+        f"config.predistill.method={cfg.predistill.method!r} needs the "
+        f"teacher's [B, T, V] logits next to the student's; it is not "
+        f"supported with the teacher on its own devices "
+        f"(config.teacher_mesh.devices={n}); use method 'seqkd' or "
+        f"teacher_mesh.devices=0")
+  if "rl" in stages and cfg.rl.get("diag_every", 0):
+    raise ValueError(
+        f"config.rl.diag_every={cfg.rl.diag_every} (gradient diagnostics "
+        f"during RL) is not supported with the teacher on its own devices "
+        f"(config.teacher_mesh.devices={n}); set rl.diag_every=0 or "
+        f"teacher_mesh.devices=0")
+
+
+def _check_validation(cfg: ml_collections.ConfigDict) -> None:
+  """Each stage's `eval_every` / `select`, and `config.validation`."""
+  for stage in TRAINING_STAGES:
+    validation.StageValidation.from_config(stage, cfg[stage])
+  val = cfg.get("validation", ml_collections.ConfigDict())
+  n = val.get("max_examples", 512)
+  if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+    raise ValueError(f"config.validation.max_examples must be an int >= 1, "
+                     f"got {n!r}")
+  split = val.get("split", "validation")
+  if split in ("train", "test"):
+    raise ValueError(f"config.validation.split must not be 'train' or 'test' "
+                     f"(selection on them leaks), got {split!r}")
+
+
 def check_config(cfg: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first bad field."""
   parse_stages(cfg.stages)
   rl_ks(cfg)
-  teacher_slice.check_config(cfg)
-  validation.check_config(cfg)
+  _check_teacher_mesh(cfg)
+  _check_validation(cfg)
   for name in ("max_source_len", "max_target_len", "checkpoint_every",
                "log_every", "max_nonfinite_steps"):
     _int_at_least(cfg, "", name, 1)

@@ -38,51 +38,7 @@ from ketchup_jax.train import rollouts
 from ketchup_jax.train import state as state_lib
 from ketchup_jax.train import steps
 
-_SIZES = ("data", "fsdp", "tensor")
-
-
-def _field(cfg: ml_collections.ConfigDict, name: str) -> Any:
-  sub = cfg.get("teacher_mesh")
-  return None if sub is None else sub.get(name)
-
-
-def teacher_devices(cfg: ml_collections.ConfigDict) -> int:
-  """`config.teacher_mesh.devices` (0 = the teacher shares the student mesh)."""
-  n = _field(cfg, "devices") or 0
-  if isinstance(n, bool) or not isinstance(n, int) or n < 0:
-    raise ValueError(f"config.teacher_mesh.devices must be an int >= 0 (0 = "
-                     f"the teacher on the student's mesh), got {n!r}")
-  return n
-
-
-def check_config(cfg: ml_collections.ConfigDict) -> None:
-  """Field types and the stages an own-slice teacher cannot serve."""
-  n = teacher_devices(cfg)
-  if not n:
-    return
-  sizes = [cfg.teacher_mesh.get(a, 1) for a in _SIZES]
-  for name, size in zip(_SIZES, sizes):
-    if isinstance(size, bool) or not isinstance(size, int) or not (
-        size >= 1 or size == -1):
-      raise ValueError(f"config.teacher_mesh.{name} must be an int >= 1 or "
-                       f"-1 (the devices left over), got {size!r}")
-  if sizes.count(-1) > 1:
-    raise ValueError(f"config.teacher_mesh: at most one of data/fsdp/tensor "
-                     f"may be -1, got {dict(zip(_SIZES, sizes))}")
-  stages = [s.strip() for s in cfg.stages.split(",")]
-  if "predistill" in stages and cfg.predistill.method != "seqkd":
-    raise ValueError(
-        f"config.predistill.method={cfg.predistill.method!r} needs the "
-        f"teacher's [B, T, V] logits next to the student's; it is not "
-        f"supported with the teacher on its own devices "
-        f"(config.teacher_mesh.devices={n}); use method 'seqkd' or "
-        f"teacher_mesh.devices=0")
-  if "rl" in stages and cfg.rl.get("diag_every", 0):
-    raise ValueError(
-        f"config.rl.diag_every={cfg.rl.diag_every} (gradient diagnostics "
-        f"during RL) is not supported with the teacher on its own devices "
-        f"(config.teacher_mesh.devices={n}); set rl.diag_every=0 or "
-        f"teacher_mesh.devices=0")
+MESH_AXES = ("data", "fsdp", "tensor")
 
 
 def split_devices(n_teacher: int,
@@ -128,19 +84,21 @@ def _resolve(sizes: dict[str, int], n: int) -> tuple[int, int, int]:
   if math.prod(sizes.values()) != n:
     raise ValueError(
         f"config.teacher_mesh data x fsdp x tensor = "
-        f"{' x '.join(str(sizes[a]) for a in _SIZES)} must multiply to "
+        f"{' x '.join(str(sizes[a]) for a in MESH_AXES)} must multiply to "
         f"teacher_mesh.devices={n}")
-  return tuple(sizes[a] for a in _SIZES)
+  return tuple(sizes[a] for a in MESH_AXES)
 
 
 def make_teacher_mesh(cfg: ml_collections.ConfigDict,
                       devices: Sequence[jax.Device] | None = None
                       ) -> tuple[list[jax.Device] | None, Mesh | None]:
-  """(student devices, teacher mesh), or (None, None) for the shared mesh."""
-  n = teacher_devices(cfg)
+  """(student devices, teacher mesh), or (None, None) for the shared mesh.
+
+  `cfg` has passed `settings.check_config`.
+  """
+  n = cfg.get("teacher_mesh", {}).get("devices") or 0
   if not n:
     return None, None
-  check_config(cfg)
   if jax.process_count() > 1:
     # Each process feeds the rows of the batch its devices hold
     # (`distributed.batch_rows`); a process holding only teacher devices
@@ -151,7 +109,7 @@ def make_teacher_mesh(cfg: ml_collections.ConfigDict,
         f"devices feeds no batch rows); set teacher_mesh.devices=0")
   student, teacher = split_devices(n, devices)
   data, fsdp, tensor = _resolve(
-      {a: cfg.teacher_mesh.get(a, 1) for a in _SIZES}, n)
+      {a: cfg.teacher_mesh.get(a, 1) for a in MESH_AXES}, n)
   return student, partitioning.make_mesh(data=data, fsdp=fsdp, tensor=tensor,
                                          devices=teacher)
 

@@ -109,21 +109,6 @@ class StageValidation:
                              update == total_updates)
 
 
-def check_config(cfg: ml_collections.ConfigDict) -> None:
-  """Raises ValueError naming the first bad validation field."""
-  for stage in TRAINING_STAGES:
-    StageValidation.from_config(stage, cfg[stage])
-  val = cfg.get("validation", ml_collections.ConfigDict())
-  n = val.get("max_examples", 512)
-  if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-    raise ValueError(f"config.validation.max_examples must be an int >= 1, "
-                     f"got {n!r}")
-  split = val.get("split", "validation")
-  if split in ("train", "test"):
-    raise ValueError(f"config.validation.split must not be 'train' or 'test' "
-                     f"(selection on them leaks), got {split!r}")
-
-
 def needed(cfg: ml_collections.ConfigDict) -> bool:
   """Whether any stage of this config validates."""
   return any(StageValidation.from_config(s, cfg[s]).enabled
