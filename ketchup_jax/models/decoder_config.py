@@ -301,3 +301,59 @@ class DecoderConfig:
     return {"bos_token_id": self.bos_token_id,
             "eos_token_id": list(self.eos_token_id) or None,
             "pad_token_id": self.pad_token_id}
+
+
+def _tiny(model_type: str, **kw: Any) -> dict[str, Any]:
+  return dict(model_type=model_type, vocab_size=128, hidden_size=32,
+              intermediate_size=64, num_hidden_layers=2,
+              num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+              eos_token_id=(1,), pad_token_id=0, **kw)
+
+
+# Size ladder of decoder shapes: `*-tiny` for CPU tests and smoke runs, and
+# the shapes of the paper's and the memory table's checkpoints (from their
+# HF config.json files; load the real directory to train them).
+DECODER_SIZES: dict[str, dict[str, Any]] = {
+    "llama-tiny": _tiny("llama", rope_type="llama3", rope_factor=8.0,
+                        rope_original_max_position_embeddings=16),
+    "qwen2-tiny": _tiny("qwen2", qkv_bias=True, tie_word_embeddings=True),
+    "qwen3-tiny": _tiny("qwen3", qk_norm=True),
+    "qwen1.5-0.5b": dict(
+        model_type="qwen2", vocab_size=151936, hidden_size=1024,
+        intermediate_size=2816, num_hidden_layers=24, num_attention_heads=16,
+        num_key_value_heads=16, head_dim=64, qkv_bias=True, rope_theta=1e6,
+        max_position_embeddings=32768, tie_word_embeddings=True,
+        eos_token_id=(151643,), pad_token_id=151643),
+    "qwen1.5-4b": dict(
+        model_type="qwen2", vocab_size=151936, hidden_size=2560,
+        intermediate_size=6912, num_hidden_layers=40, num_attention_heads=20,
+        num_key_value_heads=20, head_dim=128, qkv_bias=True, rope_theta=5e6,
+        max_position_embeddings=32768, tie_word_embeddings=False,
+        eos_token_id=(151643,), pad_token_id=151643),
+    "llama-3-8b": dict(
+        model_type="llama", vocab_size=128256, hidden_size=4096,
+        intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
+        rope_theta=5e5, max_position_embeddings=8192,
+        eos_token_id=(128001,), pad_token_id=128001, bos_token_id=128000),
+    "llama-3.2-1b": dict(
+        model_type="llama", vocab_size=128256, hidden_size=2048,
+        intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=64, rms_norm_eps=1e-5,
+        rope_theta=5e5, rope_type="llama3", rope_factor=32.0,
+        rope_original_max_position_embeddings=8192,
+        max_position_embeddings=131072, tie_word_embeddings=True,
+        eos_token_id=(128001,), pad_token_id=128001, bos_token_id=128000),
+}
+
+
+def get_decoder_config(name: str, **overrides: Any) -> DecoderConfig:
+  """The config of a named decoder shape (a key of `DECODER_SIZES`).
+
+  Raises:
+    ValueError: if `name` is not a known shape.
+  """
+  if name not in DECODER_SIZES:
+    raise ValueError(f"unknown decoder size {name!r}; expected one of "
+                     f"{sorted(DECODER_SIZES)}")
+  return DecoderConfig(**{**DECODER_SIZES[name], **overrides})

@@ -76,14 +76,17 @@ class RMSNorm(Base):
     cast_before_scale: Cast the normalised input to the compute dtype before
       the scale multiplies it (Llama / Qwen in HF); otherwise multiply in
       float32 and cast the product (T5 in HF). Equal in float32.
+    axis: Logical name of the scale's axis.
   """
   features: int = 0
   cast_before_scale: bool = False
+  axis: str = "embed"
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
     cfg = self.config
-    scale = self._param("scale", (self.features or cfg.embed_dim,), ("embed",))
+    scale = self._param("scale", (self.features or cfg.embed_dim,),
+                        (self.axis,))
     x32 = x.astype(jnp.float32)  # [..., features]
     var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
     y = x32 * jax.lax.rsqrt(var + cfg.norm_eps)
