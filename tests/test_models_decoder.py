@@ -19,6 +19,8 @@ import safetensors.numpy
 
 from ketchup_jax import chunked
 from ketchup_jax import models
+from ketchup_jax import partitioning
+from ketchup_jax.models import api
 from ketchup_jax.models import decoder
 from ketchup_jax.models import family
 from ketchup_jax.models import hf_io
@@ -155,7 +157,8 @@ def test_greedy_generate_matches_transformers(saved, loaded, name):
   lm = loaded[name]
   ids, mask = _batch()
   want = _hf_greedy(model, ids, mask)  # [B, <= N], pad after EOS
-  out = lm.sample(ids, mask, max_new_tokens=N, temperature=0.0)
+  out = lm.sample(ids, mask, max_new_tokens=N, temperature=0.0,
+                  rng=jax.random.key(0))
   tokens = np.asarray(out.tokens)
   eos = lm.config.eos_token_id
   assert len(eos) >= 1 and lm.config.pad_token_id in eos
@@ -167,6 +170,12 @@ def test_greedy_generate_matches_transformers(saved, loaded, name):
     assert int(out.lengths[row]) == length
     assert bool(out.done[row]) == bool(hits)
   assert np.asarray(out.done).any()  # EOS was exercised
+  # Sampling settings are traced: no recompilation.
+  before = api._sample_jit._cache_size()  # pylint: disable=protected-access
+  drawn = lm.sample(ids, mask, max_new_tokens=N, temperature=0.7, top_k=3,
+                    top_p=0.9, rng=jax.random.key(1))
+  assert api._sample_jit._cache_size() == before  # pylint: disable=protected-access
+  assert np.all(np.asarray(drawn.logprobs) <= 0)
 
 
 @pytest.mark.parametrize("name", ["qwen2", "llama"])
@@ -275,3 +284,31 @@ def test_default_dtype_follows_the_platform(saved):
                      dtype=jnp.bfloat16).config.dtype == jnp.bfloat16
   assert models.init("tiny", jax.random.key(0)).config.dtype == jnp.float32
   assert hf_io.SUPPORTED == ("t5", "mt5", "llama", "qwen2", "qwen3")
+
+
+def test_sharded_and_rematerialised_equal_one_device(loaded):
+  lm = loaded["qwen3"]
+  ids, mask = map(jnp.asarray, _batch())
+  mesh = partitioning.make_mesh(data=2, fsdp=2, tensor=2)
+  sharded = models.DecoderLM(
+      config=lm.config, mesh=mesh,
+      params=models.place_params(lm.params, lm.config, mesh))
+  k = sharded.params["layers_0"]["attention"]["k"]
+  assert k.sharding.spec == jax.sharding.PartitionSpec("fsdp", None, None)
+  real = np.asarray(mask) > 0
+  _assert_close_on(real, sharded.logits(ids, mask), np.asarray(
+      lm.logits(ids, mask)))
+
+  # Remat changes what the backward pass keeps, not the gradients (one
+  # layer: the policy wraps each layer alike, and compiling is the cost).
+  one = lm.config.replace(num_hidden_layers=1)
+  params = {k: v for k, v in lm.params.items() if k != "layers_1"}
+
+  def grads(config):
+    def loss(p):
+      logits = decoder.forward(p, config, ids, mask)
+      return jnp.sum(jax.nn.log_softmax(logits)[..., 5] * mask)
+    return jax.jit(jax.grad(loss))(params)
+
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+               grads(one), grads(one.replace(remat="full")))

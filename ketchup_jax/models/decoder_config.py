@@ -259,7 +259,9 @@ class DecoderConfig:
     return cls(**kwargs)
 
   def to_hf_dict(self) -> dict[str, Any]:
-    """The HF `config.json` contents for `<Family>ForCausalLM`."""
+    """The HF `config.json` contents for `<Family>ForCausalLM` (RoPE in the
+    transformers 5 `rope_parameters` and in the 4.x `rope_theta` /
+    `rope_scaling` spelling)."""
     rope: dict[str, Any] = {"rope_type": self.rope_type,
                             "rope_theta": self.rope_theta}
     if self.rope_type == "llama3":
@@ -281,6 +283,10 @@ class DecoderConfig:
         "rms_norm_eps": self.rms_norm_eps,
         "hidden_act": self.hidden_act,
         "rope_parameters": rope,
+        # The transformers 4 spelling of the same, for older readers.
+        "rope_theta": self.rope_theta,
+        "rope_scaling": ({k: v for k, v in rope.items() if k != "rope_theta"}
+                         if self.rope_type != "default" else None),
         "max_position_embeddings": self.max_position_embeddings,
         "tie_word_embeddings": self.tie_word_embeddings,
         "bos_token_id": self.bos_token_id,

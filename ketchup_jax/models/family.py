@@ -25,6 +25,7 @@ from jax.sharding import Mesh
 from ketchup_jax import chunked
 from ketchup_jax import partitioning
 from ketchup_jax.models import decoder
+from ketchup_jax.models import layers
 from ketchup_jax.models import t5
 from ketchup_jax.models.config import REMAT_POLICIES  # pylint: disable=unused-import
 from ketchup_jax.models.config import T5Config
@@ -146,9 +147,14 @@ def score(params: Params, config: Config, prompt: jax.Array,
     return t5.forward(params, config, prompt, prompt_mask,
                       t5.shift_right(targets, config), target_mask,
                       mesh=mesh, rules=rules)
-  ids, mask = _decoder_sequence(prompt, prompt_mask, targets, target_mask)
-  logits = decoder.forward(params, config, ids, mask, mesh=mesh, rules=rules)
-  return logits[:, prompt.shape[1] - 1:]
+  # Only the T predicting positions go through the LM head: no [B, P, V]
+  # logits for the prompt.
+  hidden = score_hidden(params, config, prompt, prompt_mask, targets,
+                        target_mask, mesh=mesh, rules=rules)
+  logits = chunked.project(hidden, output_head(params, config))
+  return partitioning.with_logical_constraint(
+      logits, (layers.BATCH, layers.LENGTH, layers.VOCAB), mesh=mesh,
+      rules=rules)
 
 
 def score_hidden(params: Params, config: Config, prompt: jax.Array,
