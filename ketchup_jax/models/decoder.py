@@ -337,8 +337,8 @@ def init_cache(
 
   def zeros() -> jax.Array:
     z = jnp.zeros(shape, config.dtype)  # [batch, kv_heads, max_len, kv]
-    return partitioning.with_logical_constraint(
-        z, (_BATCH, None, _LENGTH, _KV), mesh=mesh, rules=rules)
+    return partitioning.with_logical_constraint(  # as `Attention._project`
+        z, (_BATCH, _HEADS, _LENGTH, _KV), mesh=mesh, rules=rules)
 
   kv = tuple((zeros(), zeros()) for _ in range(config.num_hidden_layers))
   return KVCache(kv=kv, key_mask=jnp.zeros((batch_size, max_len), jnp.int32),
