@@ -231,6 +231,18 @@ def test_unsupported_model_type_is_one_clear_error(saved, tmp_path):
     models.load(str(tmp_path))
   with pytest.raises(ValueError, match=r"unknown model size 'qwen9-tiny'"):
     models.init("qwen9-tiny", jax.random.key(0))
+  # Qwen2 weights (q/k/v biases) under a Llama config: the headers alone
+  # show it, before any tensor is read.
+  src = saved["qwen2"][1]
+  d = tmp_path / "mislabelled"
+  d.mkdir()
+  hf = json.loads(open(os.path.join(src, "config.json")).read())
+  (d / "config.json").write_text(json.dumps({**hf, "model_type": "llama"}))
+  os.symlink(os.path.join(src, "model.safetensors"), d / "model.safetensors")
+  with pytest.raises(ValueError, match=(
+      r"the safetensors headers do not match the llama config .*unexpected "
+      r"HF keys \['model.layers.0.self_attn.k_proj.bias'")):
+    hf_io.check_checkpoint(str(d), model_types=hf_io.SUPPORTED)
 
 
 def test_prompt_longer_than_the_cache_is_one_clear_error(loaded):

@@ -221,14 +221,21 @@ def check_weights(directory: str) -> None:
         f" {_BIN}, {_BIN_INDEX}")
 
 
-def tensor_names(directory: str) -> list[str]:
-  """The tensor names of a safetensors checkpoint, from the headers only
-  (empty for PyTorch `.bin` weights)."""
+def tensor_shapes(directory: str) -> dict[str, tuple[int, ...]]:
+  """Name -> shape of every tensor of a safetensors checkpoint, from the
+  headers only (empty for PyTorch `.bin` weights, which have no header)."""
   if os.path.exists(os.path.join(directory, _SAFE)):
-    return sorted(_safetensors_header(os.path.join(directory, _SAFE))[1])
-  if os.path.exists(os.path.join(directory, _SAFE_INDEX)):
-    return sorted(_weight_map(directory, _SAFE_INDEX))
-  return []
+    paths = [os.path.join(directory, _SAFE)]
+  elif os.path.exists(os.path.join(directory, _SAFE_INDEX)):
+    paths = [os.path.join(directory, shard) for shard in
+             sorted(set(_weight_map(directory, _SAFE_INDEX).values()))]
+  else:
+    return {}
+  out = {}
+  for path in paths:
+    for key, info in _safetensors_header(path)[1].items():
+      out[key] = tuple(int(n) for n in info["shape"])
+  return out
 
 
 def could_be_hub_name(path: str) -> bool:

@@ -35,6 +35,7 @@ from ketchup_jax.models.checkpoint_files import could_be_hub_name  # pylint: dis
 from ketchup_jax.models.checkpoint_files import read_json_file
 from ketchup_jax.models.checkpoint_files import read_state_dict
 from ketchup_jax.models.checkpoint_files import resolve_path
+from ketchup_jax.models.checkpoint_files import tensor_shapes
 from ketchup_jax.models.config import T5Config
 from ketchup_jax.models.decoder_config import DecoderConfig
 from ketchup_jax.models.decoder_config import MODEL_TYPES as DECODER_TYPES
@@ -174,6 +175,28 @@ def _param_shapes(config: Config) -> Params:
   return t5.param_shapes(config)
 
 
+def _reshapes(shape: tuple[int, ...], layout: str,
+              want: tuple[int, ...]) -> bool:
+  """Whether a `qkv` / `out` / `heads` tensor of `shape` becomes `want`."""
+  if layout == "qkv":  # [heads*kv, embed] -> [embed, heads, kv]
+    return len(want) == 3 and shape == (want[1] * want[2], want[0])
+  if layout == "out":  # [embed, heads*kv] -> [heads, kv, embed]
+    return len(want) == 3 and shape == (want[2], want[0] * want[1])
+  if layout == "heads":  # [heads*kv] -> [heads, kv]
+    return len(shape) == 1 and len(want) == 2 and shape[0] == want[0] * want[1]
+  raise ValueError(f"unknown layout {layout!r}")
+
+
+def _ours_shape(shape: tuple[int, ...], layout: str,
+                want: tuple[int, ...]) -> tuple[int, ...]:
+  """The shape `_to_ours` gives a tensor of `shape`."""
+  if layout == "copy":
+    return shape
+  if layout == "transpose":
+    return shape[::-1]
+  return want if _reshapes(shape, layout, want) else shape
+
+
 def _to_ours(x: np.ndarray, layout: str, want: tuple[int, ...]) -> np.ndarray:
   """`x` in our layout, or unchanged if its shape cannot be (the shape check
   then names it)."""
@@ -181,16 +204,9 @@ def _to_ours(x: np.ndarray, layout: str, want: tuple[int, ...]) -> np.ndarray:
     return x
   if layout == "transpose":
     return x.T
-  if layout == "qkv":  # [heads*kv, embed] -> [embed, heads, kv]
-    ok = len(want) == 3 and x.shape == (want[1] * want[2], want[0])
-    return x.T.reshape(want) if ok else x
-  if layout == "out":  # [embed, heads*kv] -> [heads, kv, embed]
-    ok = len(want) == 3 and x.shape == (want[2], want[0] * want[1])
-    return x.T.reshape(want) if ok else x
-  if layout == "heads":  # [heads*kv] -> [heads, kv]
-    ok = x.ndim == 1 and len(want) == 2 and x.size == want[0] * want[1]
-    return x.reshape(want) if ok else x
-  raise ValueError(f"unknown layout {layout!r}")
+  if layout in ("qkv", "out"):
+    return x.T.reshape(want) if _reshapes(x.shape, layout, want) else x
+  return x.reshape(want) if _reshapes(x.shape, layout, want) else x
 
 
 def _to_hf(x: np.ndarray, layout: str) -> np.ndarray:
@@ -273,9 +289,20 @@ def hf_to_params(state: Mapping[str, np.ndarray], config: Config) -> Params:
     ValueError: naming every unexpected HF key, every missing parameter and
       every shape mismatch.
   """
+  params, problems = _convert(state, config)
+  if problems:
+    raise ValueError(f"HF checkpoint does not match {_describe(config)}: "
+                     + "; ".join(problems))
+  return _unflatten(params)
+
+
+def _convert(state: Mapping[str, Any], config: Config
+             ) -> tuple[dict[str, Any], list[str]]:
+  """Our flat params from `state` (arrays, or shapes: then the values are
+  the shapes) and the problems found."""
   expected = _flatten(_param_shapes(config))
   is_decoder = isinstance(config, DecoderConfig)
-  params: dict[str, np.ndarray] = {}
+  params: dict[str, Any] = {}
   unexpected, bad_shapes = [], []
   for key, value in state.items():
     if config.tie_word_embeddings and key == "lm_head.weight" and (
@@ -294,12 +321,18 @@ def hf_to_params(state: Mapping[str, np.ndarray], config: Config) -> Params:
       unexpected.append(key)
       continue
     want = expected[path].shape
-    value = _to_ours(np.asarray(value), rule.layout, want)
-    if value.shape != want:
-      bad_shapes.append(f"{key}: got {value.shape} after layout"
+    if isinstance(value, tuple):  # A shape from a header.
+      got = _ours_shape(value, rule.layout, want)
+      converted = value
+    else:
+      converted = _to_ours(np.asarray(value), rule.layout, want)
+      got = converted.shape
+    if got != want:
+      bad_shapes.append(f"{key}: got {got} after layout"
                         f" {rule.layout!r}, expected {want} for {path}")
       continue
-    params[path] = value.astype(config.param_dtype)
+    params[path] = (converted if isinstance(value, tuple) else
+                    converted.astype(config.param_dtype))
   missing = sorted(set(expected) - set(params))
   problems = []
   if unexpected:
@@ -308,10 +341,7 @@ def hf_to_params(state: Mapping[str, np.ndarray], config: Config) -> Params:
     problems.append(f"missing parameters {missing}")
   if bad_shapes:
     problems.append("shape mismatches: " + "; ".join(bad_shapes))
-  if problems:
-    raise ValueError(f"HF checkpoint does not match {_describe(config)}: "
-                     + "; ".join(problems))
-  return _unflatten(params)
+  return params, problems
 
 
 def params_to_hf(params: Params, config: Config) -> dict[str, np.ndarray]:
@@ -398,15 +428,23 @@ def check_checkpoint(directory: str, *,
 
   `config.json` must be a usable config of one of `model_types` (by default
   T5 only: what the training pipeline reads today; pass `SUPPORTED` for any
-  family); the weights must pass `checkpoint_files.check_weights`.
+  family); the weights must pass `checkpoint_files.check_weights`; and a
+  decoder's safetensors headers must name and shape every parameter.
 
   Raises:
     ValueError: one line naming the file, what is wrong and what was
       expected.
     FileNotFoundError: no config.json or no weights.
   """
-  config_from_dir(directory, model_types=model_types)
+  config = config_from_dir(directory, model_types=model_types)
   check_weights(directory)
+  if isinstance(config, DecoderConfig):  # T5's tying needs the values.
+    shapes = tensor_shapes(directory)
+    if shapes:
+      _, problems = _convert(shapes, config)
+      if problems:
+        raise ValueError(f"{directory}: the safetensors headers do not match "
+                         f"{_describe(config)}: " + "; ".join(problems))
 
 
 def load_checkpoint(path_or_name: str | os.PathLike[str], *,
