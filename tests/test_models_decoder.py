@@ -317,3 +317,34 @@ def test_sharded_and_rematerialised_equal_one_device(loaded):
   np.testing.assert_array_equal(
       sharded.generate(ids, mask, max_new_tokens=N),
       lm.generate(ids, mask, max_new_tokens=N))
+
+
+def test_real_checkpoint_configs_and_rope_frequencies():
+  """transformers 4 style config.json files (`rope_theta`, `rope_scaling`)
+  of real shapes: Llama 3.1's llama3 RoPE frequencies at head_dim 128 equal
+  transformers' own; Qwen2.5's EOS list comes from generation_config.json."""
+  llama = {"model_type": "llama", "hidden_size": 4096,
+           "num_attention_heads": 32, "num_key_value_heads": 8,
+           "rope_theta": 500000.0, "eos_token_id": 128001,
+           "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0,
+                            "high_freq_factor": 4.0,
+                            "original_max_position_embeddings": 8192,
+                            "rope_type": "llama3"}}
+  ours = models.DecoderConfig.from_hf_dict(llama)
+  hf_config = transformers.LlamaConfig(**llama)
+  want, _ = transformers.modeling_rope_utils.ROPE_INIT_FUNCTIONS["llama3"](
+      hf_config)
+  np.testing.assert_allclose(ours.inv_freq(), want.numpy(), rtol=1e-6)
+  assert ours.head_dim == 128 and ours.eos_token_id == (128001,)
+  qwen = {"model_type": "qwen2", "hidden_size": 896,
+          "num_attention_heads": 14, "num_key_value_heads": 2,
+          "rope_theta": 1000000.0, "rope_scaling": None,
+          "use_sliding_window": False, "sliding_window": 32768,
+          "tie_word_embeddings": True, "eos_token_id": 151645}
+  ours = models.DecoderConfig.from_hf_dict(
+      qwen, {"eos_token_id": [151645, 151643], "pad_token_id": 151643})
+  assert ours.eos_token_id == (151645, 151643)
+  assert ours.pad_token_id == 151643 and ours.qkv_bias and not ours.o_bias
+  assert ours.head_dim == 64 and ours.rope_type == "default"
+  with pytest.raises(ValueError, match="sliding-window attention"):
+    models.DecoderConfig.from_hf_dict({**qwen, "use_sliding_window": True})

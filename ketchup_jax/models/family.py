@@ -11,7 +11,19 @@ and completions; each family lays them out its own way:
 
 Either way `score(...)[:, t]` is the distribution of `targets[:, t]`. Prompts
 may be padded on either side; targets are right-padded, and `target_mask`
-marks their real tokens.
+marks their real tokens (all ones is fine: a causal model's positions never
+read later ones).
+
+What the T5-only calls become:
+
+    t5.forward(p, c, src, src_mask, t5.shift_right(tgt, c), tgt_mask)
+        -> score(p, c, src, src_mask, tgt, tgt_mask)             # [B, T, V]
+    t5.hidden_states(<same>), t5.output_head(p, c)
+        -> score_hidden(p, c, src, src_mask, tgt, tgt_mask), output_head(p, c)
+    t5.init_params / param_shapes / logical_axes / REMAT_POLICIES
+        -> init_params / param_shapes / logical_axes / REMAT_POLICIES
+    config.eos_token_id, config.pad_token_id -> eos_ids(c), pad_id(c)
+    sampling.sample(...) is already family-agnostic.
 """
 
 from __future__ import annotations
