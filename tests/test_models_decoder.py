@@ -178,7 +178,7 @@ def test_greedy_generate_matches_transformers(saved, loaded, name):
   assert np.all(np.asarray(drawn.logprobs) <= 0)
 
 
-@pytest.mark.parametrize("name", ["qwen2", "llama"])
+@pytest.mark.parametrize("name", list(FAMILIES))
 def test_export_loads_in_transformers_with_equal_logits(loaded, tmp_path,
                                                         name):
   lm = loaded[name]
