@@ -383,7 +383,9 @@ def prefill(
     input_ids: int `[batch, length]`, left-padded (so the last column is
       every row's last token).
     attention_mask: `[batch, length]`, 1 = real token.
-    cache: The cache; the chunk goes to slots `index ... index + length - 1`.
+    cache: The cache; the chunk goes to slots `index ... index + length - 1`
+      (`index` is traced: keeping `index + length <= max_len` is the
+      caller's part; a chunk longer than the whole cache is an error).
     mesh: Optional mesh for activation sharding constraints.
     rules: Logical axis rules.
 

@@ -196,6 +196,7 @@ def start_decoding(params: Params, config: Config, input_ids: jax.Array,
   Decoder-only: the left-aligned prompt but its last column goes into a
   cache of prompt + `max_new_tokens` slots, and the first input is the
   prompt's last token (so every step of the loop is one `decode_step`).
+  Every row needs at least one real prompt token.
   """
   if not _check(config):
     encoded = t5.encode(params, config, input_ids, attention_mask,
