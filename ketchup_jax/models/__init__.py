@@ -1,17 +1,26 @@
-"""T5 / FLAN-T5 in Flax: HF checkpoint import/export and a jitted KV-cache sampler.
+"""Language models in Flax: T5 / FLAN-T5 and decoder-only Llama 3, Qwen2
+(Qwen1.5, Qwen2.5) and Qwen3; HF checkpoint import/export and one jitted
+KV-cache sampler for all of them.
 
 Object API:
 
-    lm = models.load("path/or/hub-name", dtype=jnp.bfloat16, mesh=None)
-    lm.logits(input_ids, attention_mask, decoder_input_ids, decoder_mask)
+    lm = models.load("path/or/hub-name", dtype=None, mesh=None)  # by model_type
+    lm.logits(input_ids, attention_mask)              # DecoderLM
+    lm.logits(input_ids, attention_mask, decoder_input_ids, decoder_mask)  # T5LM
     lm.generate(input_ids, attention_mask, max_new_tokens=64)
     lm.save_pretrained("out/")
-    lm = models.init("tiny", jax.random.key(0))
+    lm = models.init("tiny", jax.random.key(0))       # or "qwen2-tiny", ...
 
 Pure functions over a params pytree, for use inside a training step's jit:
-`forward`, `encode`, `init_decode_cache`, `decode_step`, `sample`.
+`family` (the seam training code uses: `score`, `score_hidden`,
+`output_head`, `start_decoding`, `decode_step`, ...), `sample`, and the
+per-family modules `t5` and `decoder`. The T5 functions are also exported
+here under their historical names (`forward`, `encode`, ...).
 """
 
+from ketchup_jax.models import family
+from ketchup_jax.models.api import DecoderLM
+from ketchup_jax.models.api import default_dtype
 from ketchup_jax.models.api import init
 from ketchup_jax.models.api import load
 from ketchup_jax.models.api import place_params
@@ -19,6 +28,9 @@ from ketchup_jax.models.api import T5LM
 from ketchup_jax.models.config import get_config
 from ketchup_jax.models.config import SIZES
 from ketchup_jax.models.config import T5Config
+from ketchup_jax.models.decoder_config import DECODER_SIZES
+from ketchup_jax.models.decoder_config import DecoderConfig
+from ketchup_jax.models.decoder_config import get_decoder_config
 from ketchup_jax.models.hf_io import load_checkpoint
 from ketchup_jax.models.hf_io import save_checkpoint
 from ketchup_jax.models.sampling import sample
@@ -35,9 +47,10 @@ from ketchup_jax.models.t5 import Params
 from ketchup_jax.models.t5 import shift_right
 
 __all__ = [
-    "DecodeCache", "Params", "SIZES", "SampleOutput", "T5Config", "T5LM",
-    "decode_step", "encode", "forward", "get_config", "init",
-    "init_decode_cache", "init_params", "load", "load_checkpoint",
-    "logical_axes", "param_shapes", "place_params", "sample",
-    "save_checkpoint", "shift_right",
+    "DECODER_SIZES", "DecodeCache", "DecoderConfig", "DecoderLM", "Params",
+    "SIZES", "SampleOutput", "T5Config", "T5LM", "decode_step",
+    "default_dtype", "encode", "family", "forward", "get_config",
+    "get_decoder_config", "init", "init_decode_cache", "init_params", "load",
+    "load_checkpoint", "logical_axes", "param_shapes", "place_params",
+    "sample", "save_checkpoint", "shift_right",
 ]

@@ -108,6 +108,50 @@ class T5Config:
         self.dense_act_fn)
     return f"gated-{act}" if self.is_gated_act else act
 
+  # The layer protocol of `ketchup_jax.models.layers`.
+  @property
+  def embed_dim(self) -> int:
+    return self.d_model
+
+  @property
+  def norm_eps(self) -> float:
+    return self.layer_norm_epsilon
+
+  @property
+  def mlp_dim(self) -> int:
+    return self.d_ff
+
+  @property
+  def mlp_activation(self) -> str:
+    return self.dense_act_fn
+
+  @property
+  def mlp_gated(self) -> bool:
+    return self.is_gated_act
+
+  def init_stddev(self, path: tuple[str, ...]) -> float | None:
+    """Initial standard deviation of the parameter at `path` (None: ones).
+
+    HF T5's initialisation (`initializer_factor` 1): attention `q` by
+    `(d_model * d_kv) ** -0.5`, `k` / `v` by `d_model ** -0.5`, `o` by
+    `(heads * d_kv) ** -0.5`, feed-forward `wi*` by `d_model ** -0.5` and
+    `wo` by `d_ff ** -0.5`, embeddings and `lm_head` by 1, relative position
+    biases by `d_model ** -0.5`, norm scales 1. Used by the modules' own
+    initialisers and by the fast `init_params`, so there is one table.
+    """
+    e, d, h, f = self.d_model, self.d_kv, self.num_heads, self.d_ff
+    name, parent = path[-1], path[-2] if len(path) > 1 else ""
+    if name == "scale":
+      return None
+    if name == "embedding":
+      return e ** -0.5 if parent == "relpos_bias" else 1.0
+    table = {"kernel": 1.0, "q": (e * d) ** -0.5, "k": e ** -0.5,
+             "v": e ** -0.5, "o": (h * d) ** -0.5, "wi": e ** -0.5,
+             "wi_0": e ** -0.5, "wi_1": e ** -0.5, "wo": f ** -0.5}
+    if name not in table:
+      raise ValueError(f"no initialiser for parameter {'/'.join(path)!r}")
+    return table[name]
+
   def replace(self, **changes: Any) -> T5Config:
     """A copy with `changes` applied."""
     return dataclasses.replace(self, **changes)

@@ -1,15 +1,16 @@
-"""Hugging Face T5 checkpoints <-> our parameter tree, through one rules table.
+"""Hugging Face checkpoints <-> our parameter trees, one rules table a family.
 
-`RULES` lists, once, how each HF tensor name maps to a path in our tree and
-how its layout changes (transpose / reshape). Import matches HF keys against
-the HF side, export matches our paths against our side, so both directions use
-the same table. Every tensor is shape-checked against the model's expected
-parameter shapes; unmatched or missing names fail with one error naming them.
+`RULES` (T5) and `DECODER_RULES` (Llama / Qwen2 / Qwen3) list, once, how each
+HF tensor name maps to a path in our tree and how its layout changes
+(transpose / reshape). Import matches HF keys against the HF side, export
+matches our paths against our side, so both directions use the same table.
+Every tensor is shape-checked against the model's expected parameter shapes;
+unmatched or missing names fail with one error naming them.
 
-Supported inputs: a directory with `config.json` and `model.safetensors`, or
-sharded `model-0000x-of-0000y.safetensors` with `model.safetensors.index.json`,
-or `pytorch_model.bin` (and its sharded index) when torch is installed; or a
-hub name, fetched with `huggingface_hub.snapshot_download` when online.
+`load_checkpoint` dispatches on `config.json`'s `model_type` (`SUPPORTED`);
+the files themselves are read by `checkpoint_files`: `model.safetensors`,
+sharded safetensors with `model.safetensors.index.json`, or `pytorch_model.bin`
+(and its index) when torch is installed; or a hub name, fetched when online.
 """
 
 from __future__ import annotations
@@ -19,17 +20,31 @@ import dataclasses
 import json
 import os
 import re
-from typing import Any, Callable
+from typing import Any
 
+from jax.experimental import multihost_utils
 import jax
-import jax.numpy as jnp
 import numpy as np
+import safetensors.numpy
 
 from ketchup_jax import fileio
+from ketchup_jax.models import decoder
 from ketchup_jax.models import t5
+from ketchup_jax.models.checkpoint_files import check_weights
+from ketchup_jax.models.checkpoint_files import could_be_hub_name  # pylint: disable=unused-import
+from ketchup_jax.models.checkpoint_files import read_json_file
+from ketchup_jax.models.checkpoint_files import read_state_dict
+from ketchup_jax.models.checkpoint_files import resolve_path
+from ketchup_jax.models.checkpoint_files import tensor_shapes
 from ketchup_jax.models.config import T5Config
+from ketchup_jax.models.decoder_config import DecoderConfig
+from ketchup_jax.models.decoder_config import MODEL_TYPES as DECODER_TYPES
 
 Params = Any
+Config = T5Config | DecoderConfig
+T5_TYPES = ("t5", "mt5")
+SUPPORTED = T5_TYPES + DECODER_TYPES  # HF `model_type`s `load_checkpoint` reads.
+_SAFE = "model.safetensors"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +56,9 @@ class Rule:
     ours: Our `/`-joined parameter path template, or None for HF tensors that
       are dropped on import (aliases of the shared embedding, unused biases).
     layout: How the tensor is rearranged: `copy`, `transpose` (`[out, in]` ->
-      `[in, out]`), `qkv` (`[heads*kv, embed]` -> `[embed, heads, kv]`) or
-      `out` (`[embed, heads*kv]` -> `[heads, kv, embed]`).
+      `[in, out]`), `qkv` (`[heads*kv, embed]` -> `[embed, heads, kv]`),
+      `out` (`[embed, heads*kv]` -> `[heads, kv, embed]`) or `heads`
+      (`[heads*kv]` -> `[heads, kv]`, a q/k/v bias).
   """
   hf: str
   ours: str | None
@@ -120,29 +136,90 @@ def _build_rules() -> tuple[Rule, ...]:
 RULES: tuple[Rule, ...] = _build_rules()
 
 
-def _to_ours(x: np.ndarray, layout: str, config: T5Config) -> np.ndarray:
-  h, d, e = config.num_heads, config.d_kv, config.d_model
-  if layout == "copy":
-    return x
-  if layout == "transpose":
-    return x.T
+def _build_decoder_rules() -> tuple[Rule, ...]:
+  hf, ours = "model.layers.{i}", "layers_{i}"
+  rules = [
+      Rule("model.embed_tokens.weight", "embed/embedding"),
+      Rule("lm_head.weight", "lm_head/kernel", "transpose"),
+      Rule("model.norm.weight", "final_norm/scale"),
+      Rule(f"{hf}.input_layernorm.weight", f"{ours}/attention_norm/scale"),
+      Rule(f"{hf}.post_attention_layernorm.weight", f"{ours}/mlp_norm/scale"),
+      Rule(f"{hf}.self_attn.o_proj.weight", f"{ours}/attention/o", "out"),
+      Rule(f"{hf}.self_attn.o_proj.bias", f"{ours}/attention/o_bias"),
+      Rule(f"{hf}.self_attn.rotary_emb.inv_freq", None),  # Old checkpoints.
+  ]
+  for n in ("q", "k", "v"):
+    rules += [
+        Rule(f"{hf}.self_attn.{n}_proj.weight", f"{ours}/attention/{n}", "qkv"),
+        Rule(f"{hf}.self_attn.{n}_proj.bias", f"{ours}/attention/{n}_bias",
+             "heads")]
+  for n in ("q", "k"):
+    rules.append(Rule(f"{hf}.self_attn.{n}_norm.weight",
+                      f"{ours}/attention/{n}_norm/scale"))
+  for name, path in (("gate", "wi_0"), ("up", "wi_1"), ("down", "wo")):
+    rules.append(Rule(f"{hf}.mlp.{name}_proj.weight", f"{ours}/mlp/{path}",
+                      "transpose"))
+  return tuple(rules)
+
+
+DECODER_RULES: tuple[Rule, ...] = _build_decoder_rules()
+
+
+def _rules(config: Config) -> tuple[Rule, ...]:
+  return DECODER_RULES if isinstance(config, DecoderConfig) else RULES
+
+
+def _param_shapes(config: Config) -> Params:
+  if isinstance(config, DecoderConfig):
+    return decoder.param_shapes(config)
+  return t5.param_shapes(config)
+
+
+def _reshapes(shape: tuple[int, ...], layout: str,
+              want: tuple[int, ...]) -> bool:
+  """Whether a `qkv` / `out` / `heads` tensor of `shape` becomes `want`."""
   if layout == "qkv":  # [heads*kv, embed] -> [embed, heads, kv]
-    return x.T.reshape(e, h, d) if x.shape == (h * d, e) else x
+    return len(want) == 3 and shape == (want[1] * want[2], want[0])
   if layout == "out":  # [embed, heads*kv] -> [heads, kv, embed]
-    return x.T.reshape(h, d, e) if x.shape == (e, h * d) else x
+    return len(want) == 3 and shape == (want[2], want[0] * want[1])
+  if layout == "heads":  # [heads*kv] -> [heads, kv]
+    return len(shape) == 1 and len(want) == 2 and shape[0] == want[0] * want[1]
   raise ValueError(f"unknown layout {layout!r}")
 
 
-def _to_hf(x: np.ndarray, layout: str, config: T5Config) -> np.ndarray:
-  h, d, e = config.num_heads, config.d_kv, config.d_model
+def _ours_shape(shape: tuple[int, ...], layout: str,
+                want: tuple[int, ...]) -> tuple[int, ...]:
+  """The shape `_to_ours` gives a tensor of `shape`."""
+  if layout == "copy":
+    return shape
+  if layout == "transpose":
+    return shape[::-1]
+  return want if _reshapes(shape, layout, want) else shape
+
+
+def _to_ours(x: np.ndarray, layout: str, want: tuple[int, ...]) -> np.ndarray:
+  """`x` in our layout, or unchanged if its shape cannot be (the shape check
+  then names it)."""
   if layout == "copy":
     return x
   if layout == "transpose":
     return x.T
-  if layout == "qkv":
-    return x.reshape(e, h * d).T
-  if layout == "out":
-    return x.reshape(h * d, e).T
+  if layout in ("qkv", "out"):
+    return x.T.reshape(want) if _reshapes(x.shape, layout, want) else x
+  return x.reshape(want) if _reshapes(x.shape, layout, want) else x
+
+
+def _to_hf(x: np.ndarray, layout: str) -> np.ndarray:
+  if layout == "copy":
+    return x
+  if layout == "transpose":
+    return x.T
+  if layout == "qkv":  # [embed, heads, kv] -> [heads*kv, embed]
+    return x.reshape(x.shape[0], -1).T
+  if layout == "out":  # [heads, kv, embed] -> [embed, heads*kv]
+    return x.reshape(-1, x.shape[-1]).T
+  if layout == "heads":
+    return x.reshape(-1)
   raise ValueError(f"unknown layout {layout!r}")
 
 
@@ -169,7 +246,8 @@ def _unflatten(flat: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def resolve_tied(state: Mapping[str, np.ndarray], config: T5Config) -> T5Config:
-  """Decides `tie_word_embeddings` from the tensors, as transformers 5 does.
+  """Decides T5's `tie_word_embeddings` from the tensors, as transformers 5
+  does.
 
   transformers 5 writes `tie_word_embeddings: true` into every T5 config and
   ties `lm_head` to `shared` unless the checkpoint holds an `lm_head.weight`
@@ -183,16 +261,26 @@ def resolve_tied(state: Mapping[str, np.ndarray], config: T5Config) -> T5Config:
   return config.replace(tie_word_embeddings=bool(tied))
 
 
-def hf_to_params(
-    state: Mapping[str, np.ndarray],
-    config: T5Config,
-) -> Params:
-  """Converts an HF T5 state dict to our parameter tree (numpy leaves).
+def _describe(config: Config) -> str:
+  if isinstance(config, DecoderConfig):
+    return (f"the {config.model_type} config (hidden_size="
+            f"{config.hidden_size}, layers={config.num_hidden_layers}, "
+            f"heads={config.num_attention_heads}/{config.num_key_value_heads}"
+            f", qkv_bias={config.qkv_bias}, qk_norm={config.qk_norm}, "
+            f"tied={config.tie_word_embeddings})")
+  return (f"the T5 config (d_model={config.d_model}, layers="
+          f"{config.num_layers}/{config.num_decoder_layers}, gated="
+          f"{config.is_gated_act}, tied={config.tie_word_embeddings})")
+
+
+def hf_to_params(state: Mapping[str, np.ndarray], config: Config) -> Params:
+  """Converts an HF state dict to our parameter tree (numpy leaves).
 
   Args:
     state: HF key -> array (torch layout), e.g. from `read_state_dict`.
-    config: Model config; `tie_word_embeddings` must already agree with the
-      tensors (see `resolve_tied`).
+    config: Model config; T5's `tie_word_embeddings` must already agree with
+      the tensors (see `resolve_tied`). A tied decoder ignores an
+      `lm_head.weight` (HF ties it to the embedding).
 
   Returns:
     The parameter tree, leaves cast to `config.param_dtype` (numpy arrays).
@@ -201,14 +289,26 @@ def hf_to_params(
     ValueError: naming every unexpected HF key, every missing parameter and
       every shape mismatch.
   """
-  expected = _flatten(t5.param_shapes(config))
-  params: dict[str, np.ndarray] = {}
+  params, problems = _convert(state, config)
+  if problems:
+    raise ValueError(f"HF checkpoint does not match {_describe(config)}: "
+                     + "; ".join(problems))
+  return _unflatten(params)
+
+
+def _convert(state: Mapping[str, Any], config: Config
+             ) -> tuple[dict[str, Any], list[str]]:
+  """Our flat params from `state` (arrays, or shapes: then the values are
+  the shapes) and the problems found."""
+  expected = _flatten(_param_shapes(config))
+  is_decoder = isinstance(config, DecoderConfig)
+  params: dict[str, Any] = {}
   unexpected, bad_shapes = [], []
   for key, value in state.items():
-    if (config.tie_word_embeddings and key == "lm_head.weight" and
-        np.array_equal(value, state.get("shared.weight"))):
+    if config.tie_word_embeddings and key == "lm_head.weight" and (
+        is_decoder or np.array_equal(value, state.get("shared.weight"))):
       continue  # A saved copy of the tied embedding.
-    for rule in RULES:
+    for rule in _rules(config):
       path = rule.match_hf(key)
       if path is not False:
         break
@@ -220,13 +320,19 @@ def hf_to_params(
     if path not in expected:
       unexpected.append(key)
       continue
-    value = _to_ours(np.asarray(value), rule.layout, config)
     want = expected[path].shape
-    if value.shape != want:
-      bad_shapes.append(f"{key}: got {value.shape} after layout"
+    if isinstance(value, tuple):  # A shape from a header.
+      got = _ours_shape(value, rule.layout, want)
+      converted = value
+    else:
+      converted = _to_ours(np.asarray(value), rule.layout, want)
+      got = converted.shape
+    if got != want:
+      bad_shapes.append(f"{key}: got {got} after layout"
                         f" {rule.layout!r}, expected {want} for {path}")
       continue
-    params[path] = value.astype(config.param_dtype)
+    params[path] = (converted if isinstance(value, tuple) else
+                    converted.astype(config.param_dtype))
   missing = sorted(set(expected) - set(params))
   problems = []
   if unexpected:
@@ -235,24 +341,20 @@ def hf_to_params(
     problems.append(f"missing parameters {missing}")
   if bad_shapes:
     problems.append("shape mismatches: " + "; ".join(bad_shapes))
-  if problems:
-    raise ValueError(
-        "HF checkpoint does not match the T5 config (d_model="
-        f"{config.d_model}, layers={config.num_layers}/"
-        f"{config.num_decoder_layers}, gated={config.is_gated_act}, "
-        f"tied={config.tie_word_embeddings}): " + "; ".join(problems))
-  return _unflatten(params)
+  return params, problems
 
 
-def params_to_hf(params: Params, config: T5Config) -> dict[str, np.ndarray]:
-  """Converts our parameter tree to an HF T5 state dict (float32, torch layout).
+def params_to_hf(params: Params, config: Config) -> dict[str, np.ndarray]:
+  """Converts our parameter tree to an HF state dict (float32, torch layout).
+
+  A tied model has no `lm_head` parameter, so no `lm_head.weight` is written.
 
   Raises:
     ValueError: if a parameter path matches no rule.
   """
   out, unknown = {}, []
   for path, value in _flatten(params).items():
-    for rule in RULES:
+    for rule in _rules(config):
       key = rule.match_ours(path)
       if key is not False:
         break
@@ -260,306 +362,136 @@ def params_to_hf(params: Params, config: T5Config) -> dict[str, np.ndarray]:
       unknown.append(path)
       continue
     array = np.asarray(jax.device_get(value), dtype=np.float32)
-    out[key] = np.ascontiguousarray(_to_hf(array, rule.layout, config))
+    out[key] = np.ascontiguousarray(_to_hf(array, rule.layout))
   if unknown:
     raise ValueError(f"parameters with no HF name: {sorted(unknown)}")
   return out
 
 
 # ---------------------------------------------------------------------------
-# Files.
+# Directories.
 # ---------------------------------------------------------------------------
 
-_SAFE = "model.safetensors"
-_SAFE_INDEX = "model.safetensors.index.json"
-_BIN = "pytorch_model.bin"
-_BIN_INDEX = "pytorch_model.bin.index.json"
+
+def _read_hf_config(directory: str) -> dict[str, Any]:
+  config_path = os.path.join(directory, "config.json")
+  if not os.path.isfile(config_path):
+    raise FileNotFoundError(f"no config.json in {directory!r}")
+  config = read_json_file(config_path, "the model's HF config.json")
+  if not isinstance(config, dict):
+    raise ValueError(f"{config_path}: a JSON {type(config).__name__}, "
+                     f"expected an object of HF config fields")
+  return config
 
 
-_SAFETENSORS_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16,
-    "BF16": jnp.bfloat16, "I64": np.int64, "I32": np.int32,
-}
+def config_from_dir(directory: str, *,
+                    model_types: tuple[str, ...] = SUPPORTED,
+                    **overrides: Any) -> Config:
+  """The config of an HF directory, by its `model_type`.
 
-
-_SAFE_EXPECTED = ("expected a safetensors file: an 8-byte little-endian "
-                  "header length, a JSON header, then the tensor bytes")
-
-
-def _safetensors_header(path: str) -> tuple[int, dict[str, Any]]:
-  """(header length, tensor entries) of a `.safetensors` file, checked.
-
-  Reads only the header: every tensor's dtype, shape and byte range must be
-  consistent and inside the file.
+  Args:
+    directory: Holds `config.json` (and, for decoders, optionally
+      `generation_config.json`, whose EOS ids are added).
+    model_types: The `model_type`s accepted.
+    **overrides: Config fields to set (`dtype`, `param_dtype`).
 
   Raises:
-    ValueError: one line naming the file, what is wrong and what was
-      expected (a truncated file: "tensor X needs bytes up to N, the file
-      has M").
+    ValueError: naming `config.json` and the unsupported type or field.
   """
-  size = os.path.getsize(path)
-  with open(path, "rb") as f:
-    if size < 8:
-      raise ValueError(f"{path}: the file has {size} bytes; {_SAFE_EXPECTED}")
-    header_len = int.from_bytes(f.read(8), "little")
-    if header_len > size - 8:
-      raise ValueError(f"{path}: truncated or not safetensors: the header "
-                       f"length says {header_len} bytes of JSON, the file has "
-                       f"{size - 8} after it; {_SAFE_EXPECTED}")
-    raw = f.read(header_len)
-  try:
-    header = json.loads(raw)
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f"{path}: the header is not valid JSON ({e}); "
-                     f"{_SAFE_EXPECTED}") from None
-  if not isinstance(header, dict):
-    raise ValueError(f"{path}: the header is a JSON {type(header).__name__}, "
-                     f"expected an object of tensor entries")
-  header.pop("__metadata__", None)
-  data_size = size - 8 - header_len
-  past_end = []  # (start, key, end, what) of tensors beyond the file's end
-  for key, info in header.items():
+  hf = _read_hf_config(directory)
+  config_path = os.path.join(directory, "config.json")
+  model_type = hf.get("model_type", "t5")
+  if model_types == T5_TYPES or model_type in T5_TYPES:
     try:
-      dtype = np.dtype(_SAFETENSORS_DTYPES[info["dtype"]])
-      shape = [int(n) for n in info["shape"]]
-      start, end = (int(n) for n in info["data_offsets"])
-    except KeyError:
-      raise ValueError(
-          f"{path}: tensor {key!r} has dtype {info.get('dtype')!r} or lacks "
-          f"dtype/shape/data_offsets; expected dtype one of "
-          f"{sorted(_SAFETENSORS_DTYPES)}") from None
-    except (TypeError, ValueError, AttributeError):
-      raise ValueError(f"{path}: tensor {key!r} has a malformed entry "
-                       f"{info!r}; expected dtype, shape (a list of ints) and "
-                       f"data_offsets [start, end]") from None
-    need = int(np.prod(shape)) * dtype.itemsize
-    if end - start != need or start < 0:
-      raise ValueError(
-          f"{path}: tensor {key!r} ({info['dtype']} {shape}) needs {need} "
-          f"bytes, its data_offsets [{start}, {end}] span {end - start}")
-    if end > data_size:
-      past_end.append((start, key, end, f"{info['dtype']} {shape}"))
-  if past_end:
-    _, key, end, what = min(past_end)
-    whole = 8 + header_len + max(e for _, _, e, _ in past_end)
-    raise ValueError(
-        f"{path}: truncated: tensor {key!r} ({what}) needs bytes up to {end} "
-        f"of the data, the file has {data_size} bytes of data ({size} bytes "
-        f"in all, the header expects at least {whole})")
-  return header_len, header
-
-
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-  """Reads a `.safetensors` file into float32 numpy arrays, on the host.
-
-  Parses the (8-byte length, JSON header, raw little-endian data) layout
-  directly so that bfloat16 tensors read without torch and without a trip
-  through accelerator memory.
-  """
-  header_len, header = _safetensors_header(path)
-  data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
-  out = {}
-  for key, info in header.items():
-    start, end = info["data_offsets"]
-    array = np.frombuffer(data[start:end],
-                          dtype=_SAFETENSORS_DTYPES[info["dtype"]])
-    out[key] = array.reshape(info["shape"]).astype(np.float32)
-  return out
-
-
-def _read_torch_bin(path: str) -> dict[str, np.ndarray]:
+      return T5Config.from_hf_dict(hf, **overrides)
+    except (ValueError, TypeError, KeyError) as e:
+      raise ValueError(f"{config_path}: not a usable T5 config ({e})"
+                       ) from None
+  if model_type not in model_types:
+    raise ValueError(f"{config_path}: model_type {model_type!r} is not "
+                     f"supported; expected one of {list(model_types)}")
+  generation_path = os.path.join(directory, "generation_config.json")
+  generation = None
+  if os.path.isfile(generation_path):
+    generation = read_json_file(generation_path,
+                                "an HF generation_config.json")
   try:
-    import torch  # pylint: disable=g-import-not-at-top
-  except ImportError as e:
-    raise ImportError(
-        f"{path} is a PyTorch pickle; reading it needs torch installed, or"
-        " convert the checkpoint to model.safetensors") from e
-  state = torch.load(path, map_location="cpu", weights_only=True)
-  return {k: v.float().numpy() for k, v in state.items()}
-
-
-def _read_json_file(path: str, expected: str) -> Any:
-  """The JSON in `path`; a ValueError naming the file if it is not JSON."""
-  try:
-    with open(path, "rb") as f:
-      return json.loads(f.read())
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f"{path}: not valid JSON ({e}); expected {expected}"
+    return DecoderConfig.from_hf_dict(hf, generation, **overrides)
+  except (ValueError, TypeError, KeyError) as e:
+    raise ValueError(f"{config_path}: not a usable {model_type} config ({e})"
                      ) from None
 
 
-def _weight_map(directory: str, index_name: str) -> dict[str, str]:
-  """The index's `weight_map` (tensor -> shard file), checked."""
-  path = os.path.join(directory, index_name)
-  index = _read_json_file(path, 'an object with "weight_map": {tensor name: '
-                          'shard file}')
-  weight_map = index.get("weight_map") if isinstance(index, dict) else None
-  if not isinstance(weight_map, dict) or not weight_map or not all(
-      isinstance(v, str) for v in weight_map.values()):
-    raise ValueError(f"{path}: no \"weight_map\" of tensor name -> shard "
-                     f"file; expected {{\"weight_map\": {{\"shared.weight\": "
-                     f"\"model-00001-of-00002.safetensors\", ...}}}}")
-  missing = sorted({v for v in weight_map.values()
-                    if not os.path.isfile(os.path.join(directory, v))})
-  if missing:
-    raise ValueError(f"{path}: lists shard files that are not in "
-                     f"{directory}: {missing}")
-  return weight_map
-
-
-def _read_index(directory: str, index_name: str,
-                reader: Callable[[str], dict[str, np.ndarray]]
-                ) -> dict[str, np.ndarray]:
-  weight_map = _weight_map(directory, index_name)
-  out = {}
-  for shard in sorted(set(weight_map.values())):
-    out.update(reader(os.path.join(directory, shard)))
-  return out
-
-
-def read_state_dict(directory: str) -> dict[str, np.ndarray]:
-  """Reads all tensors of an HF checkpoint directory as float32 numpy arrays.
-
-  Looks for, in order: `model.safetensors`, `model.safetensors.index.json`,
-  `pytorch_model.bin`, `pytorch_model.bin.index.json`.
-
-  Raises:
-    FileNotFoundError: if the directory holds none of them.
-  """
-  if os.path.exists(os.path.join(directory, _SAFE)):
-    return _read_safetensors(os.path.join(directory, _SAFE))
-  if os.path.exists(os.path.join(directory, _SAFE_INDEX)):
-    return _read_index(directory, _SAFE_INDEX, _read_safetensors)
-  if os.path.exists(os.path.join(directory, _BIN)):
-    return _read_torch_bin(os.path.join(directory, _BIN))
-  if os.path.exists(os.path.join(directory, _BIN_INDEX)):
-    return _read_index(directory, _BIN_INDEX, _read_torch_bin)
-  raise FileNotFoundError(
-      f"no weights in {directory!r}: expected one of {_SAFE}, {_SAFE_INDEX},"
-      f" {_BIN}, {_BIN_INDEX}")
-
-
-def check_checkpoint(directory: str) -> None:
+def check_checkpoint(directory: str, *,
+                     model_types: tuple[str, ...] = T5_TYPES) -> None:
   """Checks an HF checkpoint directory without reading its tensors.
 
-  `config.json` must be a valid T5 config; safetensors weights (one file, or
-  an index and its shards) must have sound headers, hold every tensor the
-  index lists and be as long as their headers say. PyTorch `.bin` files are
-  only checked to exist.
+  `config.json` must be a usable config of one of `model_types` (by default
+  T5 only: what the training pipeline reads today; pass `SUPPORTED` for any
+  family); the weights must pass `checkpoint_files.check_weights`; and a
+  decoder's safetensors headers must name and shape every parameter.
 
   Raises:
     ValueError: one line naming the file, what is wrong and what was
       expected.
     FileNotFoundError: no config.json or no weights.
   """
-  config_path = os.path.join(directory, "config.json")
-  if not os.path.isfile(config_path):
-    raise FileNotFoundError(f"no config.json in {directory!r}")
-  config = _read_json_file(config_path, "the model's HF config.json")
-  if not isinstance(config, dict):
-    raise ValueError(f"{config_path}: a JSON {type(config).__name__}, "
-                     f"expected an object of HF config fields")
-  try:
-    T5Config.from_hf_dict(config)
-  except (ValueError, TypeError, KeyError) as e:
-    raise ValueError(f"{config_path}: not a usable T5 config ({e})") from None
-  if os.path.exists(os.path.join(directory, _SAFE)):
-    _safetensors_header(os.path.join(directory, _SAFE))
-  elif os.path.exists(os.path.join(directory, _SAFE_INDEX)):
-    weight_map = _weight_map(directory, _SAFE_INDEX)
-    for shard in sorted(set(weight_map.values())):
-      path = os.path.join(directory, shard)
-      _, header = _safetensors_header(path)
-      absent = sorted(k for k, v in weight_map.items()
-                      if v == shard and k not in header)
-      if absent:
-        raise ValueError(
-            f"{path}: lacks tensors that {_SAFE_INDEX} places in it: "
-            f"{absent[:5]}{' ...' if len(absent) > 5 else ''}")
-  elif not any(os.path.exists(os.path.join(directory, name))
-               for name in (_BIN, _BIN_INDEX)):
-    raise FileNotFoundError(
-        f"no weights in {directory!r}: expected one of {_SAFE}, {_SAFE_INDEX},"
-        f" {_BIN}, {_BIN_INDEX}")
-
-
-def could_be_hub_name(path: str) -> bool:
-  """False for what can only be a local path: an existing file, `./x`,
-  `a/b/c`; True for a directory-less `owner/name` or `name`."""
-  return not (os.path.exists(path) or path.count("/") > 1 or
-              path.startswith((".", "/", "~")))
-
-
-def resolve_path(path_or_name: str | os.PathLike[str], *,
-                 revision: str | None = None,
-                 local_files_only: bool = False) -> str:
-  """A local checkpoint directory for a directory or an HF hub name.
-
-  Args:
-    path_or_name: A directory, or a hub repo id such as `google/flan-t5-small`.
-    revision: Hub revision (branch, tag or commit).
-    local_files_only: Use only the local hub cache, never the network.
-
-  Returns:
-    The directory.
-
-  Raises:
-    FileNotFoundError: if it is neither an existing directory nor a hub repo
-      that could be fetched (offline, unknown name, gated repo).
-  """
-  path = os.fspath(path_or_name)
-  if os.path.isdir(path):
-    return path
-  if not could_be_hub_name(path):
-    raise FileNotFoundError(f"{path!r} is not a checkpoint directory")
-  try:
-    import huggingface_hub  # pylint: disable=g-import-not-at-top
-    return huggingface_hub.snapshot_download(
-        path, revision=revision, local_files_only=local_files_only,
-        allow_patterns=["*.json", "*.safetensors", "pytorch_model*.bin"])
-  except Exception as e:  # pylint: disable=broad-except
-    raise FileNotFoundError(
-        f"{path!r} is not a local directory and could not be fetched from the"
-        f" Hugging Face hub ({type(e).__name__}: {e}). Offline, pass the path"
-        " of a directory holding config.json and model.safetensors.") from e
+  config = config_from_dir(directory, model_types=model_types)
+  check_weights(directory)
+  if isinstance(config, DecoderConfig):  # T5's tying needs the values.
+    shapes = tensor_shapes(directory)
+    if shapes:
+      _, problems = _convert(shapes, config)
+      if problems:
+        raise ValueError(f"{directory}: the safetensors headers do not match "
+                         f"{_describe(config)}: " + "; ".join(problems))
 
 
 def load_checkpoint(path_or_name: str | os.PathLike[str], *,
                     revision: str | None = None,
                     local_files_only: bool = False,
-                    **config_overrides: Any) -> tuple[T5Config, Params]:
-  """Reads config and parameters (numpy leaves) of an HF T5 checkpoint.
+                    **config_overrides: Any) -> tuple[Config, Params]:
+  """Reads config and parameters (numpy leaves) of an HF checkpoint.
+
+  Dispatches on `model_type`: `t5` / `mt5` give a `T5Config`, `llama` /
+  `qwen2` / `qwen3` a `DecoderConfig`. A tied decoder's `lm_head.weight`, if
+  the files hold one, is not read.
 
   Args:
     path_or_name: Directory or hub name (see `resolve_path`).
     revision: Hub revision.
     local_files_only: Do not use the network.
-    **config_overrides: T5Config fields to override (`dtype`, `param_dtype`).
+    **config_overrides: Config fields to override (`dtype`, `param_dtype`).
 
   Returns:
     `(config, params)`.
+
+  Raises:
+    ValueError: an unsupported `model_type` (naming it and `SUPPORTED`), or
+      tensors that do not match the config.
   """
   directory = resolve_path(path_or_name, revision=revision,
                            local_files_only=local_files_only)
-  check_checkpoint(directory)
-  config = T5Config.from_json_file(os.path.join(directory, "config.json"),
-                                   **config_overrides)
+  config = config_from_dir(directory, **config_overrides)
+  check_weights(directory)
+  if isinstance(config, DecoderConfig):
+    skip = ("lm_head.weight",) if config.tie_word_embeddings else ()
+    return config, hf_to_params(read_state_dict(directory, skip), config)
   state = read_state_dict(directory)
   config = resolve_tied(state, config)
   return config, hf_to_params(state, config)
 
 
-def save_checkpoint(params: Params, config: T5Config,
+def save_checkpoint(params: Params, config: Config,
                     path: str | os.PathLike[str]) -> None:
   """Writes `config.json`, `generation_config.json` and `model.safetensors`.
 
-  The directory loads with
-  `transformers.T5ForConditionalGeneration.from_pretrained(path)`. With
-  several JAX processes, call it on every process: parameters sharded across
-  hosts are all-gathered (a collective), and process 0 writes the files.
+  The directory loads with transformers'
+  `T5ForConditionalGeneration` / `AutoModelForCausalLM.from_pretrained(path)`.
+  With several JAX processes, call it on every process: parameters sharded
+  across hosts are all-gathered (a collective), and process 0 writes the
+  files.
   """
-  import safetensors.numpy  # pylint: disable=g-import-not-at-top
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
 
   def to_host(x: Any) -> np.ndarray:
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
@@ -570,11 +502,14 @@ def save_checkpoint(params: Params, config: T5Config,
   if jax.process_index() != 0:
     return
   state = params_to_hf(host_params, config)
-  generation = {
-      "decoder_start_token_id": config.decoder_start_token_id,
-      "eos_token_id": config.eos_token_id,
-      "pad_token_id": config.pad_token_id,
-  }
+  if isinstance(config, DecoderConfig):
+    generation = config.generation_dict()
+  else:
+    generation = {
+        "decoder_start_token_id": config.decoder_start_token_id,
+        "eos_token_id": config.eos_token_id,
+        "pad_token_id": config.pad_token_id,
+    }
   path = os.fspath(path)
   os.makedirs(path, exist_ok=True)
   # Each file whole or not at all (a full disk leaves no half file under its

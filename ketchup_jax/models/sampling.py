@@ -1,8 +1,11 @@
 """Autoregressive sampling: one `lax.while_loop` over a preallocated KV cache.
 
-The encoder runs once, the cross-attention keys / values are computed once,
-and each loop iteration runs the decoder on one position for the whole batch.
-Rows stop independently at EOS (later tokens are pad, log-prob 0), and the
+Family-agnostic (`ketchup_jax.models.family`): for T5 the encoder runs once
+and the cross-attention keys / values are computed once; for a decoder-only
+model the left-aligned prompt is prefilled into a cache of prompt + new
+tokens. Then each loop iteration runs one position for the whole batch.
+Rows stop independently at any EOS id (later tokens are pad, log-prob 0;
+use `lengths`, not `!= pad`, to mask completions), and the
 loop exits as soon as every row is done. `temperature`, `top_k` and `top_p`
 are traced scalars, so changing them does not recompile; only the shapes and
 `max_new_tokens` are static.
@@ -10,15 +13,14 @@ are traced scalars, so changing them does not recompile; only the shapes and
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
 
 from ketchup_jax import partitioning
-from ketchup_jax.models import t5
-from ketchup_jax.models.config import T5Config
+from ketchup_jax.models import family
 
 
 class SampleOutput(NamedTuple):
@@ -26,7 +28,8 @@ class SampleOutput(NamedTuple):
 
   Attributes:
     tokens: int32 `[batch, max_new_tokens]`, the generated ids (EOS included),
-      `pad_token_id` after EOS. The decoder start token is not included.
+      `pad_token_id` after EOS. Neither the prompt nor T5's decoder start
+      token is included.
     logprobs: float32 `[batch, max_new_tokens]`, log-probability of each token
       under the distribution it was drawn from (after temperature, top-k and
       top-p; for greedy decoding, the model's softmax at temperature 1); 0
@@ -47,7 +50,7 @@ class _LoopState(NamedTuple):
   logprobs: jax.Array      # [batch, max_new_tokens]
   lengths: jax.Array       # [batch]
   done: jax.Array          # [batch]
-  cache: t5.DecodeCache
+  cache: Any              # the family's decoding cache
   rng: jax.Array
 
 
@@ -160,8 +163,8 @@ def check_options(*, max_new_tokens: int, temperature: float | jax.Array,
 
 
 def sample(
-    params: t5.Params,
-    config: T5Config,
+    params: family.Params,
+    config: family.Config,
     input_ids: jax.Array,
     attention_mask: jax.Array,
     rng: jax.Array | None = None,
@@ -180,11 +183,12 @@ def sample(
 
   Args:
     params: The parameter pytree.
-    config: Model hyperparameters.
-    input_ids: Encoder ids `[batch, src_len]`.
-    attention_mask: Encoder mask `[batch, src_len]`.
+    config: Model hyperparameters; its type picks the family.
+    input_ids: Prompt ids `[batch, src_len]` (a decoder-only model's may be
+      padded on either side; they are left-aligned first).
+    attention_mask: Prompt mask `[batch, src_len]`.
     rng: PRNG key; needed only when `temperature > 0` (key 0 if None).
-    max_new_tokens: Number of decoder positions (static).
+    max_new_tokens: Number of new tokens (static).
     temperature: 0 = greedy (argmax); > 0 divides the logits.
     top_k: Keep the k most likely tokens; 0 = no limit.
     top_p: Nucleus mass in (0, 1]; 1 = no limit.
@@ -208,13 +212,14 @@ def sample(
   batch = input_ids.shape[0]
   kw = dict(mesh=mesh, rules=rules)
 
-  encoded = t5.encode(params, config, input_ids, attention_mask, **kw)
-  cache = t5.init_decode_cache(params, config, encoded, attention_mask,
-                               max_len=max_new_tokens, **kw)
-  pad = jnp.int32(config.pad_token_id)
+  cache, first = family.start_decoding(
+      params, config, input_ids, attention_mask,
+      max_new_tokens=max_new_tokens, **kw)
+  pad = jnp.int32(family.pad_id(config))
+  eos = jnp.asarray(family.eos_ids(config), jnp.int32).reshape(-1)
   state = _LoopState(
       step=jnp.zeros((), jnp.int32),
-      last=jnp.full((batch,), config.decoder_start_token_id, jnp.int32),
+      last=first,
       tokens=jnp.full((batch, max_new_tokens), pad, jnp.int32),
       logprobs=jnp.zeros((batch, max_new_tokens), jnp.float32),
       lengths=jnp.zeros((batch,), jnp.int32),
@@ -227,7 +232,7 @@ def sample(
     return (s.step < max_new_tokens) & ~jnp.all(s.done)
 
   def body(s: _LoopState) -> _LoopState:
-    logits, cache = t5.decode_step(params, config, s.last, s.cache, **kw)
+    logits, cache = family.decode_step(params, config, s.last, s.cache, **kw)
     rng, key = jax.random.split(s.rng)
     token, logp = _choose(logits, key, temperature, top_k, top_p)
     token = jnp.where(s.done, pad, token)  # [batch]
@@ -242,7 +247,7 @@ def sample(
         tokens=tokens,
         logprobs=logprobs,
         lengths=s.lengths + (~s.done).astype(jnp.int32),
-        done=s.done | (token == config.eos_token_id),
+        done=s.done | jnp.any(token[:, None] == eos[None, :], axis=-1),
         cache=cache,
         rng=rng,
     )

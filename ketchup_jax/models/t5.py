@@ -38,10 +38,8 @@ attention softmax and output logits are float32.
 from __future__ import annotations
 
 import functools
-import math
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh
@@ -49,65 +47,18 @@ import numpy as np
 
 from ketchup_jax import chunked
 from ketchup_jax import partitioning
+from ketchup_jax.models import layers
+from ketchup_jax.models import relpos
 from ketchup_jax.models.config import REMAT_POLICIES  # pylint: disable=unused-import
 from ketchup_jax.models.config import T5Config
+from ketchup_jax.models.relpos import relative_position_bucket  # pylint: disable=unused-import
 
 Params = Any  # Nested dict of arrays (the linen 'params' collection).
 LogicalRules = partitioning.LogicalRules
 
-_NEG_INF = -1e10  # Additive attention mask value (finite: no NaN rows).
-
-_BATCH, _LENGTH = "activation_batch", "activation_length"
-_EMBED, _HEADS, _KV = "activation_embed", "activation_heads", "activation_kv"
-_MLP, _VOCAB = "activation_mlp", "activation_vocab"
-
-
-# ---------------------------------------------------------------------------
-# Relative position buckets.
-# ---------------------------------------------------------------------------
-
-
-def relative_position_bucket(
-    relative_position: np.ndarray,
-    *,
-    bidirectional: bool,
-    num_buckets: int,
-    max_distance: int,
-) -> np.ndarray:
-  """T5's relative position buckets (Mesh TensorFlow), computed on the host.
-
-  Half of the buckets (per direction) are exact small distances; the rest
-  grow logarithmically up to `max_distance`, beyond which all positions share
-  the last bucket. The log is evaluated in float32 as PyTorch does, so bucket
-  boundaries agree with transformers exactly.
-
-  Args:
-    relative_position: int array, `key_position - query_position`.
-    bidirectional: Encoder (True) or causal decoder (False; positive
-      distances, i.e. future keys, fall in bucket 0).
-    num_buckets: Total number of buckets.
-    max_distance: Distance from which on the last bucket is used.
-
-  Returns:
-    int32 array of buckets in `[0, num_buckets)`, same shape as the input.
-  """
-  n = np.asarray(relative_position, dtype=np.int64)
-  buckets = np.zeros_like(n)
-  if bidirectional:
-    num_buckets //= 2
-    buckets += (n > 0).astype(np.int64) * num_buckets
-    n = np.abs(n)
-  else:
-    n = -np.minimum(n, 0)
-  max_exact = num_buckets // 2
-  is_small = n < max_exact
-  with np.errstate(divide="ignore"):
-    scaled = (np.log(n.astype(np.float32) / np.float32(max_exact)) /
-              np.float32(math.log(max_distance / max_exact)) *
-              np.float32(num_buckets - max_exact))
-  scaled = np.where(is_small, 0.0, scaled)  # Drop log(0) before the cast.
-  large = np.minimum(max_exact + scaled.astype(np.int64), num_buckets - 1)
-  return (buckets + np.where(is_small, n, large)).astype(np.int32)
+_BATCH, _LENGTH, _HEADS, _KV = (layers.BATCH, layers.LENGTH, layers.HEADS,
+                                 layers.KV)
+_EMBED, _NEG_INF = layers.EMBED, layers.NEG_INF
 
 
 # ---------------------------------------------------------------------------
@@ -115,85 +66,7 @@ def relative_position_bucket(
 # ---------------------------------------------------------------------------
 
 
-def init_stddev(path: tuple[str, ...], config: T5Config) -> float | None:
-  """Initial standard deviation of the parameter at `path` (None: ones).
-
-  HF T5's initialisation (`initializer_factor` 1): attention `q` by
-  `(d_model * d_kv) ** -0.5`, `k` / `v` by `d_model ** -0.5`, `o` by
-  `(heads * d_kv) ** -0.5`, feed-forward `wi*` by `d_model ** -0.5` and `wo`
-  by `d_ff ** -0.5`, embeddings and `lm_head` by 1, relative position biases
-  by `d_model ** -0.5`, norm scales 1. Used by the modules' own initialisers
-  and by the fast `init_params`, so there is one table.
-  """
-  e, d, h, f = config.d_model, config.d_kv, config.num_heads, config.d_ff
-  name, parent = path[-1], path[-2] if len(path) > 1 else ""
-  if name == "scale":
-    return None
-  if name == "embedding":
-    return e ** -0.5 if parent == "relpos_bias" else 1.0
-  table = {"kernel": 1.0, "q": (e * d) ** -0.5, "k": e ** -0.5,
-           "v": e ** -0.5, "o": (h * d) ** -0.5, "wi": e ** -0.5,
-           "wi_0": e ** -0.5, "wi_1": e ** -0.5, "wo": f ** -0.5}
-  if name not in table:
-    raise ValueError(f"no initialiser for parameter {'/'.join(path)!r}")
-  return table[name]
-
-
-class _Base(nn.Module):
-  """Shared fields: config and the optional mesh for activation constraints."""
-  config: T5Config
-  mesh: Mesh | None = None
-  rules: LogicalRules = partitioning.DEFAULT_RULES
-
-  def _param(self, name: str, shape: tuple[int, ...],
-             axes: tuple[str, ...]) -> jax.Array:
-    std = init_stddev(tuple(self.scope.path) + (name,), self.config)
-    init = (nn.initializers.ones if std is None else
-            nn.initializers.normal(stddev=std))
-    return self.param(name, nn.with_logical_partitioning(init, axes), shape,
-                      self.config.param_dtype)
-
-  def _constrain(self, x: jax.Array, axes: tuple[str, ...]) -> jax.Array:
-    return partitioning.with_logical_constraint(
-        x, axes, mesh=self.mesh, rules=self.rules)
-
-
-class RMSNorm(_Base):
-  """T5 layer norm: scale only, no mean subtraction, statistics in float32."""
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    scale = self._param("scale", (self.config.d_model,), ("embed",))
-    x32 = x.astype(jnp.float32)  # [batch, length, embed]
-    var = jnp.mean(jnp.square(x32), axis=-1, keepdims=True)
-    y = x32 * jax.lax.rsqrt(var + self.config.layer_norm_epsilon)
-    return (y * scale.astype(jnp.float32)).astype(self.config.dtype)
-
-
-class Embed(_Base):
-  """The shared token embedding; `attend` is the tied output projection."""
-
-  def setup(self):
-    cfg = self.config
-    self.embedding = self._param("embedding", (cfg.vocab_size, cfg.d_model),
-                                 ("vocab", "embed"))
-
-  def __call__(self, ids: jax.Array) -> jax.Array:
-    # Gather the fsdp-sharded table (as FSDP does for every weight) but keep
-    # it vocab-sharded, so the lookup is a masked local gather + reduction.
-    table = self._constrain(self.embedding.astype(self.config.dtype),
-                            ("vocab", None))
-    x = jnp.take(table, ids, axis=0)
-    return self._constrain(x, (_BATCH, _LENGTH, _EMBED))  # [b, l, embed]
-
-  def attend(self, x: jax.Array) -> jax.Array:
-    logits = jnp.einsum("ble,ve->blv", x,
-                        self.embedding.astype(self.config.dtype),
-                        preferred_element_type=jnp.float32)
-    return self._constrain(logits, (_BATCH, _LENGTH, _VOCAB))
-
-
-class Attention(_Base):
+class Attention(layers.Base):
   """Multi-head attention without 1/sqrt(d) scaling (folded into T5's init)."""
 
   def setup(self):
@@ -249,46 +122,15 @@ class Attention(_Base):
     return self._constrain(y, (_BATCH, _LENGTH, _EMBED))
 
 
-_ACTIVATIONS = {
-    "relu": jax.nn.relu,
-    "gelu_new": functools.partial(jax.nn.gelu, approximate=True),
-    "gelu": functools.partial(jax.nn.gelu, approximate=False),
-    "silu": jax.nn.silu,
-}
-
-
-class MLP(_Base):
-  """Feed-forward block: `wo(act(wi x))` or gated `wo(act(wi_0 x) * wi_1 x)`."""
-
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    cfg = self.config
-    e, f = cfg.d_model, cfg.d_ff
-    act = _ACTIVATIONS[cfg.dense_act_fn]
-
-    def proj(name: str) -> jax.Array:
-      w = self._param(name, (e, f), ("embed", "mlp"))
-      h = jnp.einsum("ble,ef->blf", x, w.astype(cfg.dtype))
-      return self._constrain(h, (_BATCH, _LENGTH, _MLP))  # [b, l, mlp]
-
-    if cfg.is_gated_act:
-      h = act(proj("wi_0")) * proj("wi_1")
-    else:
-      h = act(proj("wi"))
-    wo = self._param("wo", (f, e), ("mlp", "embed"))
-    y = jnp.einsum("blf,fe->ble", h, wo.astype(cfg.dtype))
-    return self._constrain(y, (_BATCH, _LENGTH, _EMBED))
-
-
-class EncoderLayer(_Base):
+class EncoderLayer(layers.Base):
   """Pre-norm self-attention + feed-forward, residual around each."""
 
   def setup(self):
     kw = dict(config=self.config, mesh=self.mesh, rules=self.rules)
-    self.self_attention_norm = RMSNorm(**kw)
+    self.self_attention_norm = layers.RMSNorm(**kw)
     self.self_attention = Attention(**kw)
-    self.mlp_norm = RMSNorm(**kw)
-    self.mlp = MLP(**kw)
+    self.mlp_norm = layers.RMSNorm(**kw)
+    self.mlp = layers.MLP(**kw)
 
   def __call__(self, x: jax.Array, bias: jax.Array) -> jax.Array:
     h = self.self_attention_norm(x)
@@ -297,17 +139,17 @@ class EncoderLayer(_Base):
     return x + self.mlp(self.mlp_norm(x))
 
 
-class DecoderLayer(_Base):
+class DecoderLayer(layers.Base):
   """Causal self-attention, cross-attention and feed-forward (pre-norm)."""
 
   def setup(self):
     kw = dict(config=self.config, mesh=self.mesh, rules=self.rules)
-    self.self_attention_norm = RMSNorm(**kw)
+    self.self_attention_norm = layers.RMSNorm(**kw)
     self.self_attention = Attention(**kw)
-    self.cross_attention_norm = RMSNorm(**kw)
+    self.cross_attention_norm = layers.RMSNorm(**kw)
     self.cross_attention = Attention(**kw)
-    self.mlp_norm = RMSNorm(**kw)
-    self.mlp = MLP(**kw)
+    self.mlp_norm = layers.RMSNorm(**kw)
+    self.mlp = layers.MLP(**kw)
 
   def cross_key_value(self, encoded: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Cross-attention keys / values of the encoder output, computed once."""
@@ -355,84 +197,35 @@ class DecoderLayer(_Base):
     return x, cache
 
 
-def _mask_bias(mask: jax.Array) -> jax.Array:
-  """`[batch, k_len]` 0/1 mask -> float32 bias `[batch, 1, 1, k_len]`."""
-  return jnp.where(mask[:, None, None, :] > 0, 0.0, _NEG_INF).astype(
-      jnp.float32)
-
-
-class RelativePositionBias(_Base):
-  """Learned per-head bias of the bucketed relative position, one per stack."""
-  bidirectional: bool = True
-
-  def setup(self):
-    cfg = self.config
-    self.embedding = self._param(
-        "embedding", (cfg.relative_attention_num_buckets, cfg.num_heads),
-        ("relpos_buckets", "heads"))
-
-  def _buckets(self, relative: np.ndarray) -> np.ndarray:
-    cfg = self.config
-    return relative_position_bucket(
-        relative, bidirectional=self.bidirectional,
-        num_buckets=cfg.relative_attention_num_buckets,
-        max_distance=cfg.relative_attention_max_distance)
-
-  def __call__(self, q_len: int, k_len: int) -> jax.Array:
-    """Bias `[1, heads, q_len, k_len]` (float32) for queries at 0..q_len-1."""
-    relative = np.arange(k_len)[None, :] - np.arange(q_len)[:, None]
-    values = jnp.take(self.embedding.astype(jnp.float32),
-                      self._buckets(relative), axis=0)  # [q, k, heads]
-    return jnp.transpose(values, (2, 0, 1))[None]
-
-  def at(self, index: jax.Array, k_len: int) -> jax.Array:
-    """Bias `[1, heads, 1, k_len]` for one query at (traced) `index`."""
-    table = self._buckets(np.arange(-k_len, k_len + 1))  # Static lookup.
-    buckets = jnp.take(jnp.asarray(table), jnp.arange(k_len) - index + k_len)
-    values = jnp.take(self.embedding.astype(jnp.float32), buckets, axis=0)
-    return jnp.transpose(values, (1, 0))[None, :, None, :]
-
-
-def _remat(layer_cls: type[nn.Module], policy: str) -> type[nn.Module]:
-  """`layer_cls`, rematerialised under autodiff by `T5Config.remat`."""
-  if policy == "none":
-    return layer_cls
-  saveable = {
-      "full": jax.checkpoint_policies.nothing_saveable,
-      "minimal": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
-  }[policy]
-  return nn.remat(layer_cls, policy=saveable)
-
-
-class Encoder(_Base):
+class Encoder(layers.Base):
   """T5 encoder stack (token embeddings are passed in)."""
 
   def setup(self):
     kw = dict(config=self.config, mesh=self.mesh, rules=self.rules)
-    self.relpos_bias = RelativePositionBias(bidirectional=True, **kw)
-    layer = _remat(EncoderLayer, self.config.remat)
+    self.relpos_bias = relpos.RelativePositionBias(bidirectional=True, **kw)
+    layer = layers.remat(EncoderLayer, self.config.remat)
     self.layers = [layer(**kw) for _ in range(self.config.num_layers)]
-    self.final_norm = RMSNorm(**kw)
+    self.final_norm = layers.RMSNorm(**kw)
 
   def __call__(self, x: jax.Array, attention_mask: jax.Array) -> jax.Array:
     length = x.shape[1]
-    bias = self.relpos_bias(length, length) + _mask_bias(attention_mask)
+    bias = self.relpos_bias(length, length) + layers.mask_bias(attention_mask)
     for layer in self.layers:
       x = layer(x, bias)
     return self.final_norm(x)  # [batch, src_len, embed]
 
 
-class Decoder(_Base):
+class Decoder(layers.Base):
   """T5 decoder stack; teacher-forced `__call__` and cached `step`."""
 
   def setup(self):
     kw = dict(config=self.config, mesh=self.mesh, rules=self.rules)
-    self.relpos_bias = RelativePositionBias(bidirectional=False, **kw)
-    layer = _remat(DecoderLayer, self.config.remat)
+    self.relpos_bias = relpos.RelativePositionBias(bidirectional=False, **kw)
+    layer = layers.remat(DecoderLayer, self.config.remat)
     self.layers = [
         layer(**kw) for _ in range(self.config.num_decoder_layers)
     ]
-    self.final_norm = RMSNorm(**kw)
+    self.final_norm = layers.RMSNorm(**kw)
 
   def cross_key_value(self, encoded: jax.Array) -> tuple[Any, ...]:
     return tuple(layer.cross_key_value(encoded) for layer in self.layers)
@@ -461,30 +254,16 @@ class Decoder(_Base):
     return self.final_norm(x), tuple(new_cache)
 
 
-class LMHead(_Base):
-  """Untied output projection `[embed, vocab]` (T5 v1.1 / FLAN-T5)."""
-
-  def setup(self):
-    cfg = self.config
-    self.kernel = self._param("kernel", (cfg.d_model, cfg.vocab_size),
-                              ("embed", "vocab"))
-
-  def __call__(self, x: jax.Array) -> jax.Array:
-    logits = jnp.einsum("ble,ev->blv", x, self.kernel.astype(self.config.dtype),
-                        preferred_element_type=jnp.float32)
-    return self._constrain(logits, (_BATCH, _LENGTH, _VOCAB))
-
-
-class T5(_Base):
+class T5(layers.Base):
   """T5 encoder-decoder with an LM head (tied or untied)."""
 
   def setup(self):
     kw = dict(config=self.config, mesh=self.mesh, rules=self.rules)
-    self.shared = Embed(**kw)
+    self.shared = layers.Embed(**kw)
     self.encoder = Encoder(**kw)
     self.decoder = Decoder(**kw)
     if not self.config.tie_word_embeddings:
-      self.lm_head = LMHead(**kw)
+      self.lm_head = layers.LMHead(**kw)
 
   def _scale(self, x: jax.Array) -> jax.Array:
     """The decoder output as the LM head reads it (T5 v1.0: d_model**-0.5)."""
@@ -509,37 +288,34 @@ class T5(_Base):
   def decode(self, decoder_input_ids: jax.Array,
              decoder_attention_mask: jax.Array, encoded: jax.Array,
              attention_mask: jax.Array) -> jax.Array:
+    """The final norm's output `[batch, tgt_len, embed]`."""
     x = self.shared(decoder_input_ids)
     cross_kv = self.decoder.cross_key_value(encoded)
-    x = self.decoder(x, decoder_attention_mask, cross_kv,
-                     _mask_bias(attention_mask))
-    return self._logits(x)
+    return self.decoder(x, decoder_attention_mask, cross_kv,
+                        layers.mask_bias(attention_mask))
 
   def hidden(self, input_ids: jax.Array, attention_mask: jax.Array,
              decoder_input_ids: jax.Array,
              decoder_attention_mask: jax.Array) -> jax.Array:
     """The LM head's input `[batch, tgt_len, embed]` (rescaled if tied)."""
     encoded = self.encode(input_ids, attention_mask)
-    x = self.shared(decoder_input_ids)
-    cross_kv = self.decoder.cross_key_value(encoded)
-    x = self.decoder(x, decoder_attention_mask, cross_kv,
-                     _mask_bias(attention_mask))
-    return self._scale(x)
+    return self._scale(self.decode(decoder_input_ids, decoder_attention_mask,
+                                   encoded, attention_mask))
 
   def decode_step(self, tokens: jax.Array, index: jax.Array,
                   cache: tuple[Any, ...], cross_kv: tuple[Any, ...],
                   attention_mask: jax.Array) -> tuple[jax.Array, Any]:
     x = self.shared(tokens[:, None])  # [batch, 1, embed]
     x, cache = self.decoder.step(x, index, cache, cross_kv,
-                                 _mask_bias(attention_mask))
+                                 layers.mask_bias(attention_mask))
     return self._logits(x)[:, 0], cache
 
   def __call__(self, input_ids: jax.Array, attention_mask: jax.Array,
                decoder_input_ids: jax.Array,
                decoder_attention_mask: jax.Array) -> jax.Array:
     encoded = self.encode(input_ids, attention_mask)
-    return self.decode(decoder_input_ids, decoder_attention_mask, encoded,
-                       attention_mask)
+    return self._logits(self.decode(decoder_input_ids, decoder_attention_mask,
+                                    encoded, attention_mask))
 
 
 # ---------------------------------------------------------------------------
@@ -585,14 +361,6 @@ def shift_right(targets: jax.Array, config: T5Config) -> jax.Array:
 def _model(config: T5Config, mesh: Mesh | None,
            rules: LogicalRules) -> T5:
   return T5(config=config, mesh=mesh, rules=rules)
-
-
-def _check_ids(name: str, ids: jax.Array, mask: jax.Array | None) -> None:
-  if ids.ndim != 2:
-    raise ValueError(f"{name} must be [batch, length], got shape {ids.shape}")
-  if mask is not None and mask.shape != ids.shape:
-    raise ValueError(f"the mask of {name} must have shape {ids.shape}, got"
-                     f" {mask.shape}")
 
 
 def forward(
@@ -659,8 +427,8 @@ def _teacher_forced(params, config, input_ids, attention_mask,
                     decoder_input_ids, decoder_attention_mask, *, mesh, rules,
                     method):
   """`forward` (method None: `T5.__call__`) or `hidden_states`, checked."""
-  _check_ids("input_ids", input_ids, attention_mask)
-  _check_ids("decoder_input_ids", decoder_input_ids, decoder_attention_mask)
+  layers.check_ids("input_ids", input_ids, attention_mask)
+  layers.check_ids("decoder_input_ids", decoder_input_ids, decoder_attention_mask)
   if decoder_attention_mask is None:
     decoder_attention_mask = jnp.ones_like(decoder_input_ids)
   kwargs = {} if method is None else {"method": method}
@@ -688,7 +456,7 @@ def encode(
     rules: LogicalRules = partitioning.DEFAULT_RULES,
 ) -> jax.Array:
   """Encoder output `[batch, src_len, embed]` in the compute dtype."""
-  _check_ids("input_ids", input_ids, attention_mask)
+  layers.check_ids("input_ids", input_ids, attention_mask)
   return _model(config, mesh, rules).apply(
       {"params": params}, input_ids, attention_mask, method=T5.encode)
 
@@ -778,43 +546,11 @@ def _boxed_init(config: T5Config, rng: jax.Array) -> Any:
       rng, *_dummy_inputs())["params"]
 
 
-_INIT_CHUNK = 1 << 24  # Elements per random draw in `init_params`.
-
-
-@functools.partial(jax.jit, static_argnums=1)
-def _standard_normal(rng: jax.Array, size: int) -> jax.Array:
-  return jax.random.normal(rng, (size,), jnp.float32)
-
-
 def init_params(config: T5Config, rng: jax.Array) -> Params:
-  """Random parameters with HF T5's scales (`init_stddev`), as numpy arrays.
-
-  All parameters are cut from one stream of standard normals drawn in
-  fixed-size chunks (one compiled random kernel, bounded device memory), then
-  scaled on the host; norm scales are ones. Leaves are `param_dtype` numpy
-  arrays; `ketchup_jax.models.place_params` puts them on devices.
-  """
-  shapes = param_shapes(config)
-  flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
-  total = sum(leaf.size for _, leaf in flat)
-  chunk = min(total, _INIT_CHUNK)
-  stream, buffered, index = [], 0, 0
-  leaves = []
-  for path, leaf in flat:
-    names = tuple(p.key for p in path)
-    std = init_stddev(names, config)
-    if std is None:
-      leaves.append(np.ones(leaf.shape, leaf.dtype))
-      continue
-    while buffered < leaf.size:
-      stream.append(np.asarray(
-          _standard_normal(jax.random.fold_in(rng, index), chunk)))
-      buffered += chunk
-      index += 1
-    z = np.concatenate(stream) if len(stream) > 1 else stream[0]
-    leaves.append((z[:leaf.size].reshape(leaf.shape) * std).astype(leaf.dtype))
-    stream, buffered = [z[leaf.size:]], buffered - leaf.size
-  return jax.tree.unflatten(treedef, leaves)
+  """Random parameters with HF T5's scales (`T5Config.init_stddev`), as numpy
+  arrays (`layers.init_from_shapes`); `ketchup_jax.models.place_params` puts
+  them on devices."""
+  return layers.init_from_shapes(param_shapes(config), config, rng)
 
 
 @functools.lru_cache(maxsize=32)
@@ -826,10 +562,9 @@ def _abstract_boxed(config: T5Config) -> Any:
 
 def param_shapes(config: T5Config) -> Params:
   """`jax.ShapeDtypeStruct` tree of the parameters, without allocating."""
-  return nn.unbox(_abstract_boxed(config))
+  return layers.unboxed_shapes(_abstract_boxed(config))
 
 
 def logical_axes(config: T5Config) -> Any:
   """Tree of logical axis-name tuples, one per parameter (same structure)."""
-  return jax.tree.map(lambda b: tuple(b.names), _abstract_boxed(config),
-                      is_leaf=lambda x: isinstance(x, nn.LogicallyPartitioned))
+  return layers.boxed_axes(_abstract_boxed(config))
