@@ -89,6 +89,9 @@ def get_config() -> ml_collections.ConfigDict:
       path="",
       # byte: padded vocabulary size; word: maximum vocabulary; 0 = default.
       vocab_size=0,
+      # hf: prompts are the user turn of the tokenizer's chat template, the
+      # assistant's turn opened (for instruct models).
+      chat_template=False,
   ))
   # Token caps, EOS included; longer examples are truncated and counted.
   c.max_source_len = 64

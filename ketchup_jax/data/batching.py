@@ -59,8 +59,11 @@ class TokenizedExamples:
             [self.targets[i] for i in indices])
 
 
-def _encode_capped(ids: list[int], *, max_len: int, eos_id: int) -> tuple[np.ndarray,
-                                                                          bool]:
+def _encode_capped(ids: list[int], *, max_len: int,
+                   eos_id: int | None) -> tuple[np.ndarray, bool]:
+  """The ids cut to ``max_len``, EOS last unless ``eos_id`` is None."""
+  if eos_id is None:
+    return np.asarray(ids[:max_len], dtype=np.int32), len(ids) > max_len
   truncated = len(ids) + 1 > max_len
   ids = ids[:max_len - 1] + [eos_id]
   return np.asarray(ids, dtype=np.int32), truncated
@@ -80,11 +83,13 @@ def _empty_stats() -> dict[str, int]:
 
 def tokenize(examples: Sequence[Mapping[str, str]], tokenizer: Tokenizer, *,
              max_source_len: int, max_target_len: int,
-             prefix: str = "") -> TokenizedExamples:
+             prefix: str = "", source_eos: bool = True) -> TokenizedExamples:
   """Encodes ``prefix + source`` and ``target``, appends EOS, truncates to the caps.
 
   A sequence longer than its cap keeps its first ``cap − 1`` tokens and then EOS (the
   model always sees an end). Empty texts become just ``[EOS]`` and are counted.
+  With ``source_eos=False`` (decoder-only models: the prompt runs on into the
+  completion) sources get no EOS and keep their first ``max_source_len`` tokens.
 
   Args:
     examples: ``{"source", "target"}`` dicts.
@@ -92,6 +97,7 @@ def tokenize(examples: Sequence[Mapping[str, str]], tokenizer: Tokenizer, *,
     max_source_len: Source cap, EOS included (>= 1).
     max_target_len: Target cap, EOS included (>= 1).
     prefix: Prompt prefix prepended to every source.
+    source_eos: Whether sources end with EOS (encoder-decoder models).
 
   Returns:
     The token ids and truncation/empty counts.
@@ -104,7 +110,8 @@ def tokenize(examples: Sequence[Mapping[str, str]], tokenizer: Tokenizer, *,
   for s, t in zip(src_ids, tgt_ids):
     stats["empty_sources"] += not s
     stats["empty_targets"] += not t
-    s, s_cut = _encode_capped(s, max_len=max_source_len, eos_id=tokenizer.eos_id)
+    s, s_cut = _encode_capped(s, max_len=max_source_len,
+                              eos_id=tokenizer.eos_id if source_eos else None)
     t, t_cut = _encode_capped(t, max_len=max_target_len, eos_id=tokenizer.eos_id)
     stats["truncated_sources"] += s_cut
     stats["truncated_targets"] += t_cut
@@ -129,6 +136,7 @@ class LazyTokenized:
     max_source_len: Source cap, EOS included (>= 1).
     max_target_len: Target cap, EOS included (>= 1).
     prefix: Prompt prefix prepended to every source.
+    source_eos: Whether sources end with EOS (as :func:`tokenize`).
 
   Attributes:
     stats: :class:`TokenizedExamples` counts, summed over every row tokenised
@@ -137,11 +145,13 @@ class LazyTokenized:
   """
 
   def __init__(self, examples: Sequence[Mapping[str, str]], tokenizer: Tokenizer,
-               *, max_source_len: int, max_target_len: int, prefix: str = ""):
+               *, max_source_len: int, max_target_len: int, prefix: str = "",
+               source_eos: bool = True):
     _check_caps(max_source_len, max_target_len)
     self._examples = examples
     self._tokenizer = tokenizer
     self._prefix = prefix
+    self._source_eos = source_eos
     self.max_source_len = max_source_len
     self.max_target_len = max_target_len
     self.pad_id = tokenizer.pad_id
@@ -155,7 +165,8 @@ class LazyTokenized:
     """Tokenises examples ``indices`` (one batched tokenizer call)."""
     part = tokenize([self._examples[i] for i in indices], self._tokenizer,
                     max_source_len=self.max_source_len,
-                    max_target_len=self.max_target_len, prefix=self._prefix)
+                    max_target_len=self.max_target_len, prefix=self._prefix,
+                    source_eos=self._source_eos)
     for key, count in part.stats.items():
       self.stats[key] += count
     return part.sources, part.targets

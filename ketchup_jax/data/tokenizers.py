@@ -163,6 +163,12 @@ class HFTokenizer(Tokenizer):
     return self._tok.decode([i for i in ids if i not in self._special],
                             skip_special_tokens=True)
 
+  def chat_prompt(self, text: str) -> str:
+    """``text`` as the user's turn of the chat template, the reply opened."""
+    return self._tok.apply_chat_template(
+        [{"role": "user", "content": text}], tokenize=False,
+        add_generation_prompt=True)
+
 
 _WORD_RE = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 _SPACE = "▁"

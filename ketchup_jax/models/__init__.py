@@ -22,6 +22,7 @@ from ketchup_jax.models import family
 from ketchup_jax.models.api import DecoderLM
 from ketchup_jax.models.api import default_dtype
 from ketchup_jax.models.api import init
+from ketchup_jax.models.api import LM
 from ketchup_jax.models.api import load
 from ketchup_jax.models.api import place_params
 from ketchup_jax.models.api import T5LM
@@ -47,7 +48,7 @@ from ketchup_jax.models.t5 import Params
 from ketchup_jax.models.t5 import shift_right
 
 __all__ = [
-    "DECODER_SIZES", "DecodeCache", "DecoderConfig", "DecoderLM", "Params",
+    "DECODER_SIZES", "DecodeCache", "DecoderConfig", "DecoderLM", "LM", "Params",
     "SIZES", "SampleOutput", "T5Config", "T5LM", "decode_step",
     "default_dtype", "encode", "family", "forward", "get_config",
     "get_decoder_config", "init", "init_decode_cache", "init_params", "load",

@@ -184,6 +184,10 @@ def _wrap(config: family.Config, params: t5.Params, mesh: Mesh | None,
              mesh=mesh, rules=rules)
 
 
+# Any family's model object (what `load` and `init` return).
+LM = T5LM | DecoderLM
+
+
 def load(
     path_or_name: str | os.PathLike[str],
     *,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from typing import Any
+from typing import Any, Callable
 
 from absl import logging
 import jax
@@ -101,8 +101,8 @@ class Run:
       return sources.stage_source("predistill")
     return self.cfg.student.init_from
 
-  def step_models(self, student: models.T5LM,
-                  teacher: models.T5LM | None) -> steps.StepModels:
+  def step_models(self, student: models.LM,
+                  teacher: models.LM | None) -> steps.StepModels:
     """The static description of the models a jitted step uses."""
     return steps.StepModels(student=student.config,
                         teacher=None if teacher is None else teacher.config,
@@ -111,17 +111,18 @@ class Run:
 
   def load_model(self, role: str, init_from: str,
                  model_cfg: ml_collections.ConfigDict, seed: int, *,
-                 mesh: jax.sharding.Mesh | None = None) -> models.T5LM:
+                 mesh: jax.sharding.Mesh | None = None) -> models.LM:
     """`sources.load_model` on `mesh` (the teacher's own), else `self.mesh`."""
     return sources.load_model(
         init_from, model_cfg, seed, role=role,
         mesh=self.mesh if mesh is None else mesh,
         tokenizer_vocab=self.tokenizer.vocab_size,
-        models_dir=self.path("models"))
+        tokenizer_eos=self.tokenizer.eos_id, models_dir=self.path("models"))
 
 
 def _make_tokenizer(cfg: ml_collections.ConfigDict, task: data_lib.Task,
-                    workdir: str) -> data_lib.Tokenizer:
+                    workdir: str, *, t5_ids: bool) -> data_lib.Tokenizer:
+  """The configured tokenizer; an HF one must have T5's ids for T5 models."""
   kind = cfg.tokenizer.kind
   size = cfg.tokenizer.vocab_size or None
   if kind == "word" and not cfg.tokenizer.path:
@@ -134,7 +135,29 @@ def _make_tokenizer(cfg: ml_collections.ConfigDict, task: data_lib.Task,
     raise ValueError(f"config.tokenizer.kind must be 'byte', 'word' or 'hf', "
                      f"got {kind!r}")
   return data_lib.get_tokenizer(kind, path=cfg.tokenizer.path or None,
-                                vocab_size=size)
+                                vocab_size=size, require_t5_ids=t5_ids)
+
+
+def _prompt_format(cfg: ml_collections.ConfigDict, tokenizer: data_lib.Tokenizer,
+                   prefix: str) -> Callable[[list[dict[str, str]]],
+                                            list[dict[str, str]]]:
+  """examples -> the same with each source as the model's prompt.
+
+  The task's prefix, then the source; with `config.tokenizer.chat_template`
+  that text is the user turn of the HF tokenizer's chat template, with the
+  assistant's turn opened (`add_generation_prompt`).
+  """
+  if not cfg.tokenizer.get("chat_template", False):
+    return lambda examples: [dict(ex, source=prefix + ex["source"])
+                             for ex in examples]
+  if not isinstance(tokenizer, data_lib.HFTokenizer) or not (
+      tokenizer.hf_tokenizer.chat_template):
+    raise ValueError(f"config.tokenizer.chat_template=True needs an HF "
+                     f"tokenizer (kind 'hf') that has a chat template, got "
+                     f"kind {cfg.tokenizer.kind!r}")
+  return lambda examples: [
+      dict(ex, source=tokenizer.chat_prompt(prefix + ex["source"]))
+      for ex in examples]
 
 
 def _limit(examples: list[dict[str, str]], n: int) -> list[dict[str, str]]:
@@ -160,9 +183,15 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
         teacher_mesh))
     teacher_slice.check_batch_sizes(cfg, teacher_mesh)
   task = data_lib.get_task(cfg.task.name, **cfg.task.options.to_dict())
-  tokenizer = _make_tokenizer(cfg, task, workdir)
+  kinds = [sources.declared_kind(cfg[role]) for role in ("teacher", "student")]
+  sources.check_same_kind(*kinds)
+  tokenizer = _make_tokenizer(cfg, task, workdir,
+                              t5_ids="decoder-only" not in kinds)
+  # A decoder-only model's prompt runs on into its completion: no EOS there.
   caps = dict(tokenizer=tokenizer, max_source_len=cfg.max_source_len,
-              max_target_len=cfg.max_target_len, prefix=task.prefix)
+              max_target_len=cfg.max_target_len,
+              source_eos="decoder-only" not in kinds)
+  prompt = _prompt_format(cfg, tokenizer, task.prefix)
   train_examples = task.examples("train")
   if not train_examples:
     raise ValueError(f"task {task.name!r} has no examples in split 'train'")
@@ -185,20 +214,21 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
   if jax.process_count() > 1:
     # Per-host input: each process tokenises only the rows it feeds (its
     # slice of every global batch), when the batch is drawn.
-    train = data_lib.LazyTokenized(train_examples, **caps)
+    train = data_lib.LazyTokenized(prompt(train_examples), **caps)
     logging.info("data train: %d examples, each process tokenises its own "
                  "rows of every batch", len(train))
   else:
-    train = data_lib.tokenize(train_examples, **caps)
+    train = data_lib.tokenize(prompt(train_examples), **caps)
     logging.info("data train: %s", train.stats)
   eval_examples = _limit(task.examples(cfg.eval.split), cfg.eval.max_examples)
   if not eval_examples:
     raise ValueError(f"task {task.name!r} has no examples in split "
                      f"{cfg.eval.split!r}")
   # Every process decodes whole eval batches (eval output is gathered).
-  evaluation = data_lib.tokenize(eval_examples, **caps)
+  evaluation = data_lib.tokenize(prompt(eval_examples), **caps)
   logging.info("data %s: %s", cfg.eval.split, evaluation.stats)
-  val_data = data_lib.tokenize(val_examples, **caps) if val_examples else None
+  val_data = (data_lib.tokenize(prompt(val_examples), **caps) if val_examples
+              else None)
   for stage in settings.TRAINING_STAGES:
     if cfg[stage].batch_size % (mesh.shape["data"] * mesh.shape["fsdp"]):
       raise ValueError(

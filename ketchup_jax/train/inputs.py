@@ -47,6 +47,7 @@ def check_models(cfg: ml_collections.ConfigDict, workdir: str) -> None:
   """Raises ValueError naming the first damaged model directory."""
   for what, path in model_dirs(cfg, workdir):
     try:
-      hf_io.check_checkpoint(hf_io.resolve_path(path))
+      hf_io.check_checkpoint(hf_io.resolve_path(path),
+                            model_types=hf_io.SUPPORTED)
     except (ValueError, FileNotFoundError) as e:
       raise ValueError(f"{what}: {e}") from None

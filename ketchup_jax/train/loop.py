@@ -37,7 +37,7 @@ LOG_KEYS = ("loss", "return_mean", "return_var", "return_var_k1",
             "tokens_per_s")
 
 
-def _greedy(run: Run, lm: models.T5LM, max_len: int) -> Callable:
+def _greedy(run: Run, lm: models.LM, max_len: int) -> Callable:
   sharding = run.batch_sharding()
 
   def generate(batch):
@@ -49,7 +49,7 @@ def _greedy(run: Run, lm: models.T5LM, max_len: int) -> Callable:
   return generate
 
 
-def decode_split(run: Run, lm: models.T5LM,
+def decode_split(run: Run, lm: models.LM,
                  data: data_lib.TokenizedExamples, desc: str) -> list[str]:
   """Greedy outputs of `lm` on `data`, in order (eval and validation)."""
   cfg = run.cfg
@@ -60,7 +60,7 @@ def decode_split(run: Run, lm: models.T5LM,
       source_buckets=tuple(cfg.source_buckets) or None)
 
 
-def _state_shardings(run: Run, lm: models.T5LM,
+def _state_shardings(run: Run, lm: models.LM,
                      tx: optax.GradientTransformation, seed: int,
                      select: str | None = None) -> Any:
   """Shardings of the stage's `TrainState` (with a selection if `select`)."""
@@ -80,7 +80,7 @@ def _state_shardings(run: Run, lm: models.T5LM,
               "score", "step", "start_score", "last_score", "seconds")}))
 
 
-def _validator(run: Run, stage: settings.StageId, lm: models.T5LM,
+def _validator(run: Run, stage: settings.StageId, lm: models.LM,
                spec: validation.StageValidation) -> validation.Validator:
   """Greedy decoding of the validation split, scored with its metric."""
   metric = run.validation_metric
@@ -99,12 +99,12 @@ def _validator(run: Run, stage: settings.StageId, lm: models.T5LM,
   return validation.Validator(spec, score, log, metric)
 
 
-def train_stage(run: Run, stage: settings.StageId, lm: models.T5LM,
+def train_stage(run: Run, stage: settings.StageId, lm: models.LM,
                 step_fn: Callable,
                 optim: state_lib.OptimConfig, *, batch_size: int, seed: int,
-                teacher: models.T5LM | None = None,
+                teacher: models.LM | None = None,
                 hook: Callable[[int, Any], None] | None = None
-                ) -> tuple[models.T5LM, dict[str, Any]]:
+                ) -> tuple[models.LM, dict[str, Any]]:
   """Runs `step_fn` for the stage's micro-steps, with checkpoints and logs.
 
   `hook(step, state)`, if given, is called at the start and after every step

@@ -14,7 +14,7 @@ import dataclasses
 import ml_collections
 
 from ketchup_jax import chunked
-from ketchup_jax.models import t5
+from ketchup_jax.models import family
 from ketchup_jax.train import rollouts
 from ketchup_jax.train import state as state_lib
 from ketchup_jax.train import steps
@@ -186,9 +186,9 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
   _int_at_least(cfg.predistill, "predistill.", "max_decode_len", 1)
   for role in ("teacher", "student"):
     remat = cfg[role].get("remat", "none")
-    if remat not in t5.REMAT_POLICIES:
+    if remat not in family.REMAT_POLICIES:
       raise ValueError(f"config.{role}.remat must be one of "
-                       f"{t5.REMAT_POLICIES}, got {remat!r}")
+                       f"{family.REMAT_POLICIES}, got {remat!r}")
   try:
     chunked.check_chunk(cfg.get("logits_chunk", 0))
   except ValueError as e:

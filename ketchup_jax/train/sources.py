@@ -25,6 +25,7 @@ import numpy as np
 
 from ketchup_jax import distributed
 from ketchup_jax import models
+from ketchup_jax.models import hf_io
 
 KINDS = ("scratch", "stage", "path")
 
@@ -77,9 +78,28 @@ def declared_vocab(model_cfg: ml_collections.ConfigDict,
   return None
 
 
+def declared_kind(model_cfg: ml_collections.ConfigDict) -> str | None:
+  """"encoder-decoder" or "decoder-only", read without loading the model.
+
+  None where it cannot be known before loading (a hub name, a stage output).
+  """
+  source = Source.parse(model_cfg.init_from)
+  if source.kind == "scratch":
+    return ("decoder-only" if source.name in models.DECODER_SIZES else
+            "encoder-decoder")
+  config_json = os.path.join(source.name, "config.json")
+  if source.kind == "path" and os.path.isfile(config_json):
+    with open(config_json, encoding="utf-8") as f:
+      model_type = json.load(f).get("model_type")
+    return "encoder-decoder" if model_type in hf_io.T5_TYPES else (
+        "decoder-only")
+  return None
+
+
 def load_model(init_from: str, model_cfg: ml_collections.ConfigDict,
                seed: int, *, role: str, mesh: jax.sharding.Mesh,
-               tokenizer_vocab: int, models_dir: str) -> models.T5LM:
+               tokenizer_vocab: int, tokenizer_eos: int,
+               models_dir: str) -> models.LM:
   """Builds or loads the model `init_from` names, on `mesh`.
 
   Args:
@@ -91,6 +111,7 @@ def load_model(init_from: str, model_cfg: ml_collections.ConfigDict,
     mesh: The mesh its parameters are sharded over.
     tokenizer_vocab: The tokenizer's vocabulary size; the model's must be at
       least that.
+    tokenizer_eos: The tokenizer's EOS id; the model must stop on it.
     models_dir: `DIR/models`, where `stage:` models are.
   """
   source = Source.parse(init_from)
@@ -113,6 +134,11 @@ def load_model(init_from: str, model_cfg: ml_collections.ConfigDict,
     raise ValueError(
         f"{role} vocabulary has {lm.config.vocab_size} entries but the "
         f"tokenizer produces ids up to {tokenizer_vocab - 1}")
+  if tokenizer_eos not in models.family.eos_ids(lm.config):
+    raise ValueError(
+        f"{role} ({init_from}) ends a completion at ids "
+        f"{models.family.eos_ids(lm.config)} but the tokenizer's EOS is "
+        f"{tokenizer_eos}; use the model's own tokenizer")
   remat = model_cfg.get("remat", "none")
   if remat != lm.config.remat:  # a compute choice: the parameters are alike
     lm = dataclasses.replace(lm, config=lm.config.replace(remat=remat))
@@ -130,9 +156,24 @@ def check_same_vocab(teacher: str, teacher_vocab: int | None, student: str,
         f"must share one tokenizer")
 
 
-def check_loaded_vocab(teacher: models.T5LM, student: models.T5LM) -> None:
+def check_loaded_vocab(teacher: models.LM, student: models.LM) -> None:
   check_same_vocab("loaded", teacher.config.vocab_size, "loaded",
                    student.config.vocab_size)
+  kinds = {role: "encoder-decoder" if models.family.is_encoder_decoder(
+      lm.config) else "decoder-only" for role, lm in (("teacher", teacher),
+                                                       ("student", student))}
+  check_same_kind(kinds["teacher"], kinds["student"])
+
+
+def check_same_kind(teacher: str | None, student: str | None) -> None:
+  """Refuses an encoder-decoder teacher with a decoder-only student or back.
+
+  Both read the same batches, and a decoder-only model's prompt has no EOS.
+  """
+  if None not in (teacher, student) and teacher != student:
+    raise ValueError(
+        f"the teacher is {teacher} and the student {student}; both must be "
+        f"encoder-decoder (T5) or both decoder-only (Llama, Qwen)")
 
 
 def params_checksum(params: Any) -> str:

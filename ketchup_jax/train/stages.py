@@ -41,14 +41,14 @@ _SELECTION_KEYS = ("select", "eval_every", "val_metric", "selected_step",
                    "selected_val_score", "start_val_score", "val_seconds")
 
 
-def _export(run: Run, stage: settings.StageId, lm: models.T5LM) -> None:
+def _export(run: Run, stage: settings.StageId, lm: models.LM) -> None:
   # Every process takes part (the parameters are gathered across hosts);
   # process 0 writes.
   lm.save_pretrained(run.path("models", stage.name))
   distributed.barrier(f"export {stage}")  # the files exist for every process
 
 
-def _finish(run: Run, stage: settings.StageId, lm: models.T5LM,
+def _finish(run: Run, stage: settings.StageId, lm: models.LM,
             info: dict[str, Any]) -> None:
   """Exports `lm` and marks the stage done with its checksum and `info`."""
   _export(run, stage, lm)
@@ -164,8 +164,8 @@ def eval_models(run: Run) -> list[tuple[str, str]]:
   return rows
 
 
-def return_diagnostics_by_k(run: Run, student: models.T5LM,
-                            teacher: models.T5LM
+def return_diagnostics_by_k(run: Run, student: models.LM,
+                            teacher: models.LM
                             ) -> dict[int, dict[str, float]]:
   """Return variance and bias for each K from shared rollouts (SPEC §5).
 
@@ -201,7 +201,7 @@ def return_diagnostics_by_k(run: Run, student: models.T5LM,
           for k in cfg.eval.diag_ks}
 
 
-def eval_predictions(run: Run, lm: models.T5LM, label: str) -> list[str]:
+def eval_predictions(run: Run, lm: models.LM, label: str) -> list[str]:
   """Greedy outputs of `lm` on the eval split, in order (what eval scores)."""
   return loop.decode_split(run, lm, run.eval, f"eval {label}")
 

@@ -30,8 +30,7 @@ from ketchup_jax import divergences
 from ketchup_jax import losses
 from ketchup_jax import partitioning
 from ketchup_jax.models import sampling
-from ketchup_jax.models import t5
-from ketchup_jax.models.config import T5Config
+from ketchup_jax.models import family
 from ketchup_jax.train import state as state_lib
 
 Batch = dict[str, jax.Array]
@@ -46,8 +45,8 @@ class StepModels:
   `[B, T, V]` float32 logits, forward or backward; the same numbers. 0 (the
   default) materialises the whole logits.
   """
-  student: T5Config
-  teacher: T5Config | None = None
+  student: family.Config
+  teacher: family.Config | None = None
   mesh: Mesh | None = None
   rules: partitioning.LogicalRules = partitioning.DEFAULT_RULES
   logits_chunk: int = 0
@@ -55,19 +54,24 @@ class StepModels:
   def __post_init__(self):
     chunked.check_chunk(self.logits_chunk)
 
-  def score_head(self, params: Any, config: T5Config, input_ids: jax.Array,
-                 attention_mask: jax.Array, targets: jax.Array,
-                 target_mask: jax.Array) -> tuple[jax.Array, chunked.Head]:
+  def score_head(self, params: Any, config: family.Config,
+                 input_ids: jax.Array, attention_mask: jax.Array,
+                 targets: jax.Array, target_mask: jax.Array
+                 ) -> tuple[jax.Array, chunked.Head]:
     """`(hidden [B, T, E], head)`: `score` is `chunked.project` of them."""
-    hidden = t5.hidden_states(params, config, input_ids, attention_mask,
-                              t5.shift_right(targets, config), target_mask,
-                              mesh=self.mesh, rules=self.rules)
-    return hidden, t5.output_head(params, config)
+    hidden = family.score_hidden(params, config, input_ids, attention_mask,
+                                 targets, target_mask, mesh=self.mesh,
+                                 rules=self.rules)
+    return hidden, family.output_head(params, config)
 
-  def score(self, params: Any, config: T5Config, input_ids: jax.Array,
+  def score(self, params: Any, config: family.Config, input_ids: jax.Array,
             attention_mask: jax.Array, targets: jax.Array,
             target_mask: jax.Array) -> jax.Array:
     """Teacher-forced float32 logits [B, T, V]: position t predicts targets[t].
+
+    Any model family (`models.family.score`): T5 encodes the prompt and
+    decodes the shifted targets; a decoder-only model reads prompt and
+    targets as one sequence.
 
     Args:
       params: The model's parameters.
@@ -77,11 +81,10 @@ class StepModels:
       targets: [B, T] the tokens scored (gold targets or a rollout).
       target_mask: [B, T] 1 on the real ones.
     """
-    return t5.forward(params, config, input_ids, attention_mask,
-                      t5.shift_right(targets, config), target_mask,
-                      mesh=self.mesh, rules=self.rules)
+    return family.score(params, config, input_ids, attention_mask, targets,
+                        target_mask, mesh=self.mesh, rules=self.rules)
 
-  def sample(self, params: Any, config: T5Config, batch: Batch,
+  def sample(self, params: Any, config: family.Config, batch: Batch,
              rng: jax.Array, *, max_new_tokens: int, temperature: float = 0.0,
              top_k: int = 0, top_p: float = 1.0) -> sampling.SampleOutput:
     return sampling.sample(

@@ -1,0 +1,123 @@
+"""The whole pipeline on decoder-only models: HF Qwen2 directories made by
+transformers, an HF tokenizer whose pad is its EOS (as Qwen's), and a
+JSON-lines task. predistill -> rl (with validation) -> eval, then the
+exported student loads in `transformers.AutoModelForCausalLM` with the
+logits our model computes."""
+
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+import torch
+import transformers
+
+from configs import smoke
+from ketchup_jax import data
+from ketchup_jax import models
+from ketchup_jax.train import context
+from test_pipeline import _run_on_one_device
+
+EOS = 0  # "<|endoftext|>": pad and EOS at once, as in Qwen's tokenizers
+
+
+def _write_tokenizer(directory, texts):
+  # pylint: disable=g-import-not-at-top
+  from tokenizers import models as tok_models
+  from tokenizers import pre_tokenizers
+  from tokenizers import Tokenizer
+  from tokenizers import trainers
+  # pylint: enable=g-import-not-at-top
+  raw = Tokenizer(tok_models.WordLevel(unk_token="<unk>"))
+  raw.pre_tokenizer = pre_tokenizers.Whitespace()
+  raw.train_from_iterator(texts, trainer=trainers.WordLevelTrainer(
+      special_tokens=["<|endoftext|>", "<unk>"], show_progress=False))
+  hf = transformers.PreTrainedTokenizerFast(
+      tokenizer_object=raw, eos_token="<|endoftext|>",
+      pad_token="<|endoftext|>", unk_token="<unk>")
+  hf.save_pretrained(directory)
+  return len(hf)
+
+
+def _write_qwen2(directory, vocab, hidden, layers, seed):
+  torch.manual_seed(seed)
+  config = transformers.Qwen2Config(
+      vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden,
+      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+      tie_word_embeddings=True, eos_token_id=EOS, pad_token_id=EOS,
+      bos_token_id=None)
+  transformers.Qwen2ForCausalLM(config).eval().save_pretrained(directory)
+
+
+@pytest.fixture(scope="module")
+def decoder_run(tmp_path_factory):
+  root = tmp_path_factory.mktemp("decoder")
+  numbers = data.get_task("numbers_en_nl", max_number=199)
+  paths = {}
+  for split, n in (("train", 120), ("validation", 8), ("test", 8)):
+    paths[split] = os.fspath(root / f"{split}.jsonl")
+    with open(paths[split], "w", encoding="utf-8") as f:
+      for ex in numbers.examples(split)[:n]:
+        f.write(json.dumps(ex, ensure_ascii=False) + "\n")
+  vocab = _write_tokenizer(root / "tok", numbers.texts("train") + [
+      "translate English to Dutch:"])
+  rows = -(-vocab // 8) * 8
+  _write_qwen2(root / "teacher", rows, 32, 2, seed=0)
+  _write_qwen2(root / "student", rows, 16, 1, seed=1)
+  c = smoke.get_config()
+  c.stages = "predistill,rl,eval"
+  c.task.name = "jsonl"
+  c.task.options = {"paths": paths, "prefix": "translate English to Dutch: "}
+  c.tokenizer.kind, c.tokenizer.path = "hf", os.fspath(root / "tok")
+  c.teacher.init_from = os.fspath(root / "teacher")
+  c.student.init_from = os.fspath(root / "student")
+  for role in ("teacher", "student"):
+    c[role].overrides = type(c[role].overrides)()
+  c.predistill.steps = c.rl.steps = 2
+  c.rl.eval_every, c.rl.select = 1, "best"
+  c.validation.max_examples = 8
+  c.eval.max_examples = 8
+  workdir = os.fspath(root / "run")
+  return root, workdir, _run_on_one_device(c, workdir), c
+
+
+def test_decoder_pipeline_runs_every_stage(decoder_run):
+  _, workdir, results, _ = decoder_run
+  assert list(results["models"]) == ["teacher", "student (seqkd)",
+                                     "KETCHUP (K=2)"]
+  rl = results["models"]["KETCHUP (K=2)"]
+  assert rl["selection"]["selected_step"] in (1, 2)
+  checksums = {r["checksum"] for r in results["models"].values()}
+  assert len(checksums) == 3  # the student moved in each stage
+  stage = json.load(open(os.path.join(workdir, "stages", "rl_k2.json")))
+  assert stage["checksum"] == rl["checksum"]
+
+
+def test_decoder_prompts_have_no_eos_and_targets_end_with_it(decoder_run):
+  _, workdir, _, cfg = decoder_run
+  run = context.setup(cfg, workdir)
+  source, target = run.eval.sources[0], run.eval.targets[0]
+  assert EOS not in source.tolist()  # the prompt runs on into the completion
+  assert target[-1] == EOS and EOS not in target[:-1].tolist()
+  hf_tok = transformers.AutoTokenizer.from_pretrained(cfg.tokenizer.path)
+  assert source.tolist() == hf_tok(
+      "translate English to Dutch: " + run.task.examples("test")[0]["source"],
+      add_special_tokens=False)["input_ids"]
+
+
+def test_exported_decoder_student_loads_in_transformers(decoder_run):
+  _, workdir, _, _ = decoder_run
+  path = os.path.join(workdir, "models", "rl_k2")
+  ours = models.load(path, dtype=jax.numpy.float32)
+  theirs = transformers.AutoModelForCausalLM.from_pretrained(path).eval()
+  rng = np.random.default_rng(0)
+  ids = rng.integers(2, ours.config.vocab_size, (2, 7)).astype(np.int64)
+  mask = np.ones_like(ids)
+  mask[1, :3] = 0  # left padding
+  with torch.no_grad():
+    want = theirs(input_ids=torch.tensor(ids),
+                  attention_mask=torch.tensor(mask)).logits.numpy()
+  got = np.asarray(ours.logits(ids, mask))
+  real = mask.astype(bool)
+  np.testing.assert_allclose(got[real], want[real], atol=1e-5, rtol=1e-5)
