@@ -13,10 +13,13 @@ import pytest
 import torch
 import transformers
 
+from configs import paper_qwen
 from configs import smoke
 from ketchup_jax import data
 from ketchup_jax import models
 from ketchup_jax.train import context
+import paper_fixtures
+from test_paper_configs import shrink
 from test_pipeline import _run_on_one_device
 
 EOS = 0  # "<|endoftext|>": pad and EOS at once, as in Qwen's tokenizers
@@ -61,7 +64,7 @@ def decoder_run(tmp_path_factory):
       for ex in numbers.examples(split)[:n]:
         f.write(json.dumps(ex, ensure_ascii=False) + "\n")
   vocab = _write_tokenizer(root / "tok", numbers.texts("train") + [
-      "translate English to Dutch:"])
+      "translate English to Dutch:"] + paper_fixtures.corpus())
   rows = -(-vocab // 8) * 8
   _write_qwen2(root / "teacher", rows, 32, 2, seed=0)
   _write_qwen2(root / "student", rows, 16, 1, seed=1)
@@ -121,3 +124,25 @@ def test_exported_decoder_student_loads_in_transformers(decoder_run):
   got = np.asarray(ours.logits(ids, mask))
   real = mask.astype(bool)
   np.testing.assert_allclose(got[real], want[real], atol=1e-5, rtol=1e-5)
+
+
+def test_paper_qwen_config_runs_two_rl_steps_on_tiny_qwen2(decoder_run):
+  root = decoder_run[0]
+  for task, k in (("xsum", 2), ("europarl_en_nl", 2), ("gsm8k", 16)):
+    c = paper_qwen.get_config(task)
+    assert c.rl.k == k and c.student.init_from.endswith("qwen1.5-0.5b")
+    assert not c.tokenizer.chat_template  # SPEC §4: prefix + question
+  c = paper_qwen.get_config("europarl_en_nl")
+  shrink("europarl_en_nl_k4", c, {
+      "teacher": os.fspath(root / "teacher"),
+      "student": os.fspath(root / "student"),
+      "tokenizer": os.fspath(root / "tok"),
+      "europarl": paper_fixtures.write_europarl_tsv(root / "europarl")})
+  for role in ("teacher", "student"):
+    c[role].dtype = "float32"  # bf16 is slow on this CPU; same recipe
+  results = _run_on_one_device(c, os.fspath(root / "paper_run"))
+  rl = results["models"]["KETCHUP (K=2)"]
+  assert set(rl["metrics"]) == {"bleu", "chrf"}
+  assert rl["selection"]["selected_step"] == 2  # validated after update 2
+  stage = json.load(open(root / "paper_run" / "stages" / "rl_k2.json"))
+  assert stage["checksum"] == rl["checksum"]
