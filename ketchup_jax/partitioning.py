@@ -37,6 +37,7 @@ DEFAULT_RULES: LogicalRules = (
     ("embed", "fsdp"),
     ("mlp", "tensor"),
     ("heads", "tensor"),
+    ("kv_heads", "tensor"),  # GQA key / value heads (decoder-only models)
     ("kv", None),
     ("relpos_buckets", None),
     ("layers", None),

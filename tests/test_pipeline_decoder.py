@@ -4,6 +4,7 @@ JSON-lines task. predistill -> rl (with validation) -> eval, then the
 exported student loads in `transformers.AutoModelForCausalLM` with the
 logits our model computes."""
 
+import functools
 import json
 import os
 
@@ -17,7 +18,11 @@ from configs import paper_qwen
 from configs import smoke
 from ketchup_jax import data
 from ketchup_jax import models
+from ketchup_jax import partitioning
 from ketchup_jax.train import context
+from ketchup_jax.train import rollouts
+from ketchup_jax.train import state as state_lib
+from ketchup_jax.train import steps
 import paper_fixtures
 from test_paper_configs import shrink
 from test_pipeline import _run_on_one_device
@@ -146,3 +151,49 @@ def test_paper_qwen_config_runs_two_rl_steps_on_tiny_qwen2(decoder_run):
   assert rl["selection"]["selected_step"] == 2  # validated after update 2
   stage = json.load(open(root / "paper_run" / "stages" / "rl_k2.json"))
   assert stage["checksum"] == rl["checksum"]
+
+
+def test_decoder_rl_step_on_a_2x2x2_mesh_equals_one_device():
+  """One KETCHUP step of a Qwen2-shaped student and teacher: the same loss,
+  rollout and updated parameters sharded over data x fsdp x tensor."""
+  student_cfg = models.get_decoder_config("qwen2-tiny",
+                                          dtype=jax.numpy.float32)
+  teacher_cfg = student_cfg.replace(hidden_size=64, intermediate_size=128)
+  rl = rollouts.RLConfig(k=2, max_decode_len=6, temperature=1.0,
+                         unfinished="terminal", baseline="batch_mean")
+  # A large Adam eps: the first step is lr * g / (|g| + eps), not
+  # lr * sign(g), so reduction-order noise in tiny gradients stays tiny.
+  optim = state_lib.OptimConfig(steps=1, learning_rate=1e-3, eps=1e-3)
+  rng = np.random.default_rng(0)
+  lengths = np.array([5, 3, 4, 2, 5, 1, 4, 3])
+  mask = (np.arange(5)[None] < lengths[:, None]).astype(np.int32)
+  batch = {"input_ids": rng.integers(2, 128, (8, 5)).astype(np.int32) * mask,
+           "attention_mask": mask,
+           "example_mask": np.array([1] * 7 + [0], np.int32)}
+
+  def step(mesh):
+    student = models.init(student_cfg, jax.random.PRNGKey(0), mesh=mesh)
+    teacher = models.init(teacher_cfg, jax.random.PRNGKey(1), mesh=mesh)
+    mods = steps.StepModels(student=student_cfg, teacher=teacher_cfg,
+                            mesh=mesh)
+    state = state_lib.init_state(
+        student.params, tx=state_lib.make_optimizer(optim), seed=3)
+    b = batch if mesh is None else jax.device_put(
+        batch, partitioning.batch_sharding(mesh))
+    fn = jax.jit(functools.partial(rollouts.rl_step, models=mods,
+                                   optim=optim, rl=rl))
+    state, metrics = fn(state, teacher.params, b)
+    return jax.device_get((state.params, metrics))
+
+  want_params, want = step(None)
+  got_params, got = step(partitioning.make_mesh(data=2, fsdp=2, tensor=2))
+  assert float(want["rollout_length"]) > 1.0  # a real rollout
+  for key in ("loss", "rollout_length", "return_var", "grad_norm"):
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-6,
+                               err_msg=key)  # reduction order only
+  start = jax.device_get(models.init(student_cfg, jax.random.PRNGKey(0)).params)
+  moved = max(float(np.max(np.abs(a - b))) for a, b in zip(
+      jax.tree.leaves(want_params), jax.tree.leaves(start)))
+  assert moved > 1e-4  # the step moved the student well past the bound
+  for a, b in zip(jax.tree.leaves(got_params), jax.tree.leaves(want_params)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
