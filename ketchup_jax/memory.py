@@ -1,6 +1,6 @@
 """Per-device memory of a KETCHUP RL step, computed from the model configs.
 
-    python -m ketchup_jax.memory            # the README table (Markdown)
+    python -m ketchup_jax.memory            # the README tables (Markdown)
     python -m ketchup_jax.memory --batch=32 --source_len=512 --target_len=128
     python -m ketchup_jax.memory --own_slice  # + the teacher on its own devices
 
@@ -45,8 +45,10 @@ import jax
 from ketchup_jax import cli
 from ketchup_jax import partitioning
 from ketchup_jax.models import config as config_lib
-from ketchup_jax.models import t5
+from ketchup_jax.models import family
 from ketchup_jax.models.config import T5Config
+from ketchup_jax.models.decoder_config import DecoderConfig
+from ketchup_jax.models.decoder_config import get_decoder_config
 
 GiB = 1024 ** 3
 
@@ -65,15 +67,18 @@ ACCELERATORS = (
 )
 
 
-def param_count(config: T5Config) -> int:
-  """Parameters of a T5 from its hyperparameters (the closed form).
+def param_count(config: family.Config) -> int:
+  """Parameters of a T5 or a decoder from its hyperparameters (closed form).
 
+  T5:
   Shared embedding V*d; an untied LM head d*V; per encoder layer 4 attention
   projections d*H (H = heads * d_kv), the feed-forward d*f*(3 gated / 2), two
   norm scales; per decoder layer the same plus cross-attention (4 d*H) and a
   third norm; one relative-position table (buckets x heads) and one final norm
   per stack.
   """
+  if isinstance(config, DecoderConfig):
+    return _decoder_param_count(config)
   d, f, v = config.d_model, config.d_ff, config.vocab_size
   inner = config.num_heads * config.d_kv
   attention = 4 * d * inner
@@ -86,6 +91,20 @@ def param_count(config: T5Config) -> int:
           config.num_decoder_layers * decoder_layer + 2 * (relpos + d))
 
 
+def _decoder_param_count(config: DecoderConfig) -> int:
+  """Decoder: embedding V*d, an untied head d*V; per layer q and o d*H*hd,
+  k and v d*KV*hd (+ biases H*hd, 2 KV*hd with q/k/v bias), the gated MLP
+  3 d*f, two norms (+ two hd q/k norms); one final norm."""
+  d, f, v = config.hidden_size, config.intermediate_size, config.vocab_size
+  q = config.num_attention_heads * config.head_dim
+  kv = config.num_key_value_heads * config.head_dim
+  layer = 2 * d * q + 2 * d * kv + 3 * d * f + 2 * d
+  layer += (q + 2 * kv) * config.qkv_bias + 2 * config.head_dim * (
+      config.qk_norm)
+  return (v * d + (0 if config.tie_word_embeddings else d * v) +
+          config.num_hidden_layers * layer + d)
+
+
 class _MeshShape:
   """What `partitioning.logical_to_spec` reads of a mesh: its axis sizes."""
 
@@ -94,15 +113,16 @@ class _MeshShape:
 
 
 @functools.lru_cache(maxsize=16)
-def _axes_and_shapes(config: T5Config) -> tuple[tuple[Any, Any], ...]:
+def _axes_and_shapes(config: family.Config) -> tuple[tuple[Any, Any], ...]:
   """(logical axes, shape) of every parameter (tracing the model once)."""
   is_axes = lambda x: isinstance(x, tuple) and all(
       a is None or isinstance(a, str) for a in x)
-  return tuple(zip(jax.tree.leaves(t5.logical_axes(config), is_leaf=is_axes),
-                   jax.tree.leaves(t5.param_shapes(config))))
+  return tuple(zip(
+      jax.tree.leaves(family.logical_axes(config), is_leaf=is_axes),
+      jax.tree.leaves(family.param_shapes(config))))
 
 
-def sharded_param_elements(config: T5Config, *, data: int = 1, fsdp: int = 1,
+def sharded_param_elements(config: family.Config, *, data: int = 1, fsdp: int = 1,
                            tensor: int = 1) -> tuple[int, int]:
   """(elements on one device, largest parameter's elements) under the rules.
 
@@ -143,7 +163,46 @@ def _layer_working_set(config: T5Config, b: int, s: int, t: int, c: int
   return encoder, decoder
 
 
-def logits_bytes(config: T5Config, *, batch: int, target_len: int,
+def _decoder_layer_working_set(config: DecoderConfig, b: int, length: int,
+                               c: int) -> int:
+  """Bytes a decoder layer keeps for its backward pass over `length` tokens.
+
+  x, norm(x), residual, norm(x) before the MLP; q, k, v (KV heads) and the
+  attention output; the gated MLP's two input projections, activation and
+  product; causal scores (float32) and probabilities, every head.
+  """
+  d, f = config.hidden_size, config.intermediate_size
+  q = config.num_attention_heads * config.head_dim
+  kv = config.num_key_value_heads * config.head_dim
+  n = b * length
+  return (c * (4 * n * d + (2 * q + 2 * kv) * n + 4 * n * f) +
+          b * config.num_attention_heads * length * length * (4 + c))
+
+
+def _decoder_activation_bytes(config: DecoderConfig, *, batch: int,
+                              length: int, target_len: int, remat: str,
+                              compute_bytes: int, logits_chunk: int) -> int:
+  """`activation_bytes` of a decoder on prompt + completion (`length`)."""
+  b, c, d = batch, compute_bytes, config.hidden_size
+  layer = _decoder_layer_working_set(config, b, length, c)
+  # float32 logits, softmax and their gradient at the completion positions.
+  logits = logits_bytes(config, batch=b, target_len=target_len,
+                        logits_chunk=logits_chunk, buffers=3)
+  embeds = c * b * length * d
+  depth = config.num_hidden_layers
+  if remat == "none":
+    layers = depth * layer
+  else:
+    layers = c * b * depth * length * d + layer
+    if remat == "minimal":  # the d->q/k/v and d->f matmul outputs stay
+      q = config.num_attention_heads * config.head_dim
+      kv = config.num_key_value_heads * config.head_dim
+      layers += c * depth * b * length * (q + 2 * kv + 2 *
+                                          config.intermediate_size + d)
+  return layers + logits + embeds
+
+
+def logits_bytes(config: family.Config, *, batch: int, target_len: int,
                  logits_chunk: int, buffers: int) -> int:
   """`buffers` float32 `[batch, positions, vocab]` arrays.
 
@@ -155,7 +214,7 @@ def logits_bytes(config: T5Config, *, batch: int, target_len: int,
   return buffers * 4 * batch * positions * config.vocab_size
 
 
-def activation_bytes(config: T5Config, *, batch: int, source_len: int,
+def activation_bytes(config: family.Config, *, batch: int, source_len: int,
                      target_len: int, remat: str = "none",
                      compute_bytes: int = 2, logits_chunk: int = 0) -> int:
   """Student forward + backward on one device's rows (see module docstring).
@@ -174,6 +233,11 @@ def activation_bytes(config: T5Config, *, batch: int, source_len: int,
   if remat not in config_lib.REMAT_POLICIES:
     raise ValueError(f"remat must be one of {config_lib.REMAT_POLICIES}, got "
                      f"{remat!r}")
+  if isinstance(config, DecoderConfig):
+    return _decoder_activation_bytes(
+        config, batch=batch, length=source_len + target_len,
+        target_len=target_len, remat=remat, compute_bytes=compute_bytes,
+        logits_chunk=logits_chunk)
   b, s, t, c = batch, source_len, target_len, compute_bytes
   d, inner = config.d_model, config.num_heads * config.d_kv
   enc, dec = _layer_working_set(config, b, s, t, c)
@@ -197,19 +261,36 @@ def activation_bytes(config: T5Config, *, batch: int, source_len: int,
   return layers + cross_kv + logits + embeds
 
 
-def rollout_bytes(config: T5Config, *, batch: int, source_len: int,
+def rollout_bytes(config: family.Config, *, batch: int, source_len: int,
                   target_len: int, compute_bytes: int = 2) -> int:
-  """Sampling: self-attention caches, cross keys/values, encoder output."""
+  """Sampling: self-attention caches, cross keys/values, encoder output.
+
+  A decoder: the key / value cache of prompt + completion, every layer.
+  """
+  if isinstance(config, DecoderConfig):
+    kv = config.num_key_value_heads * config.head_dim
+    return (compute_bytes * 2 * config.num_hidden_layers * batch *
+            (source_len + target_len) * kv)
   inner = config.num_heads * config.d_kv
   c = compute_bytes
   return (c * 2 * config.num_decoder_layers * batch * (target_len + source_len)
           * inner + c * batch * source_len * config.d_model)
 
 
-def teacher_forward_bytes(config: T5Config, *, batch: int, source_len: int,
+def teacher_forward_bytes(config: family.Config, *, batch: int, source_len: int,
                           target_len: int, compute_bytes: int = 2,
                           logits_chunk: int = 0) -> int:
-  """No gradient: one layer alive, cross keys/values, float32 logits x2."""
+  """No gradient: one layer alive, cross keys/values, float32 logits x2.
+
+  A decoder: one layer alive over prompt + completion, the logits of the
+  completion positions only.
+  """
+  if isinstance(config, DecoderConfig):
+    return (_decoder_layer_working_set(config, batch,
+                                       source_len + target_len,
+                                       compute_bytes) +
+            logits_bytes(config, batch=batch, target_len=target_len,
+                         logits_chunk=logits_chunk, buffers=2))
   enc, dec = _layer_working_set(config, batch, source_len, target_len,
                                 compute_bytes)
   inner = config.num_heads * config.d_kv
@@ -219,7 +300,7 @@ def teacher_forward_bytes(config: T5Config, *, batch: int, source_len: int,
                        logits_chunk=logits_chunk, buffers=2))
 
 
-def rl_step_bytes(teacher: T5Config, student: T5Config, *, devices: int,
+def rl_step_bytes(teacher: family.Config, student: family.Config, *, devices: int,
                   global_batch: int, source_len: int, target_len: int,
                   remat: str, teacher_bytes: int = 2,
                   logits_chunk: int = 0) -> dict[str, int]:
@@ -279,6 +360,49 @@ def table(*, global_batch: int = 16, source_len: int = 512,
       lines.append(
           f"| {name} ({param_count(student) / 1e6:.0f} M) | {acc.name} | "
           f"{g(none['teacher params'])} | "
+          f"{g(none['student params+grads+adam'])} | "
+          f"{g(none['gathered weights'])} | {g(none['activations'])} / "
+          f"{g(full['activations'])} | {g(none['total'])} / "
+          f"{g(full['total'])} | {fits(none)} / {fits(full)} |")
+  return "\n".join(lines) + "\n"
+
+
+DECODER_PAIRS = (("qwen1.5-4b", "qwen1.5-0.5b"),
+                 ("llama-3-8b", "llama-3.2-1b"))
+
+
+def decoder_table(*, global_batch: int = 16, source_len: int = 512,
+                  target_len: int = 128,
+                  pairs: tuple[tuple[str, str], ...] = DECODER_PAIRS,
+                  accelerators: tuple[Accelerator, ...] = ACCELERATORS[1:],
+                  logits_chunk: int = 32) -> str:
+  """The README's table for decoder-only pairs (`DECODER_SIZES` shapes)."""
+  lines = [
+      f"Decoder-only pairs: teacher bfloat16, frozen; student float32 + "
+      f"AdamW; prompt {source_len} and completion {target_len} tokens in one "
+      f"sequence, a global batch of {global_batch} rows, logits of the "
+      f"completion positions {logits_chunk or 'all'} at a time, pure FSDP. "
+      f"GiB per device:", "",
+      "| teacher -> student | accelerator | teacher params | student state | "
+      "gathered | activations (remat none / full) | total none / full | "
+      "fits (none / full) |",
+      "|---|---|---:|---:|---:|---:|---:|---|"]
+  g = lambda x: f"{x / GiB:.2f}"
+  for teacher_name, student_name in pairs:
+    teacher = get_decoder_config(teacher_name)
+    student = get_decoder_config(student_name)
+    for acc in accelerators:
+      none, full = (rl_step_bytes(teacher, student, devices=acc.devices,
+                                  global_batch=global_batch,
+                                  source_len=source_len,
+                                  target_len=target_len, remat=r,
+                                  logits_chunk=logits_chunk)
+                    for r in ("none", "full"))
+      fits = lambda p: "yes" if p["total"] <= acc.bytes_per_device else "no"
+      lines.append(
+          f"| {teacher_name} ({param_count(teacher) / 1e9:.2f} B) -> "
+          f"{student_name} ({param_count(student) / 1e9:.2f} B) | "
+          f"{acc.name} | {g(none['teacher params'])} | "
           f"{g(none['student params+grads+adam'])} | "
           f"{g(none['gathered weights'])} | {g(none['activations'])} / "
           f"{g(full['activations'])} | {g(none['total'])} / "
@@ -400,6 +524,11 @@ def main(argv: list[str] | None = None) -> int:
     print(table(global_batch=_BATCH.value, source_len=_SOURCE_LEN.value,
                 target_len=_TARGET_LEN.value, teacher_name=_TEACHER.value,
                 students=students, logits_chunk=_LOGITS_CHUNK.value), end="")
+    print()
+    print(decoder_table(global_batch=_BATCH.value,
+                        source_len=_SOURCE_LEN.value,
+                        target_len=_TARGET_LEN.value,
+                        logits_chunk=_LOGITS_CHUNK.value), end="")
     if _OWN_SLICE.value:
       print()
       print(slice_table(global_batch=_BATCH.value,

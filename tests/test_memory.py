@@ -1,5 +1,6 @@
 """The memory estimate's inputs against real models, and remat's numerics."""
 
+import math
 import pathlib
 
 import jax
@@ -101,9 +102,11 @@ def test_chunked_logits_term():
 
 def test_table_command_prints_every_machine(capsys):
   assert memory.main(["--batch=16"]) == 0
-  out = capsys.readouterr().out
+  t5_part, decoder_part = capsys.readouterr().out.split("Decoder-only pairs")
   for acc in memory.ACCELERATORS:
-    assert out.count(acc.name) == 2  # t5-base and t5-large rows
+    assert t5_part.count(acc.name) == 2  # t5-base and t5-large rows
+  for acc in memory.ACCELERATORS[1:]:  # v5e-16 and 8x H100
+    assert decoder_part.count(acc.name) == 2  # the Qwen and Llama pairs
   assert memory.main(["--batch=12"]) == 2
 
 
@@ -142,3 +145,30 @@ def test_readme_table_is_the_generated_one():
   readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md"
             ).read_text()
   assert memory.table() in readme
+
+
+@pytest.mark.parametrize("name", ["qwen1.5-0.5b", "qwen1.5-4b", "llama-3-8b",
+                                  "llama-3.2-1b", "qwen2-tiny", "qwen3-tiny"])
+def test_decoder_param_count_equals_transformers_and_our_shapes(name):
+  cfg = models.get_decoder_config(name)
+  kind = {"qwen2": transformers.Qwen2Config, "qwen3": transformers.Qwen3Config,
+          "llama": transformers.LlamaConfig}[cfg.model_type]
+  hf = kind(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+            intermediate_size=cfg.intermediate_size,
+            num_hidden_layers=cfg.num_hidden_layers,
+            num_attention_heads=cfg.num_attention_heads,
+            num_key_value_heads=cfg.num_key_value_heads,
+            head_dim=cfg.head_dim, tie_word_embeddings=cfg.tie_word_embeddings)
+  with torch.device("meta"):
+    model = transformers.AutoModelForCausalLM.from_config(hf)
+  want = sum(p.numel() for p in model.parameters())  # a tied head once
+  assert memory.param_count(cfg) == want
+  assert memory.param_count(cfg) == sum(
+      math.prod(x.shape) for x in jax.tree.leaves(
+          models.family.param_shapes(cfg)))
+
+
+def test_readme_decoder_table_is_the_generated_one():
+  readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md"
+            ).read_text()
+  assert memory.decoder_table() in readme
