@@ -19,9 +19,10 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import json
 import os
 import shutil
-from typing import IO, Iterator
+from typing import IO, Any, Iterator
 
 # Out of space, or out of quota (the usual limit on shared cluster disks).
 _FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
@@ -146,3 +147,19 @@ def append_line(path: str | os.PathLike[str], line: str) -> None:
       except BaseException:
         f.truncate(start)  # needs no space
         raise
+
+
+def read_json(path: str, expected: str) -> Any:
+  """The JSON in `path`; a ValueError naming the file if it is not JSON.
+
+  Args:
+    path: The file.
+    expected: What it should hold, for the error (e.g. "the model's HF
+      config.json").
+  """
+  try:
+    with open(path, "rb") as f:
+      return json.loads(f.read())
+  except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    raise ValueError(f"{path}: not valid JSON ({e}); expected {expected}"
+                     ) from None

@@ -99,9 +99,10 @@ def _damage(kind, d, shards=None):
     _cut(config)
     return (rf"{re.escape(str(config))}: not valid JSON .*; expected the "
             rf"model's HF config.json")
-  if kind == "config.json not T5":
+  if kind == "config.json not T5":  # a llama config over T5 weights
     config.write_text(json.dumps({"model_type": "llama"}))
-    return rf"{re.escape(str(config))}: not a usable T5 config .*'llama'"
+    return (rf"{re.escape(str(config.parent))}: the safetensors headers do "
+            rf"not match the llama config .*unexpected HF keys")
   index = d / "model.safetensors.index.json"
   first, second = (d / s for s in shards)
   if kind == "index not JSON":

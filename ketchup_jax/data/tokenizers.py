@@ -279,7 +279,7 @@ class WordTokenizer(Tokenizer):
   @classmethod
   def load(cls, path: str | os.PathLike) -> "WordTokenizer":
     """Reads a vocabulary written by :meth:`save`."""
-    data = _read_json(os.fspath(path), "a WordTokenizer vocabulary "
+    data = fileio.read_json(os.fspath(path), "a WordTokenizer vocabulary "
                       "{'type': 'word', 'vocab': [...]}")
     if not isinstance(data, dict) or data.get("type") != "word" or (
         not isinstance(data.get("vocab"), list)):
@@ -292,15 +292,6 @@ _TOKENIZER_EXPECTED = ("expected an HF tokenizer directory with tokenizer.json "
                        "or spiece.model (and tokenizer_config.json)")
 
 
-def _read_json(path: str, expected: str):
-  try:
-    with open(path, "rb") as f:
-      return json.loads(f.read())
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f"{path}: not valid JSON ({e}); expected {expected}"
-                     ) from None
-
-
 def _check_tokenizer_dir(path: str) -> None:
   """Names a damaged file of an HF tokenizer directory before transformers reads it."""
   names = set(os.listdir(path))
@@ -310,7 +301,7 @@ def _check_tokenizer_dir(path: str) -> None:
   for name in sorted(n for n in names if n.endswith(".json")):
     if name == "config.json":
       continue  # the model's, not the tokenizer's (checked with the model)
-    data = _read_json(os.path.join(path, name), f"the JSON file {name} of "
+    data = fileio.read_json(os.path.join(path, name), f"the JSON file {name} of "
                       f"an HF tokenizer directory")
     if not isinstance(data, dict):
       raise ValueError(f"{os.path.join(path, name)}: a JSON "

@@ -13,6 +13,8 @@ from typing import Any, Callable
 import jax.numpy as jnp
 import numpy as np
 
+from ketchup_jax import fileio
+
 _SAFE = "model.safetensors"
 _SAFE_INDEX = "model.safetensors.index.json"
 _BIN = "pytorch_model.bin"
@@ -125,20 +127,10 @@ def _read_torch_bin(path: str, skip: Collection[str] = ()
   return {k: v.float().numpy() for k, v in state.items() if k not in skip}
 
 
-def read_json_file(path: str, expected: str) -> Any:
-  """The JSON in `path`; a ValueError naming the file if it is not JSON."""
-  try:
-    with open(path, "rb") as f:
-      return json.loads(f.read())
-  except (json.JSONDecodeError, UnicodeDecodeError) as e:
-    raise ValueError(f"{path}: not valid JSON ({e}); expected {expected}"
-                     ) from None
-
-
 def _weight_map(directory: str, index_name: str) -> dict[str, str]:
   """The index's `weight_map` (tensor -> shard file), checked."""
   path = os.path.join(directory, index_name)
-  index = read_json_file(path, 'an object with "weight_map": {tensor name: '
+  index = fileio.read_json(path, 'an object with "weight_map": {tensor name: '
                           'shard file}')
   weight_map = index.get("weight_map") if isinstance(index, dict) else None
   if not isinstance(weight_map, dict) or not weight_map or not all(

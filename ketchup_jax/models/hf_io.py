@@ -32,7 +32,6 @@ from ketchup_jax.models import decoder
 from ketchup_jax.models import t5
 from ketchup_jax.models.checkpoint_files import check_weights
 from ketchup_jax.models.checkpoint_files import could_be_hub_name  # pylint: disable=unused-import
-from ketchup_jax.models.checkpoint_files import read_json_file
 from ketchup_jax.models.checkpoint_files import read_state_dict
 from ketchup_jax.models.checkpoint_files import resolve_path
 from ketchup_jax.models.checkpoint_files import tensor_shapes
@@ -336,12 +335,19 @@ def _convert(state: Mapping[str, Any], config: Config
   missing = sorted(set(expected) - set(params))
   problems = []
   if unexpected:
-    problems.append(f"unexpected HF keys {sorted(unexpected)}")
+    problems.append(f"unexpected HF keys {_some(sorted(unexpected))}")
   if missing:
-    problems.append(f"missing parameters {missing}")
+    problems.append(f"missing parameters {_some(missing)}")
   if bad_shapes:
-    problems.append("shape mismatches: " + "; ".join(bad_shapes))
+    problems.append("shape mismatches: " + "; ".join(_some(bad_shapes)))
   return params, problems
+
+
+def _some(names: list[str], shown: int = 4) -> list[str]:
+  """The first `shown` names, then how many more: errors stay one line."""
+  if len(names) <= shown:
+    return names
+  return names[:shown] + [f"... {len(names) - shown} more"]
 
 
 def params_to_hf(params: Params, config: Config) -> dict[str, np.ndarray]:
@@ -377,7 +383,7 @@ def _read_hf_config(directory: str) -> dict[str, Any]:
   config_path = os.path.join(directory, "config.json")
   if not os.path.isfile(config_path):
     raise FileNotFoundError(f"no config.json in {directory!r}")
-  config = read_json_file(config_path, "the model's HF config.json")
+  config = fileio.read_json(config_path, "the model's HF config.json")
   if not isinstance(config, dict):
     raise ValueError(f"{config_path}: a JSON {type(config).__name__}, "
                      f"expected an object of HF config fields")
@@ -413,7 +419,7 @@ def config_from_dir(directory: str, *,
   generation_path = os.path.join(directory, "generation_config.json")
   generation = None
   if os.path.isfile(generation_path):
-    generation = read_json_file(generation_path,
+    generation = fileio.read_json(generation_path,
                                 "an HF generation_config.json")
   try:
     return DecoderConfig.from_hf_dict(hf, generation, **overrides)
