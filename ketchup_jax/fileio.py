@@ -157,6 +157,9 @@ def read_json(path: str, expected: str) -> Any:
     expected: What it should hold, for the error (e.g. "the model's HF
       config.json").
   """
+  if os.path.isdir(path):
+    raise ValueError(f"{path} is a directory; expected a file holding "
+                     f"{expected}")
   try:
     with open(path, "rb") as f:
       return json.loads(f.read())

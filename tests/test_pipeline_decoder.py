@@ -186,3 +186,27 @@ def test_decoder_rl_step_on_a_2x2x2_mesh_equals_one_device():
   assert moved > 1e-4  # the step moved the student well past the bound
   for a, b in zip(jax.tree.leaves(got_params), jax.tree.leaves(want_params)):
     np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_chat_template_makes_the_prompt_the_user_turn(decoder_run, tmp_path,
+                                                      monkeypatch):
+  root, _, _, cfg = decoder_run
+  hf_tok = transformers.AutoTokenizer.from_pretrained(root / "tok")
+  hf_tok.chat_template = ("{% for m in messages %}user {{ m['content'] }} "
+                          "{% endfor %}{% if add_generation_prompt %}"
+                          "assistant{% endif %}")
+  hf_tok.save_pretrained(tmp_path / "chat_tok")
+  cfg = cfg.copy_and_resolve_references()
+  cfg.tokenizer.path = os.fspath(tmp_path / "chat_tok")
+  cfg.tokenizer.chat_template = True
+  make_mesh = partitioning.make_mesh
+  monkeypatch.setattr(partitioning, "make_mesh", lambda **kw: make_mesh(
+      devices=jax.devices()[:1], **kw))
+  run = context.setup(cfg, os.fspath(tmp_path / "run"))
+  source = run.task.examples("test")[0]["source"]
+  want = hf_tok(f"user translate English to Dutch: {source} assistant",
+                add_special_tokens=False)["input_ids"][:cfg.max_source_len]
+  assert run.eval.sources[0].tolist() == want
+  cfg.tokenizer.kind, cfg.tokenizer.path = "byte", ""  # no chat template
+  with pytest.raises(ValueError, match="chat_template=True needs an HF"):
+    context.setup(cfg, os.fspath(tmp_path / "run2"))
