@@ -342,29 +342,36 @@ def table(*, global_batch: int = 16, source_len: int = 512,
       f"students float32 + AdamW; RL step with a global batch of "
       f"{global_batch} rows, source {source_len} and rollout {target_len} "
       f"tokens, {chunk}, pure FSDP over all devices. GiB per device:", "",
-      "| student | accelerator | teacher params | student state | "
-      "gathered | activations (remat none / full) | total none / full | "
-      "fits (none / full) |",
+      f"| student | {_STEP_COLUMNS}",
       "|---|---|---:|---:|---:|---:|---:|---|"]
+  kw = dict(global_batch=global_batch, source_len=source_len,
+            target_len=target_len, logits_chunk=logits_chunk)
   for name in students:
     student = config_lib.get_config(name)
     for acc in accelerators:
-      none, full = (rl_step_bytes(teacher, student, devices=acc.devices,
-                                  global_batch=global_batch,
-                                  source_len=source_len,
-                                  target_len=target_len, remat=r,
-                                  logits_chunk=logits_chunk)
-                    for r in ("none", "full"))
-      g = lambda x: f"{x / GiB:.2f}"
-      fits = lambda p: "yes" if p["total"] <= acc.bytes_per_device else "no"
-      lines.append(
-          f"| {name} ({param_count(student) / 1e6:.0f} M) | {acc.name} | "
-          f"{g(none['teacher params'])} | "
+      lines.append(_step_row(f"{name} ({param_count(student) / 1e6:.0f} M)",
+                             teacher, student, acc, **kw))
+  return "\n".join(lines) + "\n"
+
+
+# The columns of `table` and `decoder_table` after the first.
+_STEP_COLUMNS = ("accelerator | teacher params | student state | gathered | "
+                 "activations (remat none / full) | total none / full | "
+                 "fits (none / full) |")
+
+
+def _step_row(label: str, teacher: family.Config, student: family.Config,
+              acc: Accelerator, **kw: Any) -> str:
+  """One row of `table` / `decoder_table`: the step with remat none and full."""
+  none, full = (rl_step_bytes(teacher, student, devices=acc.devices,
+                              remat=r, **kw) for r in ("none", "full"))
+  g = lambda x: f"{x / GiB:.2f}"
+  fits = lambda p: "yes" if p["total"] <= acc.bytes_per_device else "no"
+  return (f"| {label} | {acc.name} | {g(none['teacher params'])} | "
           f"{g(none['student params+grads+adam'])} | "
           f"{g(none['gathered weights'])} | {g(none['activations'])} / "
           f"{g(full['activations'])} | {g(none['total'])} / "
           f"{g(full['total'])} | {fits(none)} / {fits(full)} |")
-  return "\n".join(lines) + "\n"
 
 
 DECODER_PAIRS = (("qwen1.5-4b", "qwen1.5-0.5b"),
@@ -383,30 +390,17 @@ def decoder_table(*, global_batch: int = 16, source_len: int = 512,
       f"sequence, a global batch of {global_batch} rows, logits of the "
       f"completion positions {logits_chunk or 'all'} at a time, pure FSDP. "
       f"GiB per device:", "",
-      "| teacher -> student | accelerator | teacher params | student state | "
-      "gathered | activations (remat none / full) | total none / full | "
-      "fits (none / full) |",
+      f"| teacher -> student | {_STEP_COLUMNS}",
       "|---|---|---:|---:|---:|---:|---:|---|"]
-  g = lambda x: f"{x / GiB:.2f}"
+  kw = dict(global_batch=global_batch, source_len=source_len,
+            target_len=target_len, logits_chunk=logits_chunk)
   for teacher_name, student_name in pairs:
     teacher = get_decoder_config(teacher_name)
     student = get_decoder_config(student_name)
+    label = (f"{teacher_name} ({param_count(teacher) / 1e9:.2f} B) -> "
+             f"{student_name} ({param_count(student) / 1e9:.2f} B)")
     for acc in accelerators:
-      none, full = (rl_step_bytes(teacher, student, devices=acc.devices,
-                                  global_batch=global_batch,
-                                  source_len=source_len,
-                                  target_len=target_len, remat=r,
-                                  logits_chunk=logits_chunk)
-                    for r in ("none", "full"))
-      fits = lambda p: "yes" if p["total"] <= acc.bytes_per_device else "no"
-      lines.append(
-          f"| {teacher_name} ({param_count(teacher) / 1e9:.2f} B) -> "
-          f"{student_name} ({param_count(student) / 1e9:.2f} B) | "
-          f"{acc.name} | {g(none['teacher params'])} | "
-          f"{g(none['student params+grads+adam'])} | "
-          f"{g(none['gathered weights'])} | {g(none['activations'])} / "
-          f"{g(full['activations'])} | {g(none['total'])} / "
-          f"{g(full['total'])} | {fits(none)} / {fits(full)} |")
+      lines.append(_step_row(label, teacher, student, acc, **kw))
   return "\n".join(lines) + "\n"
 
 
