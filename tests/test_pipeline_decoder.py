@@ -7,6 +7,7 @@ logits our model computes."""
 import functools
 import json
 import os
+import shutil
 
 import jax
 import numpy as np
@@ -142,12 +143,14 @@ def test_exported_decoder_student_loads_in_transformers(decoder_run):
   np.testing.assert_allclose(got[real], want[real], atol=1e-5, rtol=1e-5)
 
 
-def test_decoder_rl_step_on_a_2x2x2_mesh_equals_one_device():
-  """One KETCHUP step of a Qwen2-shaped student and teacher: the same loss,
-  rollout and updated parameters sharded over data x fsdp x tensor."""
-  student_cfg = models.get_decoder_config("qwen2-tiny",
-                                          dtype=jax.numpy.float32)
-  teacher_cfg = student_cfg.replace(hidden_size=64, intermediate_size=128)
+_STUDENT = models.get_decoder_config("qwen2-tiny", dtype=jax.numpy.float32)
+_TEACHER = _STUDENT.replace(hidden_size=64, intermediate_size=128)
+
+
+def _decoder_rl_step(mesh, *, extra_student_rows=0, logits_chunk=0):
+  """One KETCHUP step of a Qwen2-shaped student and teacher on `mesh`:
+  `(start params, updated params, metrics)` on the host. `extra_student_rows`
+  appends rows of large random values to the student's (tied) embedding."""
   rl = rollouts.RLConfig(k=2, max_decode_len=6, temperature=1.0,
                          unfinished="terminal", baseline="batch_mean")
   # A large Adam eps: the first step is lr * g / (|g| + eps), not
@@ -159,33 +162,89 @@ def test_decoder_rl_step_on_a_2x2x2_mesh_equals_one_device():
   batch = {"input_ids": rng.integers(2, 128, (8, 5)).astype(np.int32) * mask,
            "attention_mask": mask,
            "example_mask": np.array([1] * 7 + [0], np.int32)}
+  student_cfg = _STUDENT.replace(
+      vocab_size=_STUDENT.vocab_size + extra_student_rows)
+  student = models.init(_STUDENT, jax.random.PRNGKey(0), mesh=mesh)
+  params = student.params
+  if extra_student_rows:
+    table = params["embed"]["embedding"]  # [V, E]
+    extra = 10.0 * rng.standard_normal((extra_student_rows, table.shape[1]))
+    params = {**params, "embed": {"embedding": jax.numpy.concatenate(
+        [table, extra.astype(table.dtype)])}}
+  teacher = models.init(_TEACHER, jax.random.PRNGKey(1), mesh=mesh)
+  mods = steps.StepModels(student=student_cfg, teacher=_TEACHER, mesh=mesh,
+                          logits_chunk=logits_chunk)
+  state = state_lib.init_state(params, tx=state_lib.make_optimizer(optim),
+                               seed=3)
+  b = batch if mesh is None else jax.device_put(
+      batch, partitioning.batch_sharding(mesh))
+  fn = jax.jit(functools.partial(rollouts.rl_step, models=mods, optim=optim,
+                                 rl=rl))
+  new_state, metrics = fn(state, teacher.params, b)
+  return jax.device_get((params, new_state.params, metrics))
 
-  def step(mesh):
-    student = models.init(student_cfg, jax.random.PRNGKey(0), mesh=mesh)
-    teacher = models.init(teacher_cfg, jax.random.PRNGKey(1), mesh=mesh)
-    mods = steps.StepModels(student=student_cfg, teacher=teacher_cfg,
-                            mesh=mesh)
-    state = state_lib.init_state(
-        student.params, tx=state_lib.make_optimizer(optim), seed=3)
-    b = batch if mesh is None else jax.device_put(
-        batch, partitioning.batch_sharding(mesh))
-    fn = jax.jit(functools.partial(rollouts.rl_step, models=mods,
-                                   optim=optim, rl=rl))
-    state, metrics = fn(state, teacher.params, b)
-    return jax.device_get((state.params, metrics))
 
-  want_params, want = step(None)
-  got_params, got = step(partitioning.make_mesh(data=2, fsdp=2, tensor=2))
+def test_decoder_rl_step_on_a_2x2x2_mesh_equals_one_device():
+  """The same loss, rollout and updated parameters sharded over data x fsdp
+  x tensor."""
+  start, want_params, want = _decoder_rl_step(None)
+  _, got_params, got = _decoder_rl_step(
+      partitioning.make_mesh(data=2, fsdp=2, tensor=2))
   assert float(want["rollout_length"]) > 1.0  # a real rollout
   for key in ("loss", "rollout_length", "return_var", "grad_norm"):
     np.testing.assert_allclose(got[key], want[key], rtol=1e-4, atol=1e-6,
                                err_msg=key)  # reduction order only
-  start = jax.device_get(models.init(student_cfg, jax.random.PRNGKey(0)).params)
   moved = max(float(np.max(np.abs(a - b))) for a, b in zip(
       jax.tree.leaves(want_params), jax.tree.leaves(start)))
   assert moved > 1e-4  # the step moved the student well past the bound
   for a, b in zip(jax.tree.leaves(got_params), jax.tree.leaves(want_params)):
     np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_student_with_more_embedding_rows_acts_on_the_shared_ids_only():
+  """Qwen2.5 students and teachers pad their embeddings to different row
+  counts. A student with 24 extra rows of large values (which would win
+  every argmax and most samples) takes the step of the student without them,
+  position-chunked: its rollout, log-probabilities and update see the
+  teacher's rows only, and the extra rows do not move."""
+  _, want_params, want = _decoder_rl_step(None)
+  start, got_params, got = _decoder_rl_step(None, extra_student_rows=24,
+                                            logits_chunk=4)
+  for key in ("loss", "rollout_length", "return_var", "grad_norm"):
+    np.testing.assert_allclose(got[key], want[key], rtol=1e-5, atol=1e-6,
+                               err_msg=key)
+  rows = _STUDENT.vocab_size
+  table = got_params["embed"]["embedding"]
+  np.testing.assert_array_equal(table[rows:],
+                                start["embed"]["embedding"][rows:])
+  got_params["embed"]["embedding"] = table[:rows]
+  for a, b in zip(jax.tree.leaves(got_params), jax.tree.leaves(want_params)):
+    np.testing.assert_allclose(a, b, atol=1e-6)
+
+
+def test_tokenizers_that_differ_are_refused_naming_both(decoder_run,
+                                                        tmp_path, monkeypatch):
+  """Row counts may differ (above); the tokens may not: a student directory
+  shipping a tokenizer with one more token than the run's."""
+  root, _, _, cfg = decoder_run
+  hf_tok = transformers.AutoTokenizer.from_pretrained(root / "tok")
+  n = len(hf_tok)
+  hf_tok.add_tokens(["<extra>"])
+  student = tmp_path / "student"
+  shutil.copytree(root / "student", student)
+  hf_tok.save_pretrained(student)
+  cfg = cfg.copy_and_resolve_references()
+  cfg.student.init_from = os.fspath(student)
+  make_mesh = partitioning.make_mesh
+  monkeypatch.setattr(partitioning, "make_mesh", lambda **kw: make_mesh(
+      devices=jax.devices()[:1], **kw))
+  with pytest.raises(ValueError, match=(
+      rf"the run's tokenizer \(config.tokenizer.path\) and the student's "
+      rf"tokenizer \({student}\) differ: {n} and {n + 1} tokens; id {n} is "
+      rf"None in the first and '<extra>' in the second; the teacher and "
+      rf"student must share one tokenizer")):
+    context.setup(cfg, os.fspath(tmp_path / "run"))
+  assert not os.path.exists(tmp_path / "run")  # nothing written
 
 
 def test_chat_template_makes_the_prompt_the_user_turn(decoder_run, tmp_path,

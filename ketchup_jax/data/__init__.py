@@ -9,12 +9,14 @@ from ketchup_jax.data.batching import (Batch, BatchIterator, LazyTokenized,
                                        tokenize)
 from ketchup_jax.data.tasks import SPLITS, Task, get_task, split_of, task_names
 from ketchup_jax.data.tokenizers import (ByteTokenizer, HFTokenizer, Tokenizer,
-                                         WordTokenizer, get_tokenizer)
+                                         WordTokenizer, get_tokenizer,
+                                         model_tokenizer,
+                                         vocabulary_difference)
 
 __all__ = [
     "SPLITS", "Batch", "BatchIterator", "ByteTokenizer", "HFTokenizer",
     "LazyTokenized", "Task",
     "TokenizedExamples", "Tokenizer", "WordTokenizer", "bucket_length", "collate",
     "default_buckets", "get_task", "get_tokenizer", "split_of", "task_names",
-    "tokenize",
+    "model_tokenizer", "tokenize", "vocabulary_difference",
 ]

@@ -170,6 +170,27 @@ class HFTokenizer(Tokenizer):
         add_generation_prompt=True)
 
 
+def model_tokenizer(path: str | os.PathLike) -> HFTokenizer | None:
+  """The tokenizer an HF model directory ships, or None when it has none."""
+  if not os.path.isdir(path) or not set(os.listdir(path)) & {
+      "tokenizer.json", "spiece.model"}:
+    return None
+  return HFTokenizer.from_pretrained(path, require_t5_ids=False)
+
+
+def vocabulary_difference(a: HFTokenizer, b: HFTokenizer) -> str | None:
+  """None when `a` and `b` give every token the same id, else the first
+  difference in words ("151665 and 151646 tokens; id 151644 is ...")."""
+  va, vb = a.hf_tokenizer.get_vocab(), b.hf_tokenizer.get_vocab()
+  if va == vb:
+    return None
+  first = min(i for _, i in set(va.items()) ^ set(vb.items()))
+  name_a = {i: t for t, i in va.items()}.get(first)
+  name_b = {i: t for t, i in vb.items()}.get(first)
+  return (f"{len(va)} and {len(vb)} tokens; id {first} is {name_a!r} in the "
+          f"first and {name_b!r} in the second")
+
+
 _WORD_RE = re.compile(r"\w+|[^\w\s]", re.UNICODE)
 _SPACE = "▁"
 

@@ -175,6 +175,7 @@ def sample(
     top_p: float | jax.Array = 1.0,
     mesh: Mesh | None = None,
     rules: partitioning.LogicalRules = partitioning.DEFAULT_RULES,
+    vocab: int | None = None,
 ) -> SampleOutput:
   """Samples continuations with a KV cache in one `lax.while_loop`.
 
@@ -194,6 +195,9 @@ def sample(
     top_p: Nucleus mass in (0, 1]; 1 = no limit.
     mesh: Optional mesh for activation sharding constraints.
     rules: Logical axis rules.
+    vocab: Choose among the first `vocab` ids only (static; None = all the
+      model's rows): a teacher and student whose embeddings have different
+      row counts share the first `vocab`.
 
   Returns:
     A `SampleOutput`.
@@ -233,6 +237,8 @@ def sample(
 
   def body(s: _LoopState) -> _LoopState:
     logits, cache = family.decode_step(params, config, s.last, s.cache, **kw)
+    if vocab is not None:
+      logits = logits[:, :vocab]  # [batch, vocab]
     rng, key = jax.random.split(s.rng)
     token, logp = _choose(logits, key, temperature, top_k, top_p)
     token = jnp.where(s.done, pad, token)  # [batch]

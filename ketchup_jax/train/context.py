@@ -235,10 +235,8 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
           f"config.{stage}.batch_size={cfg[stage].batch_size} must be a "
           f"multiple of the data shards (mesh data x fsdp = "
           f"{mesh.shape['data'] * mesh.shape['fsdp']})")
-  vocab = tokenizer.vocab_size
-  sources.check_same_vocab(
-      cfg.teacher.init_from, sources.declared_vocab(cfg.teacher, vocab),
-      cfg.student.init_from, sources.declared_vocab(cfg.student, vocab))
+  sources.check_same_tokenizer(tokenizer, cfg.teacher.init_from,
+                               cfg.student.init_from)
   return Run(cfg=cfg, workdir=workdir, mesh=mesh, task=task,
              tokenizer=tokenizer, train=train, eval=evaluation,
              eval_references=[ex["target"] for ex in eval_examples],

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import os
 from typing import Any
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
+from ketchup_jax import data as data_lib
 from ketchup_jax import distributed
 from ketchup_jax import models
 from ketchup_jax.models import hf_io
@@ -59,23 +61,6 @@ def stage_source(stage: str) -> str:
 
 def _round_up(n: int, multiple: int) -> int:
   return -(-n // multiple) * multiple
-
-
-def declared_vocab(model_cfg: ml_collections.ConfigDict,
-                   tokenizer_vocab: int) -> int | None:
-  """The vocabulary size a model will have, read without loading it.
-
-  None where it cannot be known before loading (a hub name, a stage output).
-  """
-  source = Source.parse(model_cfg.init_from)
-  if source.kind == "scratch":
-    return model_cfg.overrides.get("vocab_size",
-                                   _round_up(tokenizer_vocab, 8))
-  config_json = os.path.join(source.name, "config.json")
-  if source.kind == "path" and os.path.isfile(config_json):
-    with open(config_json, encoding="utf-8") as f:
-      return json.load(f).get("vocab_size")
-  return None
 
 
 def declared_kind(model_cfg: ml_collections.ConfigDict) -> str | None:
@@ -145,20 +130,33 @@ def load_model(init_from: str, model_cfg: ml_collections.ConfigDict,
   return lm
 
 
-def check_same_vocab(teacher: str, teacher_vocab: int | None, student: str,
-                     student_vocab: int | None) -> None:
-  """Refuses a teacher and student of different vocabulary sizes."""
-  if None not in (teacher_vocab, student_vocab) and (
-      teacher_vocab != student_vocab):
-    raise ValueError(
-        f"teacher and student vocabularies differ: teacher ({teacher}) has "
-        f"{teacher_vocab} entries, student ({student}) {student_vocab}; they "
-        f"must share one tokenizer")
+def check_same_tokenizer(tokenizer: data_lib.Tokenizer, teacher: str,
+                         student: str) -> None:
+  """Refuses a teacher and student whose tokenizers differ.
+
+  Compares the HF tokenizers among the run's (`config.tokenizer`) and those
+  the teacher's and student's HF directories ship. Their embeddings may have
+  different row counts (`steps.StepModels.logits_vocab`): the ids must mean
+  the same tokens.
+  """
+  named = []
+  if isinstance(tokenizer, data_lib.HFTokenizer):
+    named.append(("the run's tokenizer (config.tokenizer.path)", tokenizer))
+  for role, init_from in (("teacher", teacher), ("student", student)):
+    source = Source.parse(init_from)
+    own = (data_lib.model_tokenizer(source.name) if source.kind == "path"
+           else None)
+    if own is not None:
+      named.append((f"the {role}'s tokenizer ({source.name})", own))
+  for (name_a, a), (name_b, b) in itertools.combinations(named, 2):
+    why = data_lib.vocabulary_difference(a, b)
+    if why is not None:
+      raise ValueError(f"{name_a} and {name_b} differ: {why}; the teacher "
+                       f"and student must share one tokenizer")
 
 
-def check_loaded_vocab(teacher: models.LM, student: models.LM) -> None:
-  check_same_vocab("loaded", teacher.config.vocab_size, "loaded",
-                   student.config.vocab_size)
+def check_loaded_kinds(teacher: models.LM, student: models.LM) -> None:
+  """`check_same_kind` on loaded models."""
   kinds = {role: "encoder-decoder" if models.family.is_encoder_decoder(
       lm.config) else "decoder-only" for role, lm in (("teacher", teacher),
                                                        ("student", student))}

@@ -93,7 +93,7 @@ def stage_predistill(run: Run) -> None:
                            cfg.seed, mesh=run.teacher_mesh)
   student = run.load_model("student", cfg.student.init_from, cfg.student,
                            cfg.seed + 1)
-  sources.check_loaded_vocab(teacher, student)
+  sources.check_loaded_kinds(teacher, student)
   optim = state_lib.OptimConfig.from_config(cfg.predistill)
   mods = run.step_models(student, teacher)
   if run.teacher_mesh is not None:  # seqkd (check_config refuses the rest)
@@ -122,7 +122,7 @@ def stage_rl(run: Run, stage: settings.StageId) -> None:
                            cfg.seed, mesh=run.teacher_mesh)
   student = run.load_model("student", run.student_start(), cfg.student,
                            cfg.seed + 1)
-  sources.check_loaded_vocab(teacher, student)
+  sources.check_loaded_kinds(teacher, student)
   optim = state_lib.OptimConfig.from_config(cfg.rl)
   rl = rollouts.RLConfig.from_config(cfg.rl, k=stage.k)
   mods = run.step_models(student, teacher)

@@ -44,6 +44,12 @@ class StepModels:
   LM heads' inputs that many positions at a time (`ketchup_jax.chunked`): no
   `[B, T, V]` float32 logits, forward or backward; the same numbers. 0 (the
   default) materialises the whole logits.
+
+  A teacher and student of one family may have embeddings of different row
+  counts (Qwen2.5 pads to 151,936 or 152,064 rows; the tokenizer has
+  151,665): every logit, log-probability and sample is then over the first
+  `logits_vocab` ids, the smaller count, which holds every id the shared
+  tokenizer makes (`train.sources` checks both).
   """
   student: family.Config
   teacher: family.Config | None = None
@@ -54,6 +60,19 @@ class StepModels:
   def __post_init__(self):
     chunked.check_chunk(self.logits_chunk)
 
+  @property
+  def logits_vocab(self) -> int | None:
+    """The logits' width when the two models' rows differ, else None."""
+    if self.teacher is None or (
+        self.teacher.vocab_size == self.student.vocab_size):
+      return None
+    return min(self.teacher.vocab_size, self.student.vocab_size)
+
+  def _cut(self, config: family.Config) -> int | None:
+    """`logits_vocab` where `config` has more rows than it, else None."""
+    vocab = self.logits_vocab
+    return vocab if vocab is not None and config.vocab_size > vocab else None
+
   def score_head(self, params: Any, config: family.Config,
                  input_ids: jax.Array, attention_mask: jax.Array,
                  targets: jax.Array, target_mask: jax.Array
@@ -62,7 +81,11 @@ class StepModels:
     hidden = family.score_hidden(params, config, input_ids, attention_mask,
                                  targets, target_mask, mesh=self.mesh,
                                  rules=self.rules)
-    return hidden, family.output_head(params, config)
+    head, vocab = family.output_head(params, config), self._cut(config)
+    if vocab is not None:  # the first `vocab` rows (or columns) of the matrix
+      head = dataclasses.replace(head, kernel=(
+          head.kernel[:vocab] if head.vocab_first else head.kernel[:, :vocab]))
+    return hidden, head
 
   def score(self, params: Any, config: family.Config, input_ids: jax.Array,
             attention_mask: jax.Array, targets: jax.Array,
@@ -81,8 +104,10 @@ class StepModels:
       targets: [B, T] the tokens scored (gold targets or a rollout).
       target_mask: [B, T] 1 on the real ones.
     """
-    return family.score(params, config, input_ids, attention_mask, targets,
-                        target_mask, mesh=self.mesh, rules=self.rules)
+    logits = family.score(params, config, input_ids, attention_mask, targets,
+                          target_mask, mesh=self.mesh, rules=self.rules)
+    vocab = self._cut(config)
+    return logits if vocab is None else logits[..., :vocab]
 
   def sample(self, params: Any, config: family.Config, batch: Batch,
              rng: jax.Array, *, max_new_tokens: int, temperature: float = 0.0,
@@ -90,7 +115,8 @@ class StepModels:
     return sampling.sample(
         params, config, batch["input_ids"], batch["attention_mask"], rng,
         max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
-        top_p=top_p, mesh=self.mesh, rules=self.rules)
+        top_p=top_p, mesh=self.mesh, rules=self.rules,
+        vocab=self._cut(config))
 
 
 def length_mask(lengths: jax.Array, length: int) -> jax.Array:
