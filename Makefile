@@ -17,8 +17,12 @@ $(STAMP): requirements.txt requirements-test.txt constraints.txt pyproject.toml
 install: $(STAMP)
 
 # pytest exits 5 when it collects nothing; make treats that as a failure like any other.
+# Two worker processes, each taking whole test files (module fixtures and
+# the compiled shapes they share stay in one process): XLA compiles on one
+# core at a time, so one process left the second core mostly idle.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15 tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile --durations=15 tests $(PYTEST_ARGS)
 
 demo: $(STAMP)
 	$(PY) -m ketchup_jax.main --config=configs/demo.py --workdir=runs/demo
