@@ -19,7 +19,7 @@ size of the student's [V, E] embedding: its float32 gradient; `emb grad MiB`
 is the growth of one float32 [V, E]. `--phases` compiles the T5 RL step's
 rollout, teacher pass and update alone, to show which one grows.
 
-    python -m benchmarks.step_memory [--chunk 16] [--families t5,decoder]
+    python -m benchmarks.step_memory [--chunks 16] [--families t5,decoder]
         [--phases] [--quick]
 """
 
