@@ -6,7 +6,7 @@ like every loss of `losses`: forward and reverse KL, Jensen-Shannon and total
 variation (`distillation_loss`, SPEC §3's word-level baselines), and GKD's
 generalised Jensen-Shannon divergence (SPEC §6, `generalized_jsd_loss`).
 `distillation_loss_chunked` is the memory-light form of `distillation_loss`
-(`chunked.map_positions`).
+(`chunked.map_logits`).
 """
 
 import functools
@@ -142,12 +142,12 @@ def distillation_loss_chunked(
     raise ValueError(f"temperature must be > 0, got {temperature!r}")
   teacher_hidden, teacher_head = jax.lax.stop_gradient(
       (teacher_hidden, teacher_head))
-  per_token = chunked.map_positions(
-      lambda hs, ht: _token_divergence(
-          chunked.project(hs, student_head),
-          chunked.project(ht, teacher_head), divergence=divergence,
+  per_token = chunked.map_logits(
+      lambda z, ht, t_head: _token_divergence(
+          z, chunked.project(ht, t_head), divergence=divergence,
           temperature=float(temperature)),
-      (student_hidden, teacher_hidden), chunk)  # [B, T]
+      student_hidden, student_head, (teacher_hidden,), chunk,
+      consts=teacher_head)  # [B, T]
   return losses.masked_sum(per_token, mask)
 
 

@@ -303,9 +303,8 @@ def token_logprobs_chunked(hidden: Array, head: chunked.Head, ids: Array, *,
   (`t5.hidden_states`, `t5.output_head`); forward and backward hold one
   `[B, chunk, V]` block of logits at a time.
   """
-  return chunked.map_positions(
-      lambda h, y: token_logprobs(chunked.project(h, head), y),
-      (hidden, ids), chunk)
+  return chunked.map_logits(lambda z, y, _: token_logprobs(z, y), hidden, head,
+                            (ids,), chunk)
 
 
 # --------------------------------------------------------------------------
@@ -379,7 +378,7 @@ def cross_entropy_loss_chunked(
     hidden: [B, T, E] LM-head input (`t5.hidden_states`).
     head: the LM head (`t5.output_head`).
     targets, mask, label_smoothing: as in `cross_entropy_loss`.
-    chunk: positions per chunk (`chunked.map_positions`; 0 = all at once).
+    chunk: positions per chunk (`chunked.map_logits`; 0 = all at once).
 
   Returns:
     (loss_sum, count): float32 scalars, forward and backward holding one
@@ -395,8 +394,7 @@ def cross_entropy_loss_chunked(
   if not 0.0 <= label_smoothing < 1.0:
     raise ValueError(
         f"label_smoothing must be in [0, 1), got {label_smoothing!r}")
-  nll = chunked.map_positions(
-      lambda h, y: _token_nll(chunked.project(h, head), y,
-                              float(label_smoothing)),
-      (hidden, targets), chunk)  # [B, T]
+  nll = chunked.map_logits(
+      lambda z, y, _: _token_nll(z, y, float(label_smoothing)), hidden, head,
+      (targets,), chunk)  # [B, T]
   return masked_sum(nll, mask)

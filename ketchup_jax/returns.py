@@ -146,15 +146,14 @@ def position_stats_chunked(hidden: Array, head: chunked.Head, actions: Array,
     head: its LM head (`t5.output_head`), vocabulary V.
     actions: [B, T] int taken tokens.
     center: as in `position_stats`.
-    chunk: positions per chunk (`chunked.map_positions`).
+    chunk: positions per chunk (`chunked.map_logits`).
 
   Returns:
     As `position_stats`; no `[B, T, V]` array exists, only `[B, chunk, V]`.
   """
-  return chunked.map_positions(
-      lambda h, a: position_stats(chunked.project(h, head), a,
-                                  center=center),
-      (hidden, actions), chunk)
+  return chunked.map_logits(
+      lambda z, a, _: position_stats(z, a, center=center), hidden, head,
+      (actions,), chunk)
 
 
 def q_values_from_stats(stats: dict[str, Array], mask: Array, *,

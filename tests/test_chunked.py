@@ -25,6 +25,13 @@ B, T, E, V, CHUNK = 3, 7, 8, 37, 3
 TOL = dict(rtol=1e-5, atol=1e-5)
 
 
+@pytest.fixture(autouse=True)
+def small_vocab_blocks(monkeypatch):
+  # The backward pass accumulates the head's gradient VOCAB_BLOCK entries at
+  # a time: 16 makes V = 37 two blocks and a rest, SV = 64 four blocks.
+  monkeypatch.setattr(chunked, "VOCAB_BLOCK", 16)
+
+
 def _head(seed=0, vocab_first=False):
   rng = np.random.default_rng(seed)
   hidden = jnp.asarray(rng.normal(size=(B, T, E)), jnp.float32)

@@ -147,7 +147,8 @@ def test_readme_table_is_the_generated_one():
   assert memory.table() in readme
 
 
-@pytest.mark.parametrize("name", ["qwen1.5-0.5b", "qwen1.5-4b", "llama-3-8b",
+@pytest.mark.parametrize("name", ["qwen1.5-0.5b", "qwen1.5-4b", "qwen2.5-0.5b",
+                                  "qwen2.5-1.5b", "llama-3-8b",
                                   "llama-3.2-1b", "qwen2-tiny", "qwen3-tiny"])
 def test_decoder_param_count_equals_transformers_and_our_shapes(name):
   cfg = models.get_decoder_config(name)

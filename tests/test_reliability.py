@@ -12,6 +12,7 @@ from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import conftest
@@ -102,6 +103,34 @@ def test_apply_gradients_skips_nonfinite_updates():
   state, _ = state_lib.apply_gradients(state, tx, good, jnp.float32(0.5),
                                        jax.random.PRNGKey(4))
   assert int(state.nonfinite_streak) == 0 and int(state.skipped) == 2
+
+
+def test_in_place_clip_and_guarded_update_equal_plain_optax(monkeypatch):
+  # Leaves over CLIP_BLOCK_ELEMENTS are clipped by blocks of rows, in place:
+  # [7, 3] with 6-element blocks is 3 blocks of 2 rows and a rest of 1. The
+  # numbers must be optax's bit for bit (both jitted), clipped (norm > 1) or
+  # not, and the guarded step on finite gradients is the unguarded one.
+  monkeypatch.setattr(state_lib, "CLIP_BLOCK_ELEMENTS", 6)
+  rng = np.random.default_rng(0)
+  params = {"big": jnp.asarray(rng.normal(size=(7, 3)), jnp.float32),
+            "small": jnp.asarray(rng.normal(size=(2,)), jnp.float32)}
+  ours = state_lib.make_optimizer(state_lib.OptimConfig(
+      steps=10, learning_rate=0.1, schedule="constant", max_grad_norm=1.0))
+  for scale in (0.01, 10.0):  # under and over the clipping norm
+    grads = jax.tree.map(lambda p: p * scale + 0.5, params)
+    want, _ = jax.jit(state_lib.clip_by_global_norm(1.0).update)(grads, ())
+    clipped, _ = jax.jit(optax.clip_by_global_norm(1.0).update)(grads, ())
+    for g, w in zip(jax.tree.leaves(want), jax.tree.leaves(clipped)):
+      np.testing.assert_array_equal(g, w)
+    state = state_lib.init_state(params, ours, seed=0)
+    state, _ = jax.jit(state_lib.apply_gradients, static_argnums=1)(
+        state, ours, grads, jnp.float32(1.0), jax.random.PRNGKey(1))
+    ref = jax.jit(lambda p, g: (lambda u, o: (optax.apply_updates(p, u), o))(
+        *ours.update(g, ours.init(p), p)))(params, grads)
+    # Within an ulp: XLA:CPU vectorises the cond's fusions differently.
+    for got, ref in zip((state.params, state.opt_state), ref):
+      for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(ref)):
+        np.testing.assert_allclose(g, w, rtol=1e-6, atol=1e-7)
 
 
 def test_consecutive_nonfinite_steps_stop_the_run_without_a_bad_checkpoint(

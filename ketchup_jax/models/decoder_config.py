@@ -336,6 +336,18 @@ DECODER_SIZES: dict[str, dict[str, Any]] = {
         num_key_value_heads=20, head_dim=128, qkv_bias=True, rope_theta=5e6,
         max_position_embeddings=32768, tie_word_embeddings=False,
         eos_token_id=(151643,), pad_token_id=151643),
+    "qwen2.5-0.5b": dict(
+        model_type="qwen2", vocab_size=151936, hidden_size=896,
+        intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+        num_key_value_heads=2, head_dim=64, qkv_bias=True, rope_theta=1e6,
+        max_position_embeddings=32768, tie_word_embeddings=True,
+        eos_token_id=(151643,), pad_token_id=151643),
+    "qwen2.5-1.5b": dict(
+        model_type="qwen2", vocab_size=151936, hidden_size=1536,
+        intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+        num_key_value_heads=2, head_dim=128, qkv_bias=True, rope_theta=1e6,
+        max_position_embeddings=131072, tie_word_embeddings=True,
+        eos_token_id=(151643,), pad_token_id=151643),
     "llama-3-8b": dict(
         model_type="llama", vocab_size=128256, hidden_size=4096,
         intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,

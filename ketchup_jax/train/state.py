@@ -111,6 +111,56 @@ def learning_rate_schedule(cfg: OptimConfig) -> optax.Schedule:
   return optax.join_schedules([warmup, decay], [cfg.warmup_steps])
 
 
+# Leaves with more elements are clipped a block of rows at a time, in place.
+CLIP_BLOCK_ELEMENTS = 1 << 22
+
+
+def _in_place(fn: Any, t: jax.Array) -> jax.Array:
+  """`fn(t)` for an elementwise `fn`, written over `t` block by block.
+
+  XLA fuses an elementwise map of a large array into its readers; when the
+  map has an expensive op (a divide) and several readers (AdamW's per-leaf
+  fusions), it keeps the op's result as one more array of `t`'s size next to
+  `t`. A loop over blocks of rows that updates its carry in place leaves one.
+  """
+  if t.ndim == 0 or t.size <= CLIP_BLOCK_ELEMENTS:
+    return fn(t)
+  rows = max(1, CLIP_BLOCK_ELEMENTS // (t.size // t.shape[0]))
+  n = t.shape[0] // rows
+
+  def body(i, t):
+    block = jax.lax.dynamic_slice_in_dim(t, i * rows, rows)
+    return jax.lax.dynamic_update_slice_in_dim(t, fn(block), i * rows, 0)
+
+  t = jax.lax.fori_loop(0, n, body, t)
+  if n * rows < t.shape[0]:
+    t = t.at[n * rows:].set(fn(t[n * rows:]))
+  return t
+
+
+def clip_by_global_norm(max_norm: float) -> optax.GradientTransformation:
+  """`optax.clip_by_global_norm` (the same arithmetic and state), in place.
+
+  Each leaf `t` becomes `select(g_norm < max_norm, t, t / g_norm * max_norm)`
+  as in optax, computed by `_in_place`: the clipped gradient of a [V, E]
+  embedding takes no second [V, E] array.
+  """
+  inner = optax.clip_by_global_norm(max_norm)
+
+  def update(updates, state, params=None):
+    del params
+    g_norm = optax.tree.norm(updates)
+    trigger = jnp.squeeze(g_norm < max_norm)
+
+    def clip(t):
+      return jax.lax.select(trigger, t,
+                            (t / g_norm.astype(t.dtype)) * max_norm)
+
+    return jax.tree.map(lambda t: _in_place(clip, t), updates), state
+
+  return optax.GradientTransformation(inner.init, update)
+
+
 @functools.lru_cache(maxsize=None)
 def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
   """AdamW with the schedule, optional clipping and accumulation.
@@ -120,7 +170,7 @@ def make_optimizer(cfg: OptimConfig) -> optax.GradientTransformation:
   """
   parts = []
   if cfg.max_grad_norm > 0:
-    parts.append(optax.clip_by_global_norm(cfg.max_grad_norm))
+    parts.append(clip_by_global_norm(cfg.max_grad_norm))
   parts.append(optax.adamw(learning_rate_schedule(cfg), b1=cfg.b1, b2=cfg.b2,
                            eps=cfg.eps, weight_decay=cfg.weight_decay))
   tx = optax.chain(*parts)
@@ -148,17 +198,27 @@ def apply_gradients(state: TrainState, tx: optax.GradientTransformation,
   Returns the new state and `{"grad_norm", "skipped", "nonfinite_streak",
   "last_finite_loss"}`; `step` and `rng` always advance so a skipped batch is
   not retried forever.
+
+  The skip is a `lax.cond` between the update and the old `(params,
+  opt_state)`, not a `where(finite, new, old)` per leaf: with the state
+  donated, the update then writes params and moments in place, where the
+  per-leaf select kept a copy of each moment and the clipped gradient (three
+  arrays of the largest parameter's size, e.g. a [V, E] embedding).
   """
   grad_norm = optax.tree.norm(grads)
   finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-  updates, new_opt = tx.update(grads, state.opt_state, state.params)
-  new_params = optax.apply_updates(state.params, updates)
-  keep = lambda new, old: jax.tree.map(
-      lambda n, o: jnp.where(finite, n, o), new, old)
+
+  def update(params, opt_state, grads):
+    updates, new_opt = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), new_opt
+
+  params, opt_state = jax.lax.cond(
+      finite, update, lambda params, opt_state, _: (params, opt_state),
+      state.params, state.opt_state, grads)
   state = state.replace(
       step=state.step + 1,
-      params=keep(new_params, state.params),
-      opt_state=keep(new_opt, state.opt_state),
+      params=params,
+      opt_state=opt_state,
       rng=rng,
       skipped=state.skipped + (~finite).astype(jnp.int32),
       nonfinite_streak=jnp.where(finite, 0, state.nonfinite_streak + 1),
