@@ -91,6 +91,12 @@ def _reader(path: str) -> Any:
   gguf = _gguf(path)
   if not os.path.isfile(path):
     raise FileNotFoundError(f"{path!r}: no such GGUF file")
+  with open(path, "rb") as f:
+    magic = f.read(4)
+  if magic != b"GGUF":
+    raise ValueError(f"{path}: not a readable GGUF file (it starts with "
+                     f"{magic!r}); expected llama.cpp's GGUF format, which "
+                     f"starts with b'GGUF'")
   try:
     return gguf.GGUFReader(path)
   except Exception as e:  # pylint: disable=broad-except
