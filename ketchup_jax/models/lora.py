@@ -29,7 +29,6 @@ import os
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
@@ -99,19 +98,18 @@ def _sites(params: Params, config: DecoderConfig, lora: LoraConfig
 
 
 def init_adapters(params: Params, config: DecoderConfig, lora: LoraConfig,
-                  rng: jax.Array) -> Params:
+                  seed: int) -> Params:
   """Fresh adapters: `{layers_i: {attention|mlp: {kernel: {a, b}}}}`,
-  float32 numpy leaves; `b` is zero, so `merge` returns the base."""
-  sites = _sites(params, config, lora)
-  keys = jax.random.split(rng, len(sites))
+  float32 numpy leaves (drawn on the host from `seed`); `b` is zero, so
+  `merge` returns the base."""
+  rng = np.random.default_rng(seed)
   tree: dict[str, Any] = {}
-  for key, (layer, block, name, shape, n_in) in zip(keys, sites):
+  for layer, block, name, shape, n_in in _sites(params, config, lora):
     fan_in, fan_out = math.prod(shape[:n_in]), math.prod(shape[n_in:])
     bound = 1.0 / math.sqrt(fan_in)
-    a = jax.random.uniform(key, (fan_in, lora.rank), jnp.float32, -bound,
-                           bound)
+    a = rng.uniform(-bound, bound, (fan_in, lora.rank)).astype(np.float32)
     tree.setdefault(layer, {}).setdefault(block, {})[name] = {
-        "a": np.asarray(a), "b": np.zeros((lora.rank, fan_out), np.float32)}
+        "a": a, "b": np.zeros((lora.rank, fan_out), np.float32)}
   return tree
 
 

@@ -31,6 +31,7 @@ import numpy as np
 
 from ketchup_jax import distributed
 from ketchup_jax import models
+from ketchup_jax.models import gguf_io
 from ketchup_jax.models import hf_io
 
 KINDS = ("scratch", "stage", "path")
@@ -143,6 +144,8 @@ def declared_kind(model_cfg: ml_collections.ConfigDict) -> str | None:
   if source.kind == "scratch":
     return ("decoder-only" if source.name in models.DECODER_SIZES else
             "encoder-decoder")
+  if source.kind == "path" and gguf_io.is_gguf(source.name):
+    return "decoder-only"  # every GGUF architecture `models.load` reads
   config_json = os.path.join(source.name, "config.json")
   if source.kind == "path" and os.path.isfile(config_json):
     with open(config_json, encoding="utf-8") as f:
