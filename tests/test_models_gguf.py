@@ -77,6 +77,11 @@ def test_bad_gguf_files_are_named(tmp_path):
   with pytest.raises(ValueError, match=r"gpt2.gguf: general.architecture is "
                      r"'gpt2'; only \['llama'\]"):
     models.load(other)
+  cut = tmp_path / "cut.gguf"
+  cut.write_bytes(open(other, "rb").read()[:-20])
+  with pytest.raises(ValueError, match="cut.gguf: truncated: tensor "
+                     "'token_embd.weight' needs bytes up to"):
+    gguf_io.GGUFFile(str(cut))
 
   with pytest.raises(FileNotFoundError, match="no such GGUF file"):
     models.load(tmp_path / "absent.gguf")

