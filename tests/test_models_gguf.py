@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 
+import ml_collections
 import numpy as np
 import pytest
 
@@ -16,6 +17,8 @@ gguf = pytest.importorskip("gguf")
 from ketchup_jax import data
 from ketchup_jax import models
 from ketchup_jax.models import gguf_io
+from ketchup_jax.train import inputs
+from ketchup_jax.train import sources
 
 NEW = 16  # greedy tokens compared
 QUESTION = "What is 3 + 4?"
@@ -88,3 +91,33 @@ def test_bad_gguf_files_are_named(tmp_path):
   with pytest.raises(ValueError, match="absent.gguf.*no such GGUF file"):
     data.get_tokenizer("hf", path=str(tmp_path / "absent.gguf"),
                        require_t5_ids=False)
+
+
+def test_a_gguf_init_from_is_checked_before_the_run(tmp_path):
+  """The pre-run checks read a `.gguf` init_from's header: decoder-only, a
+  usable llama config; a damaged file is named with its role."""
+  path = str(tmp_path / "tiny.gguf")
+  writer = gguf.GGUFWriter(path, "llama")
+  for add, value in ((writer.add_block_count, 2),
+                     (writer.add_embedding_length, 32),
+                     (writer.add_feed_forward_length, 48),
+                     (writer.add_head_count, 4), (writer.add_head_count_kv, 2),
+                     (writer.add_layer_norm_rms_eps, 1e-5),
+                     (writer.add_context_length, 64),
+                     (writer.add_vocab_size, 96)):
+    add(value)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  cfg = ml_collections.ConfigDict(dict(
+      teacher=dict(init_from=path), student=dict(init_from=path + "#layers=0")))
+  assert sources.declared_kind(cfg.teacher) == "decoder-only"
+  assert [p for _, p in inputs.model_dirs(cfg, str(tmp_path))] == [path, path]
+  inputs.check_models(cfg, str(tmp_path))
+  junk = tmp_path / "junk.gguf"
+  junk.write_bytes(b"GGUF" + b"\0" * 40)
+  cfg.student.init_from = str(junk)
+  with pytest.raises(ValueError, match=r"config.student.init_from='.*junk.gguf'"
+                     r": .*junk.gguf: GGUF version 0"):
+    inputs.check_models(cfg, str(tmp_path))
