@@ -7,10 +7,12 @@ PYTEST_ARGS ?=
 
 .PHONY: install test demo bench clean
 
-$(STAMP): requirements.txt requirements-test.txt constraints.txt pyproject.toml
+$(STAMP): requirements.txt requirements-test.txt requirements-real.txt \
+          requirements-nodeps.txt constraints.txt pyproject.toml
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet pip==26.3
 	$(PY) -m pip install --quiet -c constraints.txt -r requirements-test.txt
+	$(PY) -m pip install --quiet --no-deps -c constraints.txt -r requirements-nodeps.txt
 	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	@touch $(STAMP)
 

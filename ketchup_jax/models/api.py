@@ -19,6 +19,7 @@ import numpy as np
 from ketchup_jax import partitioning
 from ketchup_jax.models import decoder
 from ketchup_jax.models import family
+from ketchup_jax.models import gguf_io
 from ketchup_jax.models import hf_io
 from ketchup_jax.models import sampling
 from ketchup_jax.models import t5
@@ -198,13 +199,16 @@ def load(
     revision: str | None = None,
     local_files_only: bool = False,
 ) -> T5LM | DecoderLM:
-  """Loads an HF checkpoint (directory or hub name) by its `model_type`.
+  """Loads an HF checkpoint (directory or hub name) by its `model_type`, or a
+  GGUF file.
 
   `t5` / `mt5` give a `T5LM`; `llama`, `qwen2` (Qwen1.5 / Qwen2.5) and
-  `qwen3` a `DecoderLM`.
+  `qwen3` a `DecoderLM`; a `.gguf` file of the `llama` architecture
+  (`gguf_io`, quantised weights dequantised) a `DecoderLM`.
 
   Args:
-    path_or_name: Directory with `config.json` + weights, or a hub repo id.
+    path_or_name: Directory with `config.json` + weights, a hub repo id, or
+      a `.gguf` file.
     dtype: Compute dtype; `default_dtype()` (float32 on CPU, bfloat16 on
       TPU / GPU) if None.
     param_dtype: Parameter dtype; float32 if None.
@@ -223,9 +227,12 @@ def load(
   overrides = {"dtype": default_dtype() if dtype is None else dtype}
   if param_dtype is not None:
     overrides["param_dtype"] = param_dtype
-  config, params = hf_io.load_checkpoint(
-      path_or_name, revision=revision, local_files_only=local_files_only,
-      **overrides)
+  if gguf_io.is_gguf(path_or_name):
+    config, params = gguf_io.load_gguf(path_or_name, **overrides)
+  else:
+    config, params = hf_io.load_checkpoint(
+        path_or_name, revision=revision, local_files_only=local_files_only,
+        **overrides)
   return _wrap(config, params, mesh, rules)
 
 

@@ -28,6 +28,7 @@ What the T5-only calls become:
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import jax
@@ -224,3 +225,56 @@ def decode_step(params: Params, config: Config, tokens: jax.Array,
   """One position: float32 logits `[B, V]` of the next token, and the cache."""
   return (decoder if _check(config) else t5).decode_step(
       params, config, tokens, cache, mesh=mesh, rules=rules)
+
+
+def num_layers(config: Config) -> int:
+  """Blocks a `keep_layers` index may name: the decoder-only depth, or for T5
+  the depth both stacks have."""
+  if _check(config):
+    return config.num_hidden_layers
+  return min(config.num_layers, config.num_decoder_layers)
+
+
+def keep_layers(params: Params, config: Config, keep: Sequence[int]
+                ) -> tuple[Params, Config]:
+  """The model with only the blocks `keep`, renumbered `0 .. n-1` in order.
+
+  Layer dropping, the usual start of a smaller student: the embedding, the
+  final norm, the LM head (and T5's relative-position biases, which belong
+  to each stack, not to a block) are kept as they are, and so is every kept
+  block's every weight. For T5 the same indices are kept in the encoder and
+  the decoder stack.
+
+  Args:
+    params: The parameter tree (any leaves; not copied).
+    config: Its config.
+    keep: Strictly increasing block indices in `[0, num_layers(config))`.
+
+  Returns:
+    `(params, config)` of the smaller model.
+
+  Raises:
+    ValueError: empty, unordered, repeated or out-of-range `keep`, naming
+      them and the depth.
+  """
+  depth = num_layers(config)
+  keep = tuple(int(i) for i in keep)
+  if not keep or any(b <= a for a, b in zip(keep, keep[1:])) or (
+      keep[0] < 0 or keep[-1] >= depth):
+    raise ValueError(
+        f"layers {list(keep)}: expected strictly increasing block indices "
+        f"in [0, {depth}) of this {depth}-layer {name(config)} model, at least "
+        f"one")
+
+  def stack(tree: Any) -> dict[str, Any]:
+    out = {k: v for k, v in tree.items() if not k.startswith("layers_")}
+    out.update({f"layers_{j}": tree[f"layers_{i}"]
+                for j, i in enumerate(keep)})
+    return out
+
+  if _check(config):
+    return stack(params), config.replace(num_hidden_layers=len(keep))
+  kept = dict(params, encoder=stack(params["encoder"]),
+              decoder=stack(params["decoder"]))
+  return kept, config.replace(num_layers=len(keep),
+                              num_decoder_layers=len(keep))

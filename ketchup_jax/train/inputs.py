@@ -13,13 +13,15 @@ import os
 
 import ml_collections
 
+from ketchup_jax.models import gguf_io
 from ketchup_jax.models import hf_io
 from ketchup_jax.train import sources
 
 
 def model_dirs(cfg: ml_collections.ConfigDict,
                workdir: str) -> list[tuple[str, str]]:
-  """(what, directory) of every existing model directory the run may load.
+  """(what, path) of every existing model directory or GGUF file the run may
+  load.
 
   The configured `init_from` paths (a missing one fails the check), and the
   exported models of the stages already finished in `workdir`. Hub names
@@ -47,7 +49,10 @@ def check_models(cfg: ml_collections.ConfigDict, workdir: str) -> None:
   """Raises ValueError naming the first damaged model directory."""
   for what, path in model_dirs(cfg, workdir):
     try:
-      hf_io.check_checkpoint(hf_io.resolve_path(path),
-                            model_types=hf_io.SUPPORTED)
+      if gguf_io.is_gguf(path):
+        gguf_io.check_gguf(path)
+      else:
+        hf_io.check_checkpoint(hf_io.resolve_path(path),
+                              model_types=hf_io.SUPPORTED)
     except (ValueError, FileNotFoundError) as e:
       raise ValueError(f"{what}: {e}") from None

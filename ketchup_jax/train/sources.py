@@ -5,7 +5,13 @@
     scratch:<size>   a random model of a `models.SIZES` size (+ overrides);
     stage:<stage>    the model a finished stage of this run exported
                      (`DIR/models/<stage>/`);
-    <path or hub>    an HF directory, or a hub name.
+    <path or hub>    an HF directory, a `.gguf` file, or a hub name;
+
+and a loaded one (`stage:` or a path) may end in `#layers=<which>` to keep
+only some of its blocks (layer dropping, `models.family.keep_layers`), e.g.
+`stage:teacher_sft#layers=0,3,6` or `<teacher dir>#layers=::3` (every third
+block: 10 of 30). `<which>` is a comma list of block indices or a Python
+slice `start:stop:step`; the embedding, norms and LM head are kept.
 
 `Source.parse` reads one; `load_model` builds or loads it.
 """
@@ -27,9 +33,15 @@ import numpy as np
 from ketchup_jax import data as data_lib
 from ketchup_jax import distributed
 from ketchup_jax import models
+from ketchup_jax.models import gguf_io
 from ketchup_jax.models import hf_io
 
 KINDS = ("scratch", "stage", "path")
+
+
+_LAYERS = "#layers="
+_LAYERS_FORM = ("#layers=<i,j,...> (block indices) or #layers=<start:stop:step> "
+                "(a Python slice), e.g. #layers=0,3,6 or #layers=::3")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,21 +49,66 @@ class Source:
   """A parsed `init_from`.
 
   Attributes:
-    kind: "scratch", "stage" or "path" (a directory or a hub name).
+    kind: "scratch", "stage" or "path" (a directory, GGUF file or hub name).
     name: The size name, the stage name, or the path / hub name.
+    layers: The `#layers=` spec (blocks to keep), or None for all.
   """
   kind: str
   name: str
+  layers: str | None = None
 
   @classmethod
   def parse(cls, init_from: str) -> Source:
-    for kind in ("scratch", "stage"):
-      if init_from.startswith(f"{kind}:"):
-        return cls(kind, init_from[len(kind) + 1:])
-    return cls("path", init_from)
+    """Reads an `init_from`.
+
+    Raises:
+      ValueError: a malformed `#layers=` suffix, or one on a `scratch:`
+        model, naming the value and the right form.
+    """
+    base, layers = init_from, None
+    if "#" in init_from:
+      base, _, suffix = init_from.partition("#")
+      if not suffix.startswith(_LAYERS[1:]):
+        raise ValueError(f"init_from {init_from!r}: after '#' expected "
+                         f"{_LAYERS_FORM}")
+      layers = suffix[len(_LAYERS) - 1:]
+    kind, name = "path", base
+    for prefix in ("scratch", "stage"):
+      if base.startswith(f"{prefix}:"):
+        kind, name = prefix, base[len(prefix) + 1:]
+    source = cls(kind, name, layers)
+    if layers is not None:
+      if kind == "scratch":
+        raise ValueError(f"init_from {init_from!r}: #layers= keeps blocks of "
+                         f"a loaded model (stage: or a path); a scratch: "
+                         f"model's depth is set with overrides")
+      source.layer_indices(None, init_from)  # the syntax, before any load
+    return source
+
+  def layer_indices(self, depth: int | None, init_from: str
+                    ) -> tuple[int, ...] | None:
+    """The blocks to keep of a `depth`-layer model (None: all).
+
+    With `depth` None only the syntax is checked (and a slice is not
+    resolved: returns ()).
+    """
+    if self.layers is None:
+      return None
+    spec = self.layers.strip()
+    try:
+      if ":" in spec:
+        parts = [int(p) if p.strip() else None for p in spec.split(":")]
+        if len(parts) > 3 or parts[2:] == [0]:
+          raise ValueError
+        return () if depth is None else tuple(range(depth)[slice(*parts)])
+      return tuple(int(p) for p in spec.split(","))
+    except ValueError:
+      raise ValueError(f"init_from {init_from!r}: #layers={self.layers!r} is "
+                       f"not {_LAYERS_FORM}") from None
 
   def __str__(self) -> str:
-    return self.name if self.kind == "path" else f"{self.kind}:{self.name}"
+    base = self.name if self.kind == "path" else f"{self.kind}:{self.name}"
+    return base if self.layers is None else f"{base}{_LAYERS}{self.layers}"
 
 
 def stage_source(stage: str) -> str:
@@ -72,6 +129,8 @@ def declared_kind(model_cfg: ml_collections.ConfigDict) -> str | None:
   if source.kind == "scratch":
     return ("decoder-only" if source.name in models.DECODER_SIZES else
             "encoder-decoder")
+  if source.kind == "path" and gguf_io.is_gguf(source.name):
+    return "decoder-only"  # every GGUF architecture `models.load` reads
   config_json = os.path.join(source.name, "config.json")
   if source.kind == "path" and os.path.isfile(config_json):
     with open(config_json, encoding="utf-8") as f:
@@ -115,6 +174,13 @@ def load_model(init_from: str, model_cfg: ml_collections.ConfigDict,
     lm = models.load(path, mesh=mesh, **kw)
   else:
     lm = models.load(source.name, mesh=mesh, **kw)
+  keep = source.layer_indices(models.family.num_layers(lm.config), init_from)
+  if keep is not None:
+    try:
+      params, config = models.family.keep_layers(lm.params, lm.config, keep)
+    except ValueError as e:
+      raise ValueError(f"{role}.init_from={init_from!r}: {e}") from None
+    lm = dataclasses.replace(lm, params=params, config=config)
   if lm.config.vocab_size < tokenizer_vocab:
     raise ValueError(
         f"{role} vocabulary has {lm.config.vocab_size} entries but the "
