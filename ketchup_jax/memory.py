@@ -447,9 +447,9 @@ def slice_table(*, global_batch: int = 16, source_len: int = 512,
   """The README's table for the teacher on half the devices."""
   teacher = config_lib.get_config(teacher_name)
   lines = [
-      f"The same step with the teacher on its own half of the devices "
-      f"(`teacher_mesh.devices` = half), pure FSDP on each half. GiB per "
-      f"device:", "",
+      "The same step with the teacher on its own half of the devices "
+      "(`teacher_mesh.devices` = half), pure FSDP on each half. GiB per "
+      "device:", "",
       "| student | accelerator | student + teacher devices | student device "
       "(state / activations none, full / total none, full) | teacher device "
       "(params / activations / total) | shared mesh total none / full | "
