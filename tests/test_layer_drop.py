@@ -14,6 +14,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+import conftest
 from ketchup_jax import models
 from ketchup_jax.train import sources
 
@@ -31,18 +32,8 @@ def _load(init_from, role="student"):
 @pytest.fixture(scope="module")
 def teacher(tmp_path_factory):
   """A random 4-block HF Llama (all weights drawn) and its directory."""
-  torch.manual_seed(0)
-  model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-      vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=4,
-      num_attention_heads=4, num_key_value_heads=2, eos_token_id=1,
-      pad_token_id=0, tie_word_embeddings=False,
-      attn_implementation="eager")).eval()
-  with torch.no_grad():
-    for key, p in model.named_parameters():
-      p.copy_((1 + 0.2 * torch.randn_like(p)) if "norm" in key else
-              0.15 * torch.randn_like(p))
   d = str(tmp_path_factory.mktemp("teacher"))
-  model.save_pretrained(d)
+  model = conftest.save_random_llama(d, layers=4, vocab=V)
   return model, d
 
 

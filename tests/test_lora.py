@@ -14,6 +14,7 @@ transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
 # pylint: disable=g-import-not-at-top,wrong-import-position
+import conftest
 from ketchup_jax import models
 from ketchup_jax.models import decoder
 from ketchup_jax.models import lora as lora_lib
@@ -25,18 +26,8 @@ LORA = lora_lib.LoraConfig(rank=4, alpha=8.0)
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
   """A random 2-block HF Llama (untied, GQA) saved, and our load of it."""
-  torch.manual_seed(0)
-  model = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-      vocab_size=V, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-      num_attention_heads=4, num_key_value_heads=2, eos_token_id=1,
-      pad_token_id=0, tie_word_embeddings=False,
-      attn_implementation="eager")).eval()
-  with torch.no_grad():
-    for key, p in model.named_parameters():
-      p.copy_((1 + 0.2 * torch.randn_like(p)) if "norm" in key else
-              0.15 * torch.randn_like(p))
   d = str(tmp_path_factory.mktemp("base"))
-  model.save_pretrained(d)
+  conftest.save_random_llama(d, layers=2, vocab=V)
   return d, models.load(d, dtype=jnp.float32)
 
 
