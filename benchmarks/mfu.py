@@ -167,7 +167,8 @@ def main(argv: list[str] | None = None) -> None:
         f" {peak['torch_flops_per_s'] / 1e9:.1f} GFLOP/s")
   common.print_table(
       "mfu: RL step model FLOPs utilisation (vs the measured JAX peak)",
-      [("step_gflops", "GFLOP/step", ".1f"),
+      [("student", "student", "s"), ("teacher", "teacher", "s"),
+       ("step_gflops", "GFLOP/step", ".1f"),
        ("peak_gflops", "peak GF/s", ".1f"),
        ("peak_gflops_during_steps", "peak@step", ".1f"),
        ("jax_achieved_gflops", "jax GF/s", ".1f"),

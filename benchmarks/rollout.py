@@ -88,7 +88,6 @@ def main(argv: list[str] | None = None) -> None:
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   import numpy as np  # pylint: disable=g-import-not-at-top
   import torch  # pylint: disable=g-import-not-at-top
-  import transformers  # pylint: disable=g-import-not-at-top
   from ketchup_jax import models  # pylint: disable=g-import-not-at-top
 
   common.set_torch_threads(args.threads)
