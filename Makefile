@@ -30,10 +30,14 @@ demo: $(STAMP)
 	$(PY) -m ketchup_jax.main --config=configs/demo.py --workdir=runs/demo
 
 # Four benchmarks against numpy / PyTorch + transformers; tables on stdout,
-# JSON in benchmarks/results/. Measured on a 2-core CPU from a fresh clone:
-# 52.5 min, of which rollout (full grid, 2 repetitions) 42.5 min and the
-# .venv build 5.8 min (benchmarks/NOTES.md). BENCH_ARGS passes
-# flags to every script, e.g. BENCH_ARGS=--device=gpu or BENCH_ARGS=--quick.
+# JSON in benchmarks/results/. Measured on a 2-core CPU from a fresh clone,
+# before the decoder-only rows: 52.5 min, of which rollout (T5 grid, 2
+# repetitions) 42.5 min and the .venv build 5.8 min. rollout and rl_step now
+# also run a decoder-only (Qwen2-layout) shape / pair, rollout the
+# pre-refactor T5 sampler next to today's, and rl_step 5 repetitions per
+# pair; the whole target has not been timed since (benchmarks/NOTES.md).
+# BENCH_ARGS passes flags to every script, e.g. BENCH_ARGS=--device=gpu or
+# BENCH_ARGS=--quick.
 BENCH_ARGS ?=
 bench: $(STAMP)
 	$(PY) -m benchmarks.returns $(BENCH_ARGS)

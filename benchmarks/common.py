@@ -123,6 +123,27 @@ def median(xs: list[float]) -> float:
   return float(statistics.median(xs))
 
 
+def quartiles(xs: list[float]) -> tuple[float, float, float]:
+  """(first quartile, median, third quartile); inclusive method, so one
+  value gives (x, x, x)."""
+  if len(xs) < 2:
+    return (float(xs[0]),) * 3
+  q1, q2, q3 = statistics.quantiles(xs, n=4, method="inclusive")
+  return float(q1), float(q2), float(q3)
+
+
+def ratio_stats(numerators: list[float], denominators: list[float],
+                prefix: str = "ratio") -> dict[str, float]:
+  """Median and interquartile range of the per-pair ratios n_i / d_i.
+
+  Keys: `{prefix}_median_of_pairs`, `{prefix}_q1`, `{prefix}_q3`,
+  `{prefix}_iqr` (= q3 - q1).
+  """
+  q1, q2, q3 = quartiles([n / d for n, d in zip(numerators, denominators)])
+  return {f"{prefix}_median_of_pairs": q2, f"{prefix}_q1": q1,
+          f"{prefix}_q3": q3, f"{prefix}_iqr": q3 - q1}
+
+
 def print_table(title: str, columns: list[tuple[str, str, str]],
                 rows: list[dict[str, Any]]) -> None:
   """`columns`: (key, header, format spec) triples."""
@@ -183,6 +204,98 @@ def save_random_t5(shape: str, path: str, seed: int) -> None:
       feed_forward_proj="relu", dropout_rate=0.0, decoder_start_token_id=0, pad_token_id=0,
       eos_token_id=1, tie_word_embeddings=True)
   transformers.T5ForConditionalGeneration(cfg).save_pretrained(path)
+
+
+# Decoder-only shapes, Qwen2 layout (q/k/v bias, grouped-query attention,
+# gated SiLU feed-forward), as transformers' `Qwen2Config` names them: a
+# student / teacher pair a few times smaller than T5-small / T5-base, with a
+# small vocabulary so that a step runs in seconds on 2 cores. The student's
+# LM head is tied (as Qwen1.5-0.5B), the teacher's is not (as Qwen1.5-4B).
+DECODER_SHAPES: dict[str, dict[str, Any]] = {
+    "qwen2-small": dict(hidden_size=512, intermediate_size=1408,
+                        num_hidden_layers=8, num_attention_heads=8,
+                        num_key_value_heads=2, vocab_size=8192,
+                        tie_word_embeddings=True),
+    "qwen2-base": dict(hidden_size=768, intermediate_size=2048,
+                       num_hidden_layers=12, num_attention_heads=12,
+                       num_key_value_heads=4, vocab_size=8192,
+                       tie_word_embeddings=False),
+    "tiny-qwen2-small": dict(hidden_size=64, intermediate_size=128,
+                             num_hidden_layers=2, num_attention_heads=4,
+                             num_key_value_heads=2, vocab_size=512,
+                             tie_word_embeddings=True),
+    "tiny-qwen2-base": dict(hidden_size=96, intermediate_size=192,
+                            num_hidden_layers=3, num_attention_heads=6,
+                            num_key_value_heads=2, vocab_size=512,
+                            tie_word_embeddings=False),
+}
+
+SHAPES = (*T5_SHAPES, *DECODER_SHAPES)
+
+
+def is_decoder(shape: str) -> bool:
+  if shape not in T5_SHAPES and shape not in DECODER_SHAPES:
+    raise SystemExit(f"unknown model shape {shape!r}; expected one of"
+                     f" {list(SHAPES)}")
+  return shape in DECODER_SHAPES
+
+
+def save_random_decoder(shape: str, path: str, seed: int) -> None:
+  """A random-weight HF Qwen2ForCausalLM of `shape`, saved to path (EOS 1,
+  pad 0, no BOS)."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(seed)
+  cfg = transformers.Qwen2Config(**DECODER_SHAPES[shape], eos_token_id=1,
+                                 pad_token_id=0, bos_token_id=None)
+  transformers.Qwen2ForCausalLM(cfg).eval().save_pretrained(path)
+
+
+def save_random(shape: str, path: str, seed: int) -> None:
+  """`save_random_t5` or `save_random_decoder`, by the shape's family."""
+  if is_decoder(shape):
+    save_random_decoder(shape, path, seed)
+  else:
+    save_random_t5(shape, path, seed)
+
+
+def load_torch(shape: str, path: str):
+  """The transformers model of `shape` saved at `path` (eval mode)."""
+  import transformers  # pylint: disable=g-import-not-at-top
+  cls = (transformers.AutoModelForCausalLM if is_decoder(shape) else
+         transformers.T5ForConditionalGeneration)
+  return cls.from_pretrained(path).eval()
+
+
+def no_eos(config):
+  """A ketchup_jax model config with EOS disabled: every row runs to
+  max_new_tokens (T5: id -1; decoder-only: no EOS ids)."""
+  from ketchup_jax.models import family  # pylint: disable=g-import-not-at-top
+  return config.replace(
+      eos_token_id=-1 if family.is_encoder_decoder(config) else ())
+
+
+def decoder_dims(shape: str) -> dict[str, int]:
+  """E, F, L, H, KV heads, head width D, V and tied of a decoder shape."""
+  s = DECODER_SHAPES[shape]
+  return dict(e=s["hidden_size"], f=s["intermediate_size"],
+              n=s["num_hidden_layers"], h=s["num_attention_heads"],
+              kv=s["num_key_value_heads"],
+              d=s["hidden_size"] // s["num_attention_heads"],
+              v=s["vocab_size"], tied=int(s["tie_word_embeddings"]))
+
+
+def decoder_params(shape: str) -> int:
+  """Parameter count of a decoder shape (a tied head counted once)."""
+  m = decoder_dims(shape)
+  e, f, h, kv, d = m["e"], m["f"], m["h"], m["kv"], m["d"]
+  attn = 2 * e * h * d + 2 * e * kv * d + h * d + 2 * kv * d  # + q/k/v bias
+  layer = attn + 3 * e * f + 2 * e  # + two RMSNorm scales
+  return m["v"] * e * (1 if m["tied"] else 2) + m["n"] * layer + e
+
+
+def params(shape: str) -> int:
+  return decoder_params(shape) if is_decoder(shape) else t5_params(shape)
 
 
 def t5_params(shape: str) -> int:

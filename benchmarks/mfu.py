@@ -21,6 +21,16 @@ E, heads H x head width D, feed-forward F, L layers per stack, vocab V:
        + [enc + dec](teacher)           teacher-forced pass
        + 3 [enc + dec](student)         student forward + backward (2x)
 
+Decoder-only models (G key / value heads, N = S + T positions, the LM head
+on the T completion positions only):
+
+  causal(N, T) = 2 B N L (2 E H D + 2 E G D + 3 E F) + 4 B N^2 H D L
+                 + 2 B T E V
+  (q o, k v, gated feed-forward; attention scores and mixing over the whole
+   N x N square, as the T5 count; LM head)
+
+  step = causal(student) + causal(teacher) + 3 causal(student)
+
 Element-wise work (softmax, returns, AdamW) is not counted.
 
     python -m benchmarks.mfu [--device=cpu|gpu|tpu] [--quick]
@@ -30,7 +40,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 from benchmarks import common
 
@@ -50,11 +59,27 @@ def decoder_flops(s: dict[str, int], b: int, tgt: int, src: int) -> float:
           + 2 * b * tgt * e * v)
 
 
+def causal_flops(m: dict[str, int], b: int, n: int, out: int) -> float:
+  """A decoder-only pass over n positions, the LM head on `out` of them
+  (`m`: `common.decoder_dims`)."""
+  e, f, h, kv, d, layers, v = (m["e"], m["f"], m["h"], m["kv"], m["d"],
+                               m["n"], m["v"])
+  return (2 * b * n * layers * (2 * e * h * d + 2 * e * kv * d + 3 * e * f)
+          + 4 * b * n**2 * h * d * layers + 2 * b * out * e * v)
+
+
+def model_pass_flops(shape: str, b: int, src: int, tgt: int) -> float:
+  """One teacher-forced pass of `shape` over a prompt of src and tgt targets."""
+  if common.is_decoder(shape):
+    return causal_flops(common.decoder_dims(shape), b, src + tgt, tgt)
+  s = common.T5_SHAPES[shape]
+  return encoder_flops(s, b, src) + decoder_flops(s, b, tgt, src)
+
+
 def rl_step_flops(student: str, teacher: str, b: int, src: int,
                   tgt: int) -> dict[str, float]:
-  s, t = common.T5_SHAPES[student], common.T5_SHAPES[teacher]
-  student_pass = encoder_flops(s, b, src) + decoder_flops(s, b, tgt, src)
-  teacher_pass = encoder_flops(t, b, src) + decoder_flops(t, b, tgt, src)
+  student_pass = model_pass_flops(student, b, src, tgt)
+  teacher_pass = model_pass_flops(teacher, b, src, tgt)
   parts = {"rollout": student_pass, "teacher_forward": teacher_pass,
            "student_forward_backward": 3 * student_pass}
   parts["total"] = sum(parts.values())
@@ -142,7 +167,8 @@ def main(argv: list[str] | None = None) -> None:
         f" {peak['torch_flops_per_s'] / 1e9:.1f} GFLOP/s")
   common.print_table(
       "mfu: RL step model FLOPs utilisation (vs the measured JAX peak)",
-      [("step_gflops", "GFLOP/step", ".1f"),
+      [("student", "student", "s"), ("teacher", "teacher", "s"),
+       ("step_gflops", "GFLOP/step", ".1f"),
        ("peak_gflops", "peak GF/s", ".1f"),
        ("peak_gflops_during_steps", "peak@step", ".1f"),
        ("jax_achieved_gflops", "jax GF/s", ".1f"),

@@ -71,6 +71,11 @@ class _Clock:
 class RLStep:
   """One KETCHUP step in PyTorch, as the authors' loop is structured.
 
+  The models are either both T5 (`T5ForConditionalGeneration`: the prompt
+  is the encoder input, the sample the decoder's) or both decoder-only
+  (`*ForCausalLM`: prompt + sample is one sequence, and only the positions
+  predicting the sample are projected by the LM head, `logits_to_keep`).
+
   1. `student.generate` (sampling, no gradient) for `new_tokens` tokens.
   2. Teacher forward on the sample (teacher forcing, no gradient):
      Q_t(a) = logit - mean over the vocabulary, V_t = max_a Q_t(a).
@@ -95,7 +100,23 @@ class RLStep:
     self.optimizer = torch.optim.AdamW(
         student.parameters(), lr=learning_rate, betas=(0.9, 0.999), eps=1e-8,
         weight_decay=weight_decay)
-    self.start = student.config.decoder_start_token_id
+    self.decoder_only = not student.config.is_encoder_decoder
+    self.start = (None if self.decoder_only else
+                  student.config.decoder_start_token_id)
+
+  def _logits(self, model, input_ids: torch.Tensor,
+              attention_mask: torch.Tensor, actions: torch.Tensor
+              ) -> torch.Tensor:
+    """[B, T, V] logits, position t predicting actions[:, t]."""
+    if not self.decoder_only:
+      return model(input_ids=input_ids, attention_mask=attention_mask,
+                   decoder_input_ids=shift_right(actions, self.start)).logits
+    t_size = actions.shape[1]
+    sequence = torch.cat([input_ids, actions], dim=1)  # [B, S + T]
+    mask = torch.cat([attention_mask, torch.ones_like(actions)], dim=1)
+    # The last T + 1 positions; the final one predicts past the sample.
+    return model(input_ids=sequence, attention_mask=mask,
+                 logits_to_keep=t_size + 1).logits[:, :-1]
 
   def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                timings: dict[str, float] | None = None) -> dict[str, float]:
@@ -106,11 +127,10 @@ class RLStep:
           temperature=1.0, top_k=0, top_p=1.0, num_beams=1,
           max_new_tokens=self.new_tokens, min_new_tokens=self.new_tokens)
       clock("generate")
-      actions = sample[:, 1:]  # [B, T], without the decoder start token.
-      decoder_inputs = shift_right(actions, self.start)
-      teacher_logits = self.teacher(
-          input_ids=input_ids, attention_mask=attention_mask,
-          decoder_input_ids=decoder_inputs).logits.float()  # [B, T, V]
+      # [B, T]: without the decoder start token (T5) or the prompt.
+      actions = sample[:, input_ids.shape[1] if self.decoder_only else 1:]
+      teacher_logits = self._logits(self.teacher, input_ids, attention_mask,
+                                    actions).float()  # [B, T, V]
       q_all = teacher_logits - teacher_logits.mean(dim=-1, keepdim=True)
       q_taken = q_all.gather(-1, actions[..., None])[..., 0]
       values = q_all.max(dim=-1).values
@@ -120,8 +140,7 @@ class RLStep:
       returns = k_step_returns(q_taken, values, lengths, self.k)
       advantages = returns.clamp(-self.clip, self.clip)
       clock("returns")
-    logits = self.student(input_ids=input_ids, attention_mask=attention_mask,
-                          decoder_input_ids=decoder_inputs).logits
+    logits = self._logits(self.student, input_ids, attention_mask, actions)
     logp = F.log_softmax(logits.float(), dim=-1)
     logp_taken = logp.gather(-1, actions[..., None])[..., 0]
     loss = -(advantages * logp_taken).sum() / actions.numel()
