@@ -330,7 +330,7 @@ def table(*, global_batch: int = 16, source_len: int = 512,
           target_len: int = 128, teacher_name: str = "xl",
           students: tuple[str, ...] = ("t5-base", "t5-large"),
           accelerators: tuple[Accelerator, ...] = ACCELERATORS,
-          logits_chunk: int = 32) -> str:
+          logits_chunk: int = 16) -> str:
   """The Markdown table of the README."""
   teacher = config_lib.get_config(teacher_name)
   chunk = (f"float32 logits {logits_chunk} positions at a time "
@@ -382,7 +382,7 @@ def decoder_table(*, global_batch: int = 16, source_len: int = 512,
                   target_len: int = 128,
                   pairs: tuple[tuple[str, str], ...] = DECODER_PAIRS,
                   accelerators: tuple[Accelerator, ...] = ACCELERATORS[1:],
-                  logits_chunk: int = 32) -> str:
+                  logits_chunk: int = 16) -> str:
   """The README's table for decoder-only pairs (`DECODER_SIZES` shapes)."""
   lines = [
       f"Decoder-only pairs: teacher bfloat16, frozen; student float32 + "
