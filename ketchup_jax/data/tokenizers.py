@@ -179,8 +179,7 @@ class HFTokenizer(Tokenizer):
 
 def model_tokenizer(path: str | os.PathLike) -> HFTokenizer | None:
   """The tokenizer an HF model directory ships, or None when it has none."""
-  if not os.path.isdir(path) or not set(os.listdir(path)) & {
-      "tokenizer.json", "spiece.model"}:
+  if not os.path.isdir(path) or not set(os.listdir(path)) & _TOKENIZER_FILES:
     return None
   return HFTokenizer.from_pretrained(path, require_t5_ids=False)
 
@@ -423,6 +422,8 @@ class WordTokenizer(Tokenizer):
     return cls(data["vocab"])
 
 
+# An HF tokenizer directory holds one of these (and tokenizer_config.json).
+_TOKENIZER_FILES = frozenset({"tokenizer.json", "spiece.model"})
 _TOKENIZER_EXPECTED = ("expected an HF tokenizer directory with tokenizer.json "
                        "or spiece.model (and tokenizer_config.json)")
 
@@ -430,7 +431,7 @@ _TOKENIZER_EXPECTED = ("expected an HF tokenizer directory with tokenizer.json "
 def _check_tokenizer_dir(path: str) -> None:
   """Names a damaged file of an HF tokenizer directory before transformers reads it."""
   names = set(os.listdir(path))
-  if not names & {"tokenizer.json", "spiece.model"}:
+  if not names & _TOKENIZER_FILES:
     raise ValueError(f"{path}: holds neither tokenizer.json nor spiece.model; "
                      f"{_TOKENIZER_EXPECTED}")
   for name in sorted(n for n in names if n.endswith(".json")):

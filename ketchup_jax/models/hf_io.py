@@ -350,6 +350,16 @@ def _some(names: list[str], shown: int = 4) -> list[str]:
   return names[:shown] + [f"... {len(names) - shown} more"]
 
 
+def hf_key(path: str, config: Config) -> tuple[str, Rule] | None:
+  """The HF state-dict key of our parameter `path` ("layers_0/attn/q") and
+  the rule that names it, or None when no rule of the family matches."""
+  for rule in _rules(config):
+    key = rule.match_ours(path)
+    if key is not False:
+      return key, rule
+  return None
+
+
 def params_to_hf(params: Params, config: Config) -> dict[str, np.ndarray]:
   """Converts our parameter tree to an HF state dict (float32, torch layout).
 
@@ -360,13 +370,11 @@ def params_to_hf(params: Params, config: Config) -> dict[str, np.ndarray]:
   """
   out, unknown = {}, []
   for path, value in _flatten(params).items():
-    for rule in _rules(config):
-      key = rule.match_ours(path)
-      if key is not False:
-        break
-    else:
+    found = hf_key(path, config)
+    if found is None:
       unknown.append(path)
       continue
+    key, rule = found
     array = np.asarray(jax.device_get(value), dtype=np.float32)
     out[key] = np.ascontiguousarray(_to_hf(array, rule.layout))
   if unknown:

@@ -138,8 +138,7 @@ def to_peft(adapters: Params, config: DecoderConfig, lora: LoraConfig
     for name in lora.targets:
       block = KERNELS[name][0]
       path = f"layers_{i}/{block}/{name}"
-      hf = next(rule.match_ours(path) for rule in hf_io.DECODER_RULES
-                if rule.match_ours(path) is not False)
+      hf, _ = hf_io.hf_key(path, config)
       module = "base_model.model." + hf[:-len(".weight")]
       pair = adapters[f"layers_{i}"][block][name]
       for part, array in (("lora_A", pair["a"]), ("lora_B", pair["b"])):

@@ -235,8 +235,8 @@ def setup(cfg: ml_collections.ConfigDict, workdir: str) -> Run:
           f"config.{stage}.batch_size={cfg[stage].batch_size} must be a "
           f"multiple of the data shards (mesh data x fsdp = "
           f"{mesh.shape['data'] * mesh.shape['fsdp']})")
-  sources.check_same_tokenizer(tokenizer, cfg.teacher.init_from,
-                               cfg.student.init_from)
+  sources.check_same_tokenizer(tokenizer, cfg.tokenizer.path,
+                               cfg.teacher.init_from, cfg.student.init_from)
   return Run(cfg=cfg, workdir=workdir, mesh=mesh, task=task,
              tokenizer=tokenizer, train=train, eval=evaluation,
              eval_references=[ex["target"] for ex in eval_examples],

@@ -196,22 +196,27 @@ def load_model(init_from: str, model_cfg: ml_collections.ConfigDict,
   return lm
 
 
-def check_same_tokenizer(tokenizer: data_lib.Tokenizer, teacher: str,
-                         student: str) -> None:
+def check_same_tokenizer(tokenizer: data_lib.Tokenizer, tokenizer_path: str,
+                         teacher: str, student: str) -> None:
   """Refuses a teacher and student whose tokenizers differ.
 
-  Compares the HF tokenizers among the run's (`config.tokenizer`) and those
-  the teacher's and student's HF directories ship. Their embeddings may have
-  different row counts (`steps.StepModels.logits_vocab`): the ids must mean
-  the same tokens.
+  Compares the HF tokenizers among the run's (`config.tokenizer`, read from
+  `tokenizer_path`) and those the teacher's and student's HF directories
+  ship; a directory already compared (the run's tokenizer directory, or the
+  teacher's when the student is the same) is not read again. Their
+  embeddings may have different row counts (`steps.StepModels.logits_vocab`):
+  the ids must mean the same tokens.
   """
-  named = []
+  named, seen = [], set()
   if isinstance(tokenizer, data_lib.HFTokenizer):
     named.append(("the run's tokenizer (config.tokenizer.path)", tokenizer))
+    seen.add(os.path.realpath(tokenizer_path))
   for role, init_from in (("teacher", teacher), ("student", student)):
     source = Source.parse(init_from)
-    own = (data_lib.model_tokenizer(source.name) if source.kind == "path"
-           else None)
+    if source.kind != "path" or os.path.realpath(source.name) in seen:
+      continue
+    seen.add(os.path.realpath(source.name))
+    own = data_lib.model_tokenizer(source.name)
     if own is not None:
       named.append((f"the {role}'s tokenizer ({source.name})", own))
   for (name_a, a), (name_b, b) in itertools.combinations(named, 2):
