@@ -33,18 +33,16 @@ import numpy as np
 import safetensors.numpy
 
 from ketchup_jax import fileio
-from ketchup_jax.models import decoder
+from ketchup_jax.models import family
 from ketchup_jax.models import hf_io
-from ketchup_jax.models.decoder_config import DecoderConfig
 
 Params = Any
-# Our kernel name -> (its block, input axes of the kernel, the HF module).
-KERNELS = {
-    "q": ("attention", 1, "q_proj"), "k": ("attention", 1, "k_proj"),
-    "v": ("attention", 1, "v_proj"), "o": ("attention", 2, "o_proj"),
-    "wi_0": ("mlp", 1, "gate_proj"), "wi_1": ("mlp", 1, "up_proj"),
-    "wo": ("mlp", 1, "down_proj"),
-}
+# Our kernel name -> (input axes of the kernel). The kernels are under an
+# attention block (decoder `attention`; T5 `self_attention` and
+# `cross_attention`) or an `mlp` block.
+KERNELS = {"q": 1, "k": 1, "v": 1, "o": 2, "wi": 1, "wi_0": 1, "wi_1": 1,
+           "wo": 1}
+_BLOCKS = ("attention", "self_attention", "cross_attention", "mlp")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,100 +52,155 @@ class LoraConfig:
   Attributes:
     rank: r, the inner width of every adapter.
     alpha: The update is scaled by `alpha / rank` (PEFT's `lora_alpha`).
-    targets: Kernel names from `KERNELS` (all seven by default).
+    targets: Kernel names from `KERNELS`: every one of them the model has
+      gets adapters (all by default: a decoder's q k v o wi_0 wi_1 wo, a
+      T5's q k v o (self and cross attention) and wi | wi_0 wi_1, wo).
   """
   rank: int = 8
   alpha: float = 16.0
   targets: tuple[str, ...] = tuple(KERNELS)
 
   def __post_init__(self):
-    if not isinstance(self.rank, int) or self.rank < 1:
+    if isinstance(self.rank, bool) or not isinstance(
+        self.rank, int) or self.rank < 1:
       raise ValueError(f"rank must be a positive int, got {self.rank!r}")
-    if not self.alpha > 0:
-      raise ValueError(f"alpha must be > 0, got {self.alpha!r}")
-    bad = [t for t in self.targets if t not in KERNELS]
-    if bad or not self.targets or len(set(self.targets)) != len(
-        self.targets):
+    if isinstance(self.alpha, bool) or not isinstance(
+        self.alpha, (int, float)) or not self.alpha > 0:
+      raise ValueError(f"alpha must be a number > 0, got {self.alpha!r}")
+    targets = (self.targets,) if isinstance(self.targets, str) else tuple(
+        self.targets)
+    bad = [t for t in targets if t not in KERNELS]
+    if bad or not targets or len(set(targets)) != len(targets):
       raise ValueError(f"targets must be distinct names from {list(KERNELS)},"
-                       f" at least one, got {list(self.targets)}")
-    object.__setattr__(self, "targets", tuple(self.targets))
+                       f" at least one, got {list(targets)}")
+    object.__setattr__(self, "targets", targets)
+    object.__setattr__(self, "alpha", float(self.alpha))
 
   @property
   def scale(self) -> float:
     return self.alpha / self.rank
 
 
-def _check(config: Any) -> None:
-  if not isinstance(config, DecoderConfig):
-    raise TypeError(f"LoRA adapters are for decoder-only models, got a "
-                    f"{type(config).__name__}")
+@dataclasses.dataclass(frozen=True)
+class _Site:
+  path: tuple[str, ...]     # e.g. ("layers_0", "attention", "q")
+  shape: tuple[int, ...]    # the kernel's, e.g. [embed, heads, kv]
+  n_in: int                 # its leading input axes
+
+  @property
+  def fan_in(self) -> int:
+    return math.prod(self.shape[:self.n_in])
+
+  @property
+  def fan_out(self) -> int:
+    return math.prod(self.shape[self.n_in:])
 
 
-def _sites(params: Params, config: DecoderConfig, lora: LoraConfig
-           ) -> list[tuple[str, str, str, tuple[int, ...], int]]:
-  """(layer, block, kernel, kernel shape, input axes) of every adapter."""
-  _check(config)
-  out = []
-  for i in range(config.num_hidden_layers):
-    layer = f"layers_{i}"
-    for name in lora.targets:
-      block, n_in, _ = KERNELS[name]
-      out.append((layer, block, name, tuple(params[layer][block][name].shape),
-                  n_in))
-  return out
+def _flat(tree: Params, prefix: tuple[str, ...] = ()
+          ) -> list[tuple[tuple[str, ...], Any]]:
+  if not isinstance(tree, dict):
+    return [(prefix, tree)]
+  return [kv for key in sorted(tree) for kv in _flat(tree[key],
+                                                      prefix + (key,))]
 
 
-def init_adapters(params: Params, config: DecoderConfig, lora: LoraConfig,
-                  seed: int) -> Params:
-  """Fresh adapters: `{layers_i: {attention|mlp: {kernel: {a, b}}}}`,
-  float32 numpy leaves (drawn on the host from `seed`); `b` is zero, so
-  `merge` returns the base."""
-  rng = np.random.default_rng(seed)
-  tree: dict[str, Any] = {}
-  for layer, block, name, shape, n_in in _sites(params, config, lora):
-    fan_in, fan_out = math.prod(shape[:n_in]), math.prod(shape[n_in:])
-    bound = 1.0 / math.sqrt(fan_in)
-    a = rng.uniform(-bound, bound, (fan_in, lora.rank)).astype(np.float32)
-    tree.setdefault(layer, {}).setdefault(block, {})[name] = {
-        "a": a, "b": np.zeros((lora.rank, fan_out), np.float32)}
+def _get(tree: Params, path: tuple[str, ...]) -> Any:
+  for key in path:
+    tree = tree[key]
   return tree
 
 
-def merge(params: Params, adapters: Params, config: DecoderConfig,
-          lora: LoraConfig) -> Params:
-  """The base parameters with every adapter's update added (jit-friendly;
-  each kernel keeps its dtype). Differentiable in `adapters`."""
-  out = dict(params)
-  for layer, block, name, shape, _ in _sites(params, config, lora):
-    pair = adapters[layer][block][name]
-    w = params[layer][block][name]
-    delta = (pair["a"] @ pair["b"]).reshape(shape) * lora.scale
-    out[layer] = dict(out[layer])
-    out[layer][block] = dict(out[layer][block])
-    out[layer][block][name] = (w + delta).astype(w.dtype)
+def _sites(params: Params, config: Any, lora: LoraConfig) -> list[_Site]:
+  """Every adapted kernel of `params` (a decoder-only or T5 tree), in path
+  order; refuses targets the model does not have."""
+  out, seen = [], set()
+  for path, leaf in _flat(params):
+    if len(path) >= 2 and path[-2] in _BLOCKS and path[-1] in lora.targets:
+      out.append(_Site(path, tuple(leaf.shape), KERNELS[path[-1]]))
+      seen.add(path[-1])
+  missing = [t for t in lora.targets if t not in seen]
+  # A default target list names kernels of both families; an explicit
+  # one must name kernels this model has.
+  if missing and lora.targets != tuple(KERNELS):
+    have = sorted({p[-1] for p, _ in _flat(params) if len(p) >= 2
+                   and p[-2] in _BLOCKS and p[-1] in KERNELS})
+    raise ValueError(f"lora targets {missing} are not kernels of this "
+                     f"{type(config).__name__} model; it has {have}")
+  if not out:
+    raise ValueError(f"no kernel of this {type(config).__name__} model is "
+                     f"a lora target {list(lora.targets)}")
   return out
 
 
-def to_peft(adapters: Params, config: DecoderConfig, lora: LoraConfig
+def _nest(pairs: list[tuple[tuple[str, ...], Any]]) -> Params:
+  tree: dict[str, Any] = {}
+  for path, value in pairs:
+    node = tree
+    for key in path[:-1]:
+      node = node.setdefault(key, {})
+    node[path[-1]] = value
+  return tree
+
+
+def init_adapters(params: Params, config: Any, lora: LoraConfig,
+                  seed: int) -> Params:
+  """Fresh adapters: the kernel's path, then `{a [in, rank], b [rank, out]}`
+  (e.g. `{layers_i: {attention|mlp: {kernel: {a, b}}}}`), float32 numpy
+  leaves drawn on the host from `seed`; `b` is zero, so `merge` returns the
+  base."""
+  rng = np.random.default_rng(seed)
+  pairs = []
+  for site in _sites(params, config, lora):
+    bound = 1.0 / math.sqrt(site.fan_in)
+    a = rng.uniform(-bound, bound, (site.fan_in, lora.rank)).astype(
+        np.float32)
+    pairs.append((site.path, {
+        "a": a, "b": np.zeros((lora.rank, site.fan_out), np.float32)}))
+  return _nest(pairs)
+
+
+def merge(params: Params, adapters: Params, config: Any, lora: LoraConfig,
+          *, dtype: Any = None) -> Params:
+  """The base parameters with every adapter's update added (jit-friendly).
+
+  Differentiable in `adapters`. With `dtype` every leaf is cast to it first
+  (a bfloat16 base applied in float32); else each kernel keeps its dtype.
+  """
+  if dtype is not None:
+    params = jax.tree.map(lambda x: x.astype(dtype), params)
+  pairs = dict(_flat(params))
+  for site in _sites(params, config, lora):
+    pair = _get(adapters, site.path)
+    w = pairs[site.path]
+    # [in, rank] @ [rank, out] -> the kernel's shape
+    delta = (pair["a"] @ pair["b"]).reshape(site.shape) * lora.scale
+    pairs[site.path] = (w + delta).astype(w.dtype)
+  return _nest(list(pairs.items()))
+
+
+def _module(site: _Site, config: Any) -> str:
+  """The HF module of a kernel, e.g. `model.layers.0.self_attn.q_proj`."""
+  found = hf_io.hf_key("/".join(site.path), config)
+  if found is None:
+    raise ValueError(f"no HF name for {'/'.join(site.path)}")
+  return found[0][:-len(".weight")]
+
+
+def to_peft(adapters: Params, config: Any, lora: LoraConfig
             ) -> dict[str, np.ndarray]:
   """The adapters as PEFT's state dict (`base_model.model.<module>.lora_A
   .weight` `[rank, in]`, `lora_B.weight` `[out, rank]`), float32."""
-  _check(config)
   state = {}
-  for i in range(config.num_hidden_layers):
-    for name in lora.targets:
-      block = KERNELS[name][0]
-      path = f"layers_{i}/{block}/{name}"
-      hf, _ = hf_io.hf_key(path, config)
-      module = "base_model.model." + hf[:-len(".weight")]
-      pair = adapters[f"layers_{i}"][block][name]
-      for part, array in (("lora_A", pair["a"]), ("lora_B", pair["b"])):
-        state[f"{module}.{part}.weight"] = np.ascontiguousarray(
-            np.asarray(jax.device_get(array), np.float32).T)
+  for site in _sites(family.param_shapes(config), config, lora):
+    module = "base_model.model." + _module(site, config)
+    pair = _get(adapters, site.path)
+    for part, array in (("lora_A", pair["a"]), ("lora_B", pair["b"])):
+      state[f"{module}.{part}.weight"] = np.ascontiguousarray(
+          np.asarray(jax.device_get(array), np.float32).T)
   return state
 
 
-def save_peft(adapters: Params, config: DecoderConfig, lora: LoraConfig,
+def save_peft(adapters: Params, config: Any, lora: LoraConfig,
               path: str | os.PathLike[str], *,
               base_model: str | None = None) -> None:
   """Writes a PEFT LoRA adapter directory: `adapter_model.safetensors`, then
@@ -155,18 +208,23 @@ def save_peft(adapters: Params, config: DecoderConfig, lora: LoraConfig,
 
   Args:
     adapters: From `init_adapters` (trained).
-    config: The base model's config.
+    config: The base model's config (decoder-only or T5).
     lora: The adapters' rank, alpha and targets.
     path: The directory (created).
     base_model: `base_model_name_or_path` to record (a directory or hub
       name), or None.
   """
   state = to_peft(adapters, config, lora)
+  sites = _sites(family.param_shapes(config), config, lora)
   adapter_config = {
-      "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": lora.rank,
-      "lora_alpha": lora.alpha, "lora_dropout": 0.0, "bias": "none",
-      "fan_in_fan_out": False, "use_rslora": False,
-      "target_modules": sorted(KERNELS[t][2] for t in lora.targets),
+      "peft_type": "LORA",
+      "task_type": ("SEQ_2_SEQ_LM" if family.is_encoder_decoder(config) else
+                    "CAUSAL_LM"),
+      "r": lora.rank, "lora_alpha": lora.alpha, "lora_dropout": 0.0,
+      "bias": "none", "fan_in_fan_out": False, "use_rslora": False,
+      # PEFT matches a module whose name is, or ends in ".<name>".
+      "target_modules": sorted({_module(s, config).rsplit(".", 1)[-1]
+                                for s in sites}),
       "base_model_name_or_path": base_model, "inference_mode": True,
   }
   path = os.fspath(path)
@@ -178,11 +236,7 @@ def save_peft(adapters: Params, config: DecoderConfig, lora: LoraConfig,
                       json.dumps(adapter_config, indent=2, sort_keys=True))
 
 
-def adapter_count(config: DecoderConfig, lora: LoraConfig) -> int:
+def adapter_count(config: Any, lora: LoraConfig) -> int:
   """Trainable numbers of the adapters (what an optimizer would hold)."""
-  shapes = decoder.param_shapes(config)
-  total = 0
-  for layer, block, name, shape, n_in in _sites(shapes, config, lora):
-    del layer, block, name
-    total += lora.rank * (math.prod(shape[:n_in]) + math.prod(shape[n_in:]))
-  return total
+  return sum(lora.rank * (s.fan_in + s.fan_out)
+             for s in _sites(family.param_shapes(config), config, lora))
