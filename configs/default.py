@@ -104,6 +104,27 @@ def get_config() -> ml_collections.ConfigDict:
   # The teacher and the student; they must share one vocabulary.
   c.teacher = model("scratch:tiny")
   c.student = model("scratch:tiny")
+  # LoRA student (ketchup_jax.models.lora): rank-r adapters on the
+  # attention and MLP kernels, trained with the base frozen, in every
+  # student stage (predistill, rl; teacher_sft trains the teacher in full).
+  # rank 0 = off (the whole student trains). Optimizer state and
+  # checkpoints hold the adapters only; each stage starts fresh adapters on
+  # the model it starts from (rl: predistill's merged export) and exports
+  # the merged HF model to DIR/models/<stage>/ and the PEFT adapter
+  # directory (adapter_config.json + adapter_model.safetensors) to
+  # DIR/models/<stage>/adapter/.
+  c.student.lora = ml_collections.ConfigDict(dict(
+      # r, the adapters' inner width; 0 = no LoRA.
+      rank=0,
+      # The update is scaled by alpha / rank (PEFT's lora_alpha).
+      alpha=16.0,
+      # Kernel names: q k v o (attention), wi_0 wi_1 wo (a decoder's gated
+      # MLP; a T5's wi | wi_0 wi_1, wo). Every one the model has, by default.
+      targets=("q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"),
+      # Storage dtype of the frozen base: "float32" or "bfloat16" (half the
+      # memory; cast to student.param_dtype when the adapters are merged).
+      base_dtype="float32",
+  ))
 
   # Stage teacher_sft: cross-entropy of the teacher on the gold targets.
   c.teacher_sft = optim(steps=200, learning_rate=1e-3, batch_size=32)

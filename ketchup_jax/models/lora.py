@@ -81,6 +81,60 @@ class LoraConfig:
     return self.alpha / self.rank
 
 
+BASE_DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraStudent:
+  """A student trained through adapters on a frozen base (hashable: static
+  in jit).
+
+  Attributes:
+    lora: The adapters' rank, alpha and targets.
+    base_dtype: Storage dtype of the frozen base, "float32" or "bfloat16".
+    dtype: The dtype the base is applied in, adapters merged (the student's
+      `param_dtype`).
+  """
+  lora: LoraConfig
+  base_dtype: str = "float32"
+  dtype: str = "float32"
+
+  def __post_init__(self):
+    for name in ("base_dtype", "dtype"):
+      if getattr(self, name) not in BASE_DTYPES:
+        raise ValueError(f"{name} must be one of {BASE_DTYPES}, got "
+                         f"{getattr(self, name)!r}")
+
+  @classmethod
+  def from_config(cls, cfg: Any, param_dtype: str = "float32"
+                  ) -> LoraStudent | None:
+    """From `config.student.lora` (None when absent or rank 0).
+
+    Raises:
+      ValueError: naming the bad field as `student.lora.<field>`.
+    """
+    if cfg is None or cfg.get("rank", 0) == 0:
+      return None
+    try:
+      return cls(lora=LoraConfig(rank=cfg.get("rank"),
+                                 alpha=cfg.get("alpha", 16.0),
+                                 targets=tuple(cfg.get("targets",
+                                                       tuple(KERNELS)))),
+                 base_dtype=cfg.get("base_dtype", "float32"),
+                 dtype=str(param_dtype))
+    except ValueError as e:
+      raise ValueError(f"student.lora.{e} (student.lora.rank 0 = no "
+                       f"LoRA)") from None
+
+  def frozen(self, params: Params) -> Params:
+    """The base as stored: every leaf in `base_dtype`."""
+    return jax.tree.map(lambda x: x.astype(self.base_dtype), params)
+
+  def apply(self, adapters: Params, base: Params, config: Any) -> Params:
+    """The parameters the model runs with: `merge` in `dtype`."""
+    return merge(base, adapters, config, self.lora, dtype=self.dtype)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Site:
   path: tuple[str, ...]     # e.g. ("layers_0", "attention", "q")

@@ -22,6 +22,7 @@ from ketchup_jax import distributed
 from ketchup_jax import fileio
 from ketchup_jax import models
 from ketchup_jax import partitioning
+from ketchup_jax.models import lora as lora_lib
 from ketchup_jax.train import inputs
 from ketchup_jax.train import preemption
 from ketchup_jax.train import settings
@@ -101,13 +102,21 @@ class Run:
       return sources.stage_source("predistill")
     return self.cfg.student.init_from
 
+  def student_lora(self) -> lora_lib.LoraStudent | None:
+    """`config.student.lora` (None: rank 0, the whole student trains)."""
+    return lora_lib.LoraStudent.from_config(
+        self.cfg.student.get("lora"), self.cfg.student.param_dtype)
+
   def step_models(self, student: models.LM,
-                  teacher: models.LM | None) -> steps.StepModels:
+                  teacher: models.LM | None, *,
+                  lora: lora_lib.LoraStudent | None = None
+                  ) -> steps.StepModels:
     """The static description of the models a jitted step uses."""
     return steps.StepModels(student=student.config,
                         teacher=None if teacher is None else teacher.config,
                         mesh=self.mesh,
-                        logits_chunk=self.cfg.get("logits_chunk", 0))
+                        logits_chunk=self.cfg.get("logits_chunk", 0),
+                        lora=lora)
 
   def load_model(self, role: str, init_from: str,
                  model_cfg: ml_collections.ConfigDict, seed: int, *,

@@ -23,6 +23,7 @@ import tqdm
 from ketchup_jax import data as data_lib
 from ketchup_jax import distributed
 from ketchup_jax import models
+from ketchup_jax.models import lora as lora_lib
 from ketchup_jax.train import checkpoints
 from ketchup_jax.train import evaluate
 from ketchup_jax.train import preemption
@@ -60,13 +61,14 @@ def decode_split(run: Run, lm: models.LM,
       source_buckets=tuple(cfg.source_buckets) or None)
 
 
-def _state_shardings(run: Run, lm: models.LM,
+def _state_shardings(run: Run, params: Any,
                      tx: optax.GradientTransformation, seed: int,
                      select: str | None = None) -> Any:
-  """Shardings of the stage's `TrainState` (with a selection if `select`)."""
-  param_shardings = jax.tree.map(lambda x: x.sharding, lm.params)
+  """Shardings of the stage's `TrainState` training `params` (with a
+  selection if `select`)."""
+  param_shardings = jax.tree.map(lambda x: x.sharding, params)
   abstract = jax.eval_shape(
-      functools.partial(state_lib.init_state, tx=tx, seed=seed), lm.params)
+      functools.partial(state_lib.init_state, tx=tx, seed=seed), params)
   opt_shardings = optax.tree_map_params(
       tx, lambda _, s: s, abstract.opt_state, param_shardings,
       transform_non_params=lambda _: run.replicated())
@@ -81,12 +83,15 @@ def _state_shardings(run: Run, lm: models.LM,
 
 
 def _validator(run: Run, stage: settings.StageId, lm: models.LM,
-               spec: validation.StageValidation) -> validation.Validator:
-  """Greedy decoding of the validation split, scored with its metric."""
+               spec: validation.StageValidation,
+               view: Callable[[Any], Any]) -> validation.Validator:
+  """Greedy decoding of the validation split, scored with its metric;
+  `view(trained params)` is the model's parameters."""
   metric = run.validation_metric
 
   def score(params: Any) -> float:
-    predictions = decode_split(run, dataclasses.replace(lm, params=params),
+    predictions = decode_split(run, dataclasses.replace(lm,
+                                                        params=view(params)),
                                run.validation, f"validate {stage}")
     return evaluate.score((metric,), predictions,
                           run.validation_references)[metric]
@@ -103,9 +108,16 @@ def train_stage(run: Run, stage: settings.StageId, lm: models.LM,
                 step_fn: Callable,
                 optim: state_lib.OptimConfig, *, batch_size: int, seed: int,
                 teacher: models.LM | None = None,
-                hook: Callable[[int, Any], None] | None = None
-                ) -> tuple[models.LM, dict[str, Any]]:
+                hook: Callable[[int, Any], None] | None = None,
+                lora: lora_lib.LoraStudent | None = None
+                ) -> tuple[models.LM, dict[str, Any], Any]:
   """Runs `step_fn` for the stage's micro-steps, with checkpoints and logs.
+
+  `lora` set: `lm` is the frozen base (stored in `lora.base_dtype`); fresh
+  adapters (`lora.init_adapters` from `seed`) are what trains, the state's
+  `params` and optimizer state; the base is passed to every step as its own
+  argument (not donated, not checkpointed: a resumed stage reloads it from
+  its source) and `step_fn` sees it as `state.frozen`.
 
   `hook(step, state)`, if given, is called at the start and after every step
   (it decides itself when to act; the RL stage's gradient diagnostics).
@@ -118,16 +130,28 @@ def train_stage(run: Run, stage: settings.StageId, lm: models.LM,
   step, RNG, the validation record; the data position is the step).
 
   Returns:
-    The student (or teacher, for teacher_sft) with the selected parameters,
-    and the selection's summary for `stages/<stage>.json` ({} without
-    validation).
+    The student (or teacher, for teacher_sft) with the selected parameters
+    (a LoRA student's merged, in `lora.dtype`), the selection's summary for
+    `stages/<stage>.json` ({} without validation), and the selected adapters
+    (None without `lora`).
   """
   cfg = run.cfg
   spec = validation.StageValidation.from_config(stage.section,
                                                 cfg[stage.section])
   select = spec.select if spec.enabled else None
   tx = state_lib.make_optimizer(optim)
-  shardings = _state_shardings(run, lm, tx, seed, select)
+  if lora is None:
+    frozen, trained, view = None, lm.params, lambda params: params
+  else:
+    frozen = lora.frozen(lm.params)
+    trained = jax.device_put(
+        lora_lib.init_adapters(lm.params, lm.config, lora.lora, seed),
+        run.replicated())  # small: every device holds them whole
+    apply, base_config = jax.jit(lora.apply, static_argnums=2), lm.config
+    view = lambda params: apply(params, frozen, base_config)
+    lm = dataclasses.replace(lm, params=None, config=lm.config.replace(
+        param_dtype=jnp.dtype(lora.dtype)))
+  shardings = _state_shardings(run, trained, tx, seed, select)
 
   def init_fn(params):
     state = state_lib.init_state(params, tx=tx, seed=seed)
@@ -137,8 +161,8 @@ def train_stage(run: Run, stage: settings.StageId, lm: models.LM,
     return state
 
   init = jax.jit(init_fn, out_shardings=shardings)
-  state = init(lm.params)
-  validator = _validator(run, stage, lm, spec) if select else None
+  state = init(trained)
+  validator = _validator(run, stage, lm, spec, view) if select else None
   ckpt = checkpoints.StageCheckpoints(run.path("checkpoints", stage.name))
   restored = ckpt.restore_latest_good(state)
   if restored is not None:
@@ -157,19 +181,33 @@ def train_stage(run: Run, stage: settings.StageId, lm: models.LM,
                      local_rows=distributed.batch_rows(batch_sharding,
                                                        batch_size))
   with_teacher = teacher is not None
+  # Arguments after the state: a LoRA base, the teacher's parameters.
+  fixed = ((frozen,) if lora is not None else ()) + (
+      (teacher.params,) if with_teacher else ())
   if isinstance(step_fn, teacher_slice.SplitStep):  # the teacher's own mesh
+    if lora is not None:  # settings.check_config refuses it
+      raise ValueError("LoRA with the teacher on its own mesh")
     jitted = step_fn.compile(shardings, batch_sharding, run.replicated())
   else:
+    inner = step_fn
+    if lora is not None:
+      def inner(state, base, *args):
+        state, metrics = step_fn(state.replace(frozen=base), *args)
+        return state.replace(frozen=None), metrics
     jitted = jax.jit(
-        step_fn, donate_argnums=0,
-        in_shardings=(shardings,) + ((jax.tree.map(
-            lambda x: x.sharding, teacher.params),) if with_teacher else ()) + (
+        inner, donate_argnums=0,
+        in_shardings=(shardings,) + tuple(
+            jax.tree.map(lambda x: x.sharding, p) for p in fixed) + (
                 batch_sharding,),
         out_shardings=(shardings, run.replicated()))
   bar = tqdm.tqdm(total=total, initial=start, desc=stage.name, unit="step",
                   disable=not run.is_main, dynamic_ncols=True)
   tick, tick_step = time.perf_counter(), start
   previous_streak = None
+  if hook is not None and lora is not None:
+    inner_hook = hook
+    hook = lambda step, state: inner_hook(  # the merged student
+        step, state.replace(params=view(state.params)))
   if hook is not None and start == 0:
     hook(0, state)
   if validator is not None and start == 0:
@@ -178,8 +216,7 @@ def train_stage(run: Run, stage: settings.StageId, lm: models.LM,
                                                    shardings.selection))
   for step in range(start, total):
     batch = distributed.put_batch(next(data), batch_sharding, batch_size)
-    args = (state, teacher.params, batch) if with_teacher else (state, batch)
-    state, metrics = jitted(*args)
+    state, metrics = jitted(state, *fixed, batch)
     done = step + 1
     # Read the previous step's streak while this one runs (no pipeline stall).
     if previous_streak is not None:
@@ -234,8 +271,10 @@ def train_stage(run: Run, stage: settings.StageId, lm: models.LM,
   info = validation.summary(state, spec, run.validation_metric, optim.steps)
   if info:
     logging.info("[%s] selection: %s", stage, info)
-  return (dataclasses.replace(lm, params=validation.selected_params(
-      state, spec)), info)
+  selected = validation.selected_params(state, spec)
+  if lora is None:
+    return dataclasses.replace(lm, params=selected), info, None
+  return dataclasses.replace(lm, params=view(selected)), info, selected
 
 
 @jax.jit

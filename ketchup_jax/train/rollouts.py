@@ -416,7 +416,7 @@ def rollout_update(state: state_lib.TrainState, batch: Batch,
     mean_entropy = jnp.sum(entropy * mask) / jnp.maximum(jnp.sum(mask), 1)
     return loss, (count, mean_entropy, g_used, g_k1)
 
-  return minimize(state, optim, rng, loss_fn)
+  return minimize(state, optim, rng, loss_fn, models)
 
 
 def rl_step(state: state_lib.TrainState, teacher_params: Any, batch: Batch,
@@ -431,8 +431,9 @@ def rl_step(state: state_lib.TrainState, teacher_params: Any, batch: Batch,
   5. AdamW update (skipped if not finite).
   """
   rng, sample_rng = jax.random.split(state.rng)
-  scored = score_rollout(state.params, teacher_params, batch, sample_rng,
-                         models=models, rl=rl)
+  scored = score_rollout(models.student_params(state.params, state.frozen),
+                         teacher_params, batch, sample_rng, models=models,
+                         rl=rl)
   return rl_update(state, batch, scored, rng, models=models, optim=optim,
                    rl=rl)
 

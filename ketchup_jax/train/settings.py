@@ -15,6 +15,7 @@ import ml_collections
 
 from ketchup_jax import chunked
 from ketchup_jax.models import family
+from ketchup_jax.models import lora as lora_lib
 from ketchup_jax.train import rollouts
 from ketchup_jax.train import state as state_lib
 from ketchup_jax.train import steps
@@ -148,6 +149,22 @@ def _check_validation(cfg: ml_collections.ConfigDict) -> None:
                      f"(selection on them leaks), got {split!r}")
 
 
+def _check_lora(cfg: ml_collections.ConfigDict) -> None:
+  """config.student.lora: a rank >= 0 (0 = off), alpha > 0, known targets,
+  a float32 / bfloat16 base; not with the teacher on its own mesh."""
+  try:
+    student_lora = lora_lib.LoraStudent.from_config(
+        cfg.student.get("lora"), cfg.student.param_dtype)
+  except ValueError as e:
+    raise ValueError(f"config.{e}") from None
+  if student_lora is not None and cfg.get(
+      "teacher_mesh", ml_collections.ConfigDict()).get("devices", 0):
+    raise ValueError("config.student.lora.rank > 0 with "
+                     "config.teacher_mesh.devices > 0 is not supported yet "
+                     "(the split steps do not carry the frozen base); set "
+                     "teacher_mesh.devices=0 or student.lora.rank=0")
+
+
 def check_config(cfg: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first bad field."""
   parse_stages(cfg.stages)
@@ -189,6 +206,7 @@ def check_config(cfg: ml_collections.ConfigDict) -> None:
     if remat not in family.REMAT_POLICIES:
       raise ValueError(f"config.{role}.remat must be one of "
                        f"{family.REMAT_POLICIES}, got {remat!r}")
+  _check_lora(cfg)
   try:
     chunked.check_chunk(cfg.get("logits_chunk", 0))
   except ValueError as e:

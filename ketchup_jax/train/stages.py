@@ -25,6 +25,7 @@ from ketchup_jax import distributed
 from ketchup_jax import fileio
 from ketchup_jax import models
 from ketchup_jax import returns
+from ketchup_jax.models import lora as lora_lib
 from ketchup_jax.train import evaluate
 from ketchup_jax.train import loop
 from ketchup_jax.train import rollouts
@@ -35,23 +36,38 @@ from ketchup_jax.train import steps
 from ketchup_jax.train import teacher_slice
 from ketchup_jax.train.context import Run
 
+# A LoRA student stage's PEFT adapter directory, under its exported model.
+ADAPTER_DIR = "adapter"
+
 # What `stages/<stage>.json` records of a stage's validation selection, and
 # the eval results repeat per model.
 _SELECTION_KEYS = ("select", "eval_every", "val_metric", "selected_step",
                    "selected_val_score", "start_val_score", "val_seconds")
 
 
-def _export(run: Run, stage: settings.StageId, lm: models.LM) -> None:
+def _export(run: Run, stage: settings.StageId, lm: models.LM,
+            adapters: Any = None, base: str = "") -> None:
+  """`lm` (merged, for a LoRA student) to `DIR/models/<stage>/`; LoRA
+  `adapters` also as a PEFT directory `DIR/models/<stage>/adapter/` for the
+  base `base` (its `init_from`) started from."""
   # Every process takes part (the parameters are gathered across hosts);
   # process 0 writes.
-  lm.save_pretrained(run.path("models", stage.name))
+  path = run.path("models", stage.name)
+  lm.save_pretrained(path)
+  if adapters is not None and run.is_main:
+    parsed = sources.Source.parse(base)
+    base_model = (os.path.abspath(run.path("models", parsed.name))
+                  if parsed.kind == "stage" else base)
+    lora_lib.save_peft(adapters, lm.config, run.student_lora().lora,
+                       os.path.join(path, ADAPTER_DIR), base_model=base_model)
   distributed.barrier(f"export {stage}")  # the files exist for every process
 
 
 def _finish(run: Run, stage: settings.StageId, lm: models.LM,
-            info: dict[str, Any]) -> None:
+            info: dict[str, Any], adapters: Any = None,
+            base: str = "") -> None:
   """Exports `lm` and marks the stage done with its checksum and `info`."""
-  _export(run, stage, lm)
+  _export(run, stage, lm, adapters, base)
   record = {"checksum": sources.params_checksum(lm.params), **info}
   if run.is_main:
     fileio.atomic_write(run.path("stages", f"{stage}.json"),
@@ -81,21 +97,31 @@ def stage_teacher_sft(run: Run) -> None:
   step_fn = functools.partial(steps.supervised_step,
                               models=run.step_models(teacher, None),
                               optim=optim)
-  teacher, info = loop.train_stage(run, stage, teacher, step_fn, optim,
-                                   batch_size=cfg.teacher_sft.batch_size,
-                                   seed=cfg.seed)
+  teacher, info, _ = loop.train_stage(
+      run, stage, teacher, step_fn, optim,
+      batch_size=cfg.teacher_sft.batch_size, seed=cfg.seed)
   _finish(run, stage, teacher, info)
+
+
+def _load_student(run: Run, init_from: str, seed: int) -> models.LM:
+  """The student a stage trains; a LoRA student's base is loaded in its
+  `base_dtype` (the whole student is then never held in float32)."""
+  model_cfg, lora = run.cfg.student, run.student_lora()
+  if lora is not None and lora.base_dtype != model_cfg.param_dtype:
+    model_cfg = model_cfg.copy_and_resolve_references()
+    model_cfg.param_dtype = lora.base_dtype
+  return run.load_model("student", init_from, model_cfg, seed)
 
 
 def stage_predistill(run: Run) -> None:
   cfg, stage = run.cfg, settings.StageId("predistill")
   teacher = run.load_model("teacher", run.teacher_source(), cfg.teacher,
                            cfg.seed, mesh=run.teacher_mesh)
-  student = run.load_model("student", cfg.student.init_from, cfg.student,
-                           cfg.seed + 1)
+  student = _load_student(run, cfg.student.init_from, cfg.seed + 1)
   sources.check_loaded_kinds(teacher, student)
   optim = state_lib.OptimConfig.from_config(cfg.predistill)
-  mods = run.step_models(student, teacher)
+  lora = run.student_lora()
+  mods = run.step_models(student, teacher, lora=lora)
   if run.teacher_mesh is not None:  # seqkd (check_config refuses the rest)
     step_fn = teacher_slice.SeqKDStep(
         models=mods, teacher_mesh=run.teacher_mesh, optim=optim,
@@ -110,22 +136,23 @@ def stage_predistill(run: Run) -> None:
   else:
     step_fn = functools.partial(steps.word_kd_step, models=mods, optim=optim,
                                 divergence=cfg.predistill.method)
-  student, info = loop.train_stage(run, stage, student, step_fn, optim,
-                                   batch_size=cfg.predistill.batch_size,
-                                   seed=cfg.seed + 1, teacher=teacher)
-  _finish(run, stage, student, info)
+  student, info, adapters = loop.train_stage(
+      run, stage, student, step_fn, optim,
+      batch_size=cfg.predistill.batch_size, seed=cfg.seed + 1,
+      teacher=teacher, lora=lora)
+  _finish(run, stage, student, info, adapters, cfg.student.init_from)
 
 
 def stage_rl(run: Run, stage: settings.StageId) -> None:
   cfg = run.cfg
   teacher = run.load_model("teacher", run.teacher_source(), cfg.teacher,
                            cfg.seed, mesh=run.teacher_mesh)
-  student = run.load_model("student", run.student_start(), cfg.student,
-                           cfg.seed + 1)
+  student = _load_student(run, run.student_start(), cfg.seed + 1)
   sources.check_loaded_kinds(teacher, student)
   optim = state_lib.OptimConfig.from_config(cfg.rl)
   rl = rollouts.RLConfig.from_config(cfg.rl, k=stage.k)
-  mods = run.step_models(student, teacher)
+  lora = run.student_lora()
+  mods = run.step_models(student, teacher, lora=lora)
   if run.teacher_mesh is not None:
     step_fn = teacher_slice.RLStep(models=mods, teacher_mesh=run.teacher_mesh,
                                    optim=optim, rl=rl)
@@ -138,11 +165,10 @@ def stage_rl(run: Run, stage: settings.StageId) -> None:
         run, stage.name, teacher, student, k=stage.k,
         every=cfg.rl.diag_every, minibatches=cfg.rl.diag_minibatches)
   # Every K starts from the same student with the same seed: paired runs.
-  student, info = loop.train_stage(run, stage, student, step_fn, optim,
-                                   batch_size=cfg.rl.batch_size,
-                                   seed=cfg.seed + 2, teacher=teacher,
-                                   hook=hook)
-  _finish(run, stage, student, info)
+  student, info, adapters = loop.train_stage(
+      run, stage, student, step_fn, optim, batch_size=cfg.rl.batch_size,
+      seed=cfg.seed + 2, teacher=teacher, hook=hook, lora=lora)
+  _finish(run, stage, student, info, adapters, run.student_start())
 
 
 def eval_models(run: Run) -> list[tuple[str, str]]:

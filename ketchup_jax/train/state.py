@@ -34,6 +34,10 @@ class TrainState:
     last_finite_loss: float32 scalar, the loss of the last finite step.
     selection: The validation record (`validation.Selection`) of a stage
       that validates during training, else None.
+    frozen: A LoRA student's frozen base parameters while a step runs (the
+      trained `params` are then its adapters), else None. The training loop
+      passes the base to its jitted step as its own, undonated argument and
+      keeps `frozen` None in the state it holds and checkpoints.
   """
   step: jax.Array
   params: Any
@@ -43,6 +47,7 @@ class TrainState:
   nonfinite_streak: jax.Array
   last_finite_loss: jax.Array
   selection: Any = None
+  frozen: Any = None
 
 
 @dataclasses.dataclass(frozen=True)

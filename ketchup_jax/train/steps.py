@@ -29,8 +29,9 @@ from ketchup_jax import chunked
 from ketchup_jax import divergences
 from ketchup_jax import losses
 from ketchup_jax import partitioning
-from ketchup_jax.models import sampling
 from ketchup_jax.models import family
+from ketchup_jax.models import lora as lora_lib
+from ketchup_jax.models import sampling
 from ketchup_jax.train import state as state_lib
 
 Batch = dict[str, jax.Array]
@@ -50,12 +51,23 @@ class StepModels:
   151,665): every logit, log-probability and sample is then over the first
   `logits_vocab` ids, the smaller count, which holds every id the shared
   tokenizer makes (`train.sources` checks both).
+
+  `lora` set: the trained parameters (`state.params`) are the student's
+  LoRA adapters and `state.frozen` its base; `student_params` gives what the
+  student runs with.
   """
   student: family.Config
   teacher: family.Config | None = None
   mesh: Mesh | None = None
   rules: partitioning.LogicalRules = partitioning.DEFAULT_RULES
   logits_chunk: int = 0
+  lora: lora_lib.LoraStudent | None = None
+
+  def student_params(self, trained: Any, frozen: Any) -> Any:
+    """The student's parameters from the trained ones (and a LoRA base)."""
+    if self.lora is None:
+      return trained
+    return self.lora.apply(trained, frozen, self.student)
 
   def __post_init__(self):
     chunked.check_chunk(self.logits_chunk)
@@ -125,11 +137,18 @@ def length_mask(lengths: jax.Array, length: int) -> jax.Array:
 
 
 def minimize(state: state_lib.TrainState, optim: state_lib.OptimConfig,
-              rng: jax.Array, loss_fn: Any
-              ) -> tuple[state_lib.TrainState, jax.Array, Any, Metrics]:
-  """One guarded update; `loss_fn(params) -> (loss, aux)`."""
-  (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-      state.params)
+             rng: jax.Array, loss_fn: Any, models: StepModels | None = None
+             ) -> tuple[state_lib.TrainState, jax.Array, Any, Metrics]:
+  """One guarded update; `loss_fn(student params) -> (loss, aux)`.
+
+  The gradient is of `state.params`: with `models.lora`, the adapters only
+  (`loss_fn` gets the base with them merged, `StepModels.student_params`;
+  the base is a constant of the differentiation).
+  """
+  apply = (lambda p: p) if models is None else (
+      lambda p: models.student_params(p, state.frozen))
+  (loss, aux), grads = jax.value_and_grad(
+      lambda p: loss_fn(apply(p)), has_aux=True)(state.params)
   state, info = state_lib.apply_gradients(
       state, state_lib.make_optimizer(optim), grads, loss, rng)
   return state, loss, aux, info
@@ -157,7 +176,7 @@ def _ce_update(state: state_lib.TrainState, models: StepModels,
       total, count = losses.cross_entropy_loss(logits, targets, target_mask)
     return token_mean(total, count), count
 
-  state, loss, count, info = minimize(state, optim, rng, loss_fn)
+  state, loss, count, info = minimize(state, optim, rng, loss_fn, models)
   return state, {"loss": loss, "tokens": count, **info}
 
 
@@ -231,7 +250,7 @@ def word_kd_step(state: state_lib.TrainState, teacher_params: Any,
           logits, teacher_logits, mask, divergence=divergence)
     return token_mean(total, count), count
 
-  state, loss, count, info = minimize(state, optim, rng, loss_fn)
+  state, loss, count, info = minimize(state, optim, rng, loss_fn, models)
   return state, {"loss": loss, "tokens": count, **info}
 
 
@@ -329,7 +348,8 @@ def gkd_step(state: state_lib.TrainState, teacher_params: Any, batch: Batch,
   """One GKD update: `gkd_targets`, then the generalised JSD on them."""
   rng, target_rng = jax.random.split(state.rng)
   targets, mask, on_policy = gkd_targets(
-      jax.lax.stop_gradient(state.params), batch, target_rng, models=models,
+      models.student_params(jax.lax.stop_gradient(state.params),
+                            state.frozen), batch, target_rng, models=models,
       gkd=gkd)
   args = (batch["input_ids"], batch["attention_mask"], targets, mask)
   teacher_logits = jax.lax.stop_gradient(
@@ -341,6 +361,6 @@ def gkd_step(state: state_lib.TrainState, teacher_params: Any, batch: Batch,
         logits, teacher_logits, mask, beta=gkd.beta)
     return token_mean(total, count), count
 
-  state, loss, count, info = minimize(state, optim, rng, loss_fn)
+  state, loss, count, info = minimize(state, optim, rng, loss_fn, models)
   return state, {"loss": loss, "tokens": count,
                  "on_policy": on_policy.astype(jnp.float32), **info}
