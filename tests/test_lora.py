@@ -100,3 +100,79 @@ def test_peft_adapter_logits_and_gradients(base, tmp_path):
   for name, g in got.items():
     np.testing.assert_allclose(g, want_grads[name], atol=1e-3, rtol=1e-4,
                                err_msg=name)
+
+
+def test_t5_peft_adapter_logits(tmp_path):
+  """A gated T5's adapters (self and cross attention q k v o, wi_0 wi_1 wo)
+  as a PEFT directory on the HF T5: the logits of ours after `merge`."""
+  torch.manual_seed(0)
+  hf = transformers.T5ForConditionalGeneration(transformers.T5Config(
+      vocab_size=V, d_model=32, d_kv=8, num_heads=4, d_ff=48, num_layers=1,
+      num_decoder_layers=1, feed_forward_proj="gated-gelu",
+      decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)).eval()
+  d = str(tmp_path / "t5")
+  hf.save_pretrained(d)
+  lm = models.load(d, dtype=jnp.float32)
+  adapters = _adapters(lm)
+  sites = lora_lib.to_peft(adapters, lm.config, LORA)
+  # 1 encoder layer (4 + 3) + 1 decoder layer (4 + 4 + 3) kernels, A and B.
+  assert len(sites) == 2 * 18
+  lora_lib.save_peft(adapters, lm.config, LORA, tmp_path / "adapter")
+  assert lora_lib.adapter_count(lm.config, LORA) == sum(
+      x.size for x in jax.tree.leaves(adapters))
+  ids, mask = _ids()
+  targets = np.random.default_rng(4).integers(2, V, size=(2, 5))
+  merged = lora_lib.merge(lm.params, jax.tree.map(jnp.asarray, adapters),
+                          lm.config, LORA)
+  ours = models.family.score(merged, lm.config, jnp.asarray(ids),
+                             jnp.asarray(mask), jnp.asarray(targets),
+                             jnp.ones_like(jnp.asarray(targets)))
+  with torch.no_grad():
+    base_logits = hf(input_ids=torch.tensor(ids),
+                     labels=torch.tensor(targets)).logits.numpy()
+    ref = peft.PeftModel.from_pretrained(hf, str(tmp_path / "adapter"))
+    want = ref(input_ids=torch.tensor(ids),
+               labels=torch.tensor(targets)).logits.numpy()
+  assert np.abs(want - base_logits).max() > 0.1  # the adapters matter
+  np.testing.assert_allclose(np.asarray(ours), want, atol=1e-4, rtol=0)
+
+
+def test_bad_lora_configs(base):
+  _, lm = base
+  for kw, match in ((dict(rank=0), r"rank must be a positive int, got 0"),
+                    (dict(rank=2.5), r"rank must be a positive int"),
+                    (dict(alpha=0.0), r"alpha must be a number > 0"),
+                    (dict(targets=()), r"targets must be distinct")):
+    with pytest.raises(ValueError, match=match):
+      lora_lib.LoraConfig(**kw)
+  with pytest.raises(ValueError, match=r"lora targets \['wi'\] are not "
+                     r"kernels of this DecoderConfig model; it has \["):
+    lora_lib.init_adapters(lm.params, lm.config,
+                           lora_lib.LoraConfig(targets=("q", "wi")), seed=0)
+  with pytest.raises(ValueError, match=r"base_dtype must be one of "
+                     r"\('float32', 'bfloat16'\), got 'float16'"):
+    lora_lib.LoraStudent(LORA, base_dtype="float16")
+
+
+def test_bfloat16_base_is_applied_in_float32(base):
+  """A bfloat16 base: stored in bf16, merged in float32 as bf16(W) + s a b
+  (the update is not rounded to bf16)."""
+  _, lm = base
+  student = lora_lib.LoraStudent(LORA, base_dtype="bfloat16",
+                                 dtype="float32")
+  frozen = student.frozen(lm.params)
+  assert {x.dtype for x in jax.tree.leaves(frozen)} == {
+      jnp.dtype(jnp.bfloat16)}
+  adapters = _adapters(lm)
+  merged = student.apply(jax.tree.map(jnp.asarray, adapters), frozen,
+                         lm.config)
+  w = np.asarray(frozen["layers_1"]["attention"]["o"]).astype(np.float32)
+  pair = adapters["layers_1"]["attention"]["o"]
+  want = w + LORA.scale * (pair["a"].astype(np.float64) @ pair["b"]
+                           ).reshape(w.shape)
+  got = merged["layers_1"]["attention"]["o"]
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=0)
+  np.testing.assert_array_equal(  # an untargeted leaf: bf16, cast exactly
+      np.asarray(merged["embed"]["embedding"]),
+      np.asarray(frozen["embed"]["embedding"]).astype(np.float32))
