@@ -299,7 +299,7 @@ def _finished(workdir):
   done = subprocess.run(_command(workdir), cwd=REPO, env=ENV,
                         capture_output=True, text=True, timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
-  return workdir
+  return workdir, done.stderr
 
 
 def _killed_then_finished(workdir):
@@ -314,15 +314,20 @@ def _killed_then_finished(workdir):
   resumed_from = _latest_step(workdir, "predistill")
   assert EVERY <= resumed_from < STEPS
   assert not (workdir / "stages" / "predistill.json").exists()
-  return _finished(workdir), resumed_from
+  workdir, log = _finished(workdir)
+  # The rerun restored the adapters and their Adam moments (a rerun from
+  # step 0 would reach the same numbers too).
+  directory = workdir / "checkpoints" / "predistill"
+  assert f"restoring {directory} step {resumed_from}" in log, log[-3000:]
+  return workdir, resumed_from
 
 
 def test_sigkill_of_a_lora_stage_resumes_bit_exactly(tmp_path):
   with concurrent.futures.ThreadPoolExecutor(2) as pool:
     reference = pool.submit(_finished, tmp_path / "reference")
     interrupted = pool.submit(_killed_then_finished, tmp_path / "killed")
-    reference, (killed, resumed_from) = (reference.result(),
-                                         interrupted.result())
+    (reference, _), (killed, resumed_from) = (reference.result(),
+                                              interrupted.result())
   print(f"\nresumed from step {resumed_from} of {STEPS}")
 
   def read(workdir, name):
