@@ -404,6 +404,74 @@ def decoder_table(*, global_batch: int = 16, source_len: int = 512,
   return "\n".join(lines) + "\n"
 
 
+def lora_state_bytes(config: family.Config, *, rank: int, devices: int,
+                     base_bytes: int) -> dict[str, int]:
+  """Per-device bytes of a LoRA student's training state (pure FSDP).
+
+  The frozen base is sharded like a full student and stored in `base_bytes`
+  (4 = float32, 2 = bfloat16) per value; the adapters (`lora.LoraConfig`
+  with every attention and MLP kernel, alpha irrelevant) are replicated on
+  every device, with float32 values, gradients and two AdamW moments (16
+  bytes each). The step merges the adapters into the base
+  (`lora.LoraStudent.apply`) and holds the merged float32 parameters while
+  it runs: a float32 copy of the targeted kernels, and of the whole base
+  when it is stored in bfloat16 (every leaf is cast); the full-size
+  gradient of one kernel at a time in the backward pass is not counted.
+  """
+  # pylint: disable-next=g-import-not-at-top
+  from ketchup_jax.models import lora as lora_lib  # (traces param shapes)
+  targets = lora_lib.LoraConfig(rank=rank)
+  base, _ = sharded_param_elements(config, fsdp=devices)
+  adapters = lora_lib.adapter_count(config, targets)
+  merged = (base if base_bytes != 4 else
+            lora_lib.target_count(config, targets) // devices)
+  parts = {"base": base * base_bytes, "adapters+grads+adam": adapters * 16,
+           "merged in the step": merged * 4}
+  parts["total"] = sum(parts.values())
+  return parts
+
+
+def lora_table(*, rank: int = 16, devices: int = 8,
+               students: tuple[str, ...] = ("qwen1.5-0.5b", "llama-3.2-1b",
+                                            "t5-large")) -> str:
+  """The README's table: a full student's state against LoRA students'."""
+  g = lambda x: f"{x / GiB:.2f}"
+  lines = [
+      f"LoRA students (`config.student.lora`, rank {rank} on every "
+      f"attention and MLP kernel) against full training, per device on a "
+      f"pure-FSDP mesh of {devices} devices: the full student's float32 "
+      f"parameters + gradients + AdamW (16 bytes per parameter) against the "
+      f"frozen base (float32 or bfloat16, sharded) + the replicated "
+      f"adapters' 16 bytes per adapter number, and the merged float32 "
+      f"parameters the step holds while it runs. GiB per device:", "",
+      "| student | adapter numbers | AdamW moments full / LoRA | full: "
+      "params+grads+adam | LoRA f32 base: base / adapters+grads+adam / "
+      "merged in step / total | LoRA bf16 base: base / merged in step / "
+      "total |",
+      "|---|---:|---:|---:|---:|---:|"]
+  for name in students:
+    student = (get_decoder_config(name) if name in _decoder_sizes() else
+               config_lib.get_config(name))
+    local, _ = sharded_param_elements(student, fsdp=devices)
+    f32, bf16 = (lora_state_bytes(student, rank=rank, devices=devices,
+                                  base_bytes=b) for b in (4, 2))
+    count = f32["adapters+grads+adam"] // 16
+    lines.append(
+        f"| {name} ({param_count(student) / 1e6:.0f} M) | "
+        f"{count / 1e6:.2f} M ({100 * count / param_count(student):.1f} %) | "
+        f"{g(local * 8)} / {g(count * 8)} | {g(local * 16)} | {g(f32['base'])} / "
+        f"{g(f32['adapters+grads+adam'])} / {g(f32['merged in the step'])} "
+        f"/ {g(f32['total'])} | {g(bf16['base'])} / "
+        f"{g(bf16['merged in the step'])} / {g(bf16['total'])} |")
+  return "\n".join(lines) + "\n"
+
+
+def _decoder_sizes() -> Any:
+  # pylint: disable-next=g-import-not-at-top
+  from ketchup_jax.models.decoder_config import DECODER_SIZES
+  return DECODER_SIZES
+
+
 def own_slice_bytes(teacher: T5Config, student: T5Config, *,
                     student_devices: int, teacher_devices: int,
                     global_batch: int, source_len: int, target_len: int,
@@ -498,6 +566,9 @@ _STUDENTS = flags.DEFINE_string("students", "t5-base,t5-large",
 _LOGITS_CHUNK = flags.DEFINE_integer(
     "logits_chunk", 32, "config.logits_chunk: float32 logits this many "
     "positions at a time (0 = all)", flag_values=FLAGS)
+_LORA_RANK = flags.DEFINE_integer(
+    "lora_rank", 16, "also the LoRA table (config.student.lora) at this "
+    "rank; 0 = none", flag_values=FLAGS)
 _OWN_SLICE = flags.DEFINE_bool(
     "own_slice", False, "also the teacher on its own half of the devices "
     "(config.teacher_mesh), for the last student", flag_values=FLAGS)
@@ -511,6 +582,9 @@ def main(argv: list[str] | None = None) -> int:
   try:
     cli.parse(FLAGS, sys.argv[1:] if argv is None else argv,
               prog="python -m ketchup_jax.memory", doc=__doc__)
+    if _LORA_RANK.value < 0:
+      raise ValueError(f"--lora_rank must be an int >= 0 (0 = no LoRA "
+                       f"table), got {_LORA_RANK.value}")
     if _LOGITS_CHUNK.value < 0:
       raise ValueError(f"--logits_chunk must be an int >= 0 (0 = whole "
                        f"logits), got {_LOGITS_CHUNK.value}")
@@ -523,6 +597,9 @@ def main(argv: list[str] | None = None) -> int:
                         source_len=_SOURCE_LEN.value,
                         target_len=_TARGET_LEN.value,
                         logits_chunk=_LOGITS_CHUNK.value), end="")
+    if _LORA_RANK.value:
+      print()
+      print(lora_table(rank=_LORA_RANK.value), end="")
     if _OWN_SLICE.value:
       print()
       print(slice_table(global_batch=_BATCH.value,

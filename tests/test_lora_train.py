@@ -281,6 +281,43 @@ def test_peft_dir_on_the_hf_base_gives_our_logits(lora_run):
   np.testing.assert_allclose(np.asarray(got), want, atol=1e-5, rtol=0)
 
 
+def test_t5_lora_pipeline_and_its_peft_dir(tmp_path):
+  """configs/smoke.py (T5 teacher and student) with a rank-4 student on a
+  bfloat16 base: seqkd -> rl -> eval runs, and rl's adapter directory on
+  predistill's (bfloat16-rounded) export in PEFT gives the logits of rl's
+  merged export."""
+  from configs import smoke  # pylint: disable=g-import-not-at-top
+  cfg = smoke.get_config()
+  cfg.mesh.data = 1
+  cfg.stages = "predistill,rl,eval"
+  cfg.student.lora.rank = 4
+  cfg.student.lora.base_dtype = "bfloat16"
+  results = _run_on_one_device(cfg, str(tmp_path))
+  assert list(results["models"]) == ["student (seqkd)", "KETCHUP (K=2)"]
+  models_dir = tmp_path / "models"
+  config = json.loads((models_dir / "rl_k2" / "adapter" /
+                       "adapter_config.json").read_text())
+  assert config["task_type"] == "SEQ_2_SEQ_LM"
+  assert config["target_modules"] == ["k", "o", "q", "v", "wi_0", "wi_1",
+                                      "wo"]
+  hf_base = transformers.T5ForConditionalGeneration.from_pretrained(
+      models_dir / "predistill").eval().to(torch.bfloat16).to(torch.float32)
+  merged = transformers.T5ForConditionalGeneration.from_pretrained(
+      models_dir / "rl_k2").eval()
+  rng = np.random.default_rng(0)
+  vocab = merged.config.vocab_size
+  kw = dict(input_ids=torch.tensor(rng.integers(2, vocab, (2, 7))),
+            decoder_input_ids=torch.tensor(rng.integers(2, vocab, (2, 5))))
+  with torch.no_grad():
+    plain = hf_base(**kw).logits.numpy()
+    ref = peft.PeftModel.from_pretrained(
+        hf_base, str(models_dir / "rl_k2" / "adapter"))
+    want = ref(**kw).logits.numpy()
+    via_merged = merged(**kw).logits.numpy()
+  assert np.abs(want - plain).max() > 1e-4  # rl's adapters change them
+  np.testing.assert_allclose(via_merged, want, atol=1e-5, rtol=0)
+
+
 STEPS, EVERY = 6, 2
 ENV = dict(os.environ, XLA_FLAGS=conftest.xla_flags(1))
 

@@ -173,3 +173,48 @@ def test_readme_decoder_table_is_the_generated_one():
   readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md"
             ).read_text()
   assert memory.decoder_table() in readme
+
+
+@pytest.mark.parametrize("name", ["qwen1.5-0.5b", "t5-large"])
+def test_lora_adapter_count_equals_peft(name):
+  """The LoRA table's adapter numbers: PEFT's trainable parameters on the
+  HF model (built on no memory), rank 16 on every attention / MLP kernel."""
+  peft = pytest.importorskip("peft")
+  from ketchup_jax.models import lora as lora_lib  # pylint: disable=g-import-not-at-top
+  if name.startswith("t5"):
+    cfg = config_lib.get_config(name)
+    hf = transformers.T5Config(
+        vocab_size=cfg.vocab_size, d_model=cfg.d_model, d_kv=cfg.d_kv,
+        d_ff=cfg.d_ff, num_layers=cfg.num_layers,
+        num_decoder_layers=cfg.num_decoder_layers, num_heads=cfg.num_heads,
+        feed_forward_proj=cfg.feed_forward_proj)
+    targets = ["q", "k", "v", "o", "wi", "wi_0", "wi_1", "wo"]
+  else:
+    cfg = models.get_decoder_config(name)
+    hf = transformers.Qwen2Config(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size,
+        intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_hidden_layers,
+        num_attention_heads=cfg.num_attention_heads,
+        num_key_value_heads=cfg.num_key_value_heads,
+        tie_word_embeddings=cfg.tie_word_embeddings)
+    targets = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+               "up_proj", "down_proj"]
+  with torch.device("meta"):
+    model = peft.get_peft_model(
+        transformers.AutoModelForSeq2SeqLM.from_config(hf) if name.startswith(
+            "t5") else transformers.AutoModelForCausalLM.from_config(hf),
+        peft.LoraConfig(r=16, target_modules=targets))
+  want = sum(p.numel() for p in model.parameters() if p.requires_grad)
+  assert lora_lib.adapter_count(cfg, lora_lib.LoraConfig(rank=16)) == want
+  parts = memory.lora_state_bytes(cfg, rank=16, devices=8, base_bytes=2)
+  assert parts["adapters+grads+adam"] == 16 * want
+  local, _ = memory.sharded_param_elements(cfg, fsdp=8)
+  assert parts["base"] == 2 * local
+  assert parts["merged in the step"] == 4 * local  # every leaf in float32
+
+
+def test_readme_lora_table_is_the_generated_one():
+  readme = (pathlib.Path(__file__).resolve().parents[1] / "README.md"
+            ).read_text()
+  assert memory.lora_table() in readme

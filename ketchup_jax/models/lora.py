@@ -294,3 +294,10 @@ def adapter_count(config: Any, lora: LoraConfig) -> int:
   """Trainable numbers of the adapters (what an optimizer would hold)."""
   return sum(lora.rank * (s.fan_in + s.fan_out)
              for s in _sites(family.param_shapes(config), config, lora))
+
+
+def target_count(config: Any, lora: LoraConfig) -> int:
+  """Numbers in the base kernels the adapters update (what `merge` writes
+  a new copy of)."""
+  return sum(s.fan_in * s.fan_out
+             for s in _sites(family.param_shapes(config), config, lora))
