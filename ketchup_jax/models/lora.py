@@ -1,5 +1,6 @@
-"""LoRA adapters for decoder-only models (Llama / Qwen2 / Qwen3): rank-r
-updates of the attention and MLP kernels, and PEFT adapter directories out.
+"""LoRA adapters for decoder-only (Llama / Qwen2 / Qwen3) and T5 models:
+rank-r updates of the attention and MLP kernels, and PEFT adapter
+directories out.
 
 An adapter of a kernel `W` (our layout, e.g. q `[embed, heads, kv]`) is a
 pair `a [in, rank]`, `b [rank, out]`, `in` / `out` the kernel's input and
@@ -7,17 +8,31 @@ output axes flattened; the adapted kernel is
 
     W + (alpha / rank) * (a @ b).reshape(W.shape)
 
-(`merge`). The base stays frozen: a training step differentiates
-`loss(merge(base, adapters))` with respect to `adapters` only. `a` starts
-uniform in `±1/sqrt(in)` and `b` at zero, as PEFT's default, so a fresh
-adapter leaves the model unchanged.
+(`merge`). The kernels are found by walking the parameter tree: `KERNELS`
+under an attention block (a decoder's `attention`, a T5's `self_attention`
+and `cross_attention`) or an `mlp` block. `a` starts uniform in
+`±1/sqrt(in)` and `b` at zero, as PEFT's default, so a fresh adapter leaves
+the model unchanged.
+
+Training (`LoraStudent`, `config.student.lora`; `train.loop.train_stage`):
+the trained parameters and the optimizer state are the adapters; the frozen
+base (float32 or bfloat16) is a constant of the step, and a step
+differentiates `loss(merge(base, adapters))` with respect to the adapters
+only. Merge-then-apply is the choice: the model code is unchanged (sampling,
+scoring, chunked heads and remat see ordinary parameters), at the cost of
+(1) the merged parameters in `LoraStudent.dtype` alive through the step's
+forward and backward, a copy of the targeted kernels (of the whole base when
+it is stored in bfloat16, every leaf being cast), and (2) the backward pass
+forming each targeted kernel's full-size gradient dW' on its way to
+`da = s dW' b^T`, `db = s a^T dW'` (never a whole tree of them, and no
+gradient at all of the embeddings, norms or untargeted kernels). An inline
+adapter (`y = x W + s (x a) b` inside the layers) would avoid both and is not
+built; `python -m ketchup_jax.memory` prints the state bytes either way.
 
 `save_peft` writes `adapter_config.json` + `adapter_model.safetensors`, which
 `peft.PeftModel.from_pretrained(<the HF base>, dir)` loads: PEFT's `lora_A`
 is `a.T` `[rank, in]` and `lora_B` is `b.T` `[out, rank]`, with the in / out
 axes in HF's order (the same flattening `hf_io`'s layouts use).
-
-Not yet wired into the training stages (optimizer state, checkpoints).
 """
 
 from __future__ import annotations
