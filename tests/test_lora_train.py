@@ -220,6 +220,9 @@ def test_lora_pipeline_runs_and_evaluates(lora_run):
   stage = json.loads(pathlib.Path(workdir, "stages", "rl_k2.json")
                      .read_text())
   assert stage["checksum"] == rl["checksum"]
+  assert stage["lora"] == {"rank": 4, "alpha": 8.0, "targets": list(
+      lora_lib.KERNELS), "base_dtype": "bfloat16", "base": "stage:predistill",
+                           "adapter_dir": "models/rl_k2/adapter"}
   for name in ("predistill", "rl_k2"):
     adapter = pathlib.Path(workdir, "models", name, "adapter")
     config = json.loads((adapter / "adapter_config.json").read_text())
@@ -283,17 +286,16 @@ def test_peft_dir_on_the_hf_base_gives_our_logits(lora_run):
 
 def test_t5_lora_pipeline_and_its_peft_dir(tmp_path):
   """configs/smoke.py (T5 teacher and student) with a rank-4 student on a
-  bfloat16 base: seqkd -> rl -> eval runs, and rl's adapter directory on
+  bfloat16 base: seqkd -> rl runs, and rl's adapter directory on
   predistill's (bfloat16-rounded) export in PEFT gives the logits of rl's
   merged export."""
   from configs import smoke  # pylint: disable=g-import-not-at-top
   cfg = smoke.get_config()
   cfg.mesh.data = 1
-  cfg.stages = "predistill,rl,eval"
+  cfg.stages = "predistill,rl"  # (the decoder run above evaluates)
   cfg.student.lora.rank = 4
   cfg.student.lora.base_dtype = "bfloat16"
-  results = _run_on_one_device(cfg, str(tmp_path))
-  assert list(results["models"]) == ["student (seqkd)", "KETCHUP (K=2)"]
+  _run_on_one_device(cfg, str(tmp_path))
   models_dir = tmp_path / "models"
   config = json.loads((models_dir / "rl_k2" / "adapter" /
                        "adapter_config.json").read_text())

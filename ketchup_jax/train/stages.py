@@ -69,6 +69,13 @@ def _finish(run: Run, stage: settings.StageId, lm: models.LM,
   """Exports `lm` and marks the stage done with its checksum and `info`."""
   _export(run, stage, lm, adapters, base)
   record = {"checksum": sources.params_checksum(lm.params), **info}
+  if adapters is not None:
+    lora = run.student_lora()
+    record["lora"] = {"rank": lora.lora.rank, "alpha": lora.lora.alpha,
+                      "targets": list(lora.lora.targets),
+                      "base_dtype": lora.base_dtype, "base": base,
+                      "adapter_dir": os.path.join("models", stage.name,
+                                                  ADAPTER_DIR)}
   if run.is_main:
     fileio.atomic_write(run.path("stages", f"{stage}.json"),
                         json.dumps(record, indent=1))
