@@ -44,6 +44,7 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import safetensors.numpy
 
@@ -142,8 +143,11 @@ class LoraStudent:
                        f"LoRA)") from None
 
   def frozen(self, params: Params) -> Params:
-    """The base as stored: every leaf in `base_dtype`."""
-    return jax.tree.map(lambda x: x.astype(self.base_dtype), params)
+    """The base as stored: every leaf in `base_dtype` (a leaf already in it
+    is kept, not copied)."""
+    dtype = jnp.dtype(self.base_dtype)
+    return jax.tree.map(lambda x: x if x.dtype == dtype else x.astype(dtype),
+                        params)
 
   def apply(self, adapters: Params, base: Params, config: Any) -> Params:
     """The parameters the model runs with: `merge` in `dtype`."""

@@ -114,7 +114,7 @@ def train_stage(run: Run, stage: settings.StageId, lm: models.LM,
   """Runs `step_fn` for the stage's micro-steps, with checkpoints and logs.
 
   `lora` set: `lm` is the frozen base (stored in `lora.base_dtype`); fresh
-  adapters (`lora.init_adapters` from `seed`) are what trains, the state's
+  adapters (`models.lora.init_adapters` from `seed`) are what trains, the state's
   `params` and optimizer state; the base is passed to every step as its own
   argument (not donated, not checkpointed: a resumed stage reloads it from
   its source) and `step_fn` sees it as `state.frozen`.
@@ -189,9 +189,10 @@ def train_stage(run: Run, stage: settings.StageId, lm: models.LM,
       raise ValueError("LoRA with the teacher on its own mesh")
     jitted = step_fn.compile(shardings, batch_sharding, run.replicated())
   else:
-    inner = step_fn
-    if lora is not None:
-      def inner(state, base, *args):
+    if lora is None:
+      inner = step_fn
+    else:
+      def inner(state, base, *args):  # the base: an undonated argument
         state, metrics = step_fn(state.replace(frozen=base), *args)
         return state.replace(frozen=None), metrics
     jitted = jax.jit(
