@@ -46,7 +46,9 @@ from ketchup_jax import cli
 from ketchup_jax import partitioning
 from ketchup_jax.models import config as config_lib
 from ketchup_jax.models import family
+from ketchup_jax.models import lora as lora_lib
 from ketchup_jax.models.config import T5Config
+from ketchup_jax.models.decoder_config import DECODER_SIZES
 from ketchup_jax.models.decoder_config import DecoderConfig
 from ketchup_jax.models.decoder_config import get_decoder_config
 
@@ -406,20 +408,10 @@ def decoder_table(*, global_batch: int = 16, source_len: int = 512,
 
 def lora_state_bytes(config: family.Config, *, rank: int, devices: int,
                      base_bytes: int) -> dict[str, int]:
-  """Per-device bytes of a LoRA student's training state (pure FSDP).
-
-  The frozen base is sharded like a full student and stored in `base_bytes`
-  (4 = float32, 2 = bfloat16) per value; the adapters (`lora.LoraConfig`
-  with every attention and MLP kernel, alpha irrelevant) are replicated on
-  every device, with float32 values, gradients and two AdamW moments (16
-  bytes each). The step merges the adapters into the base
-  (`lora.LoraStudent.apply`) and holds the merged float32 parameters while
-  it runs: a float32 copy of the targeted kernels, and of the whole base
-  when it is stored in bfloat16 (every leaf is cast); the full-size
-  gradient of one kernel at a time in the backward pass is not counted.
-  """
-  # pylint: disable-next=g-import-not-at-top
-  from ketchup_jax.models import lora as lora_lib  # (traces param shapes)
+  """Per-device bytes of a LoRA student's state (pure FSDP): the sharded
+  base in `base_bytes` (4 or 2), the replicated adapters' float32 values +
+  grads + AdamW (16 bytes), and the merged float32 kernels a step holds
+  (`lora.LoraStudent.apply`; the whole base when it is bfloat16)."""
   targets = lora_lib.LoraConfig(rank=rank)
   base, _ = sharded_param_elements(config, fsdp=devices)
   adapters = lora_lib.adapter_count(config, targets)
@@ -427,13 +419,11 @@ def lora_state_bytes(config: family.Config, *, rank: int, devices: int,
             lora_lib.target_count(config, targets) // devices)
   parts = {"base": base * base_bytes, "adapters+grads+adam": adapters * 16,
            "merged in the step": merged * 4}
-  parts["total"] = sum(parts.values())
-  return parts
+  return {**parts, "total": sum(parts.values())}
 
 
-def lora_table(*, rank: int = 16, devices: int = 8,
-               students: tuple[str, ...] = ("qwen1.5-0.5b", "llama-3.2-1b",
-                                            "t5-large")) -> str:
+def lora_table(*, rank: int = 16, devices: int = 8, students: tuple[str, ...]
+               = ("qwen1.5-0.5b", "llama-3.2-1b", "t5-large")) -> str:
   """The README's table: a full student's state against LoRA students'."""
   g = lambda x: f"{x / GiB:.2f}"
   lines = [
@@ -450,7 +440,7 @@ def lora_table(*, rank: int = 16, devices: int = 8,
       "total |",
       "|---|---:|---:|---:|---:|---:|"]
   for name in students:
-    student = (get_decoder_config(name) if name in _decoder_sizes() else
+    student = (get_decoder_config(name) if name in DECODER_SIZES else
                config_lib.get_config(name))
     local, _ = sharded_param_elements(student, fsdp=devices)
     f32, bf16 = (lora_state_bytes(student, rank=rank, devices=devices,
@@ -464,12 +454,6 @@ def lora_table(*, rank: int = 16, devices: int = 8,
         f"/ {g(f32['total'])} | {g(bf16['base'])} / "
         f"{g(bf16['merged in the step'])} / {g(bf16['total'])} |")
   return "\n".join(lines) + "\n"
-
-
-def _decoder_sizes() -> Any:
-  # pylint: disable-next=g-import-not-at-top
-  from ketchup_jax.models.decoder_config import DECODER_SIZES
-  return DECODER_SIZES
 
 
 def own_slice_bytes(teacher: T5Config, student: T5Config, *,

@@ -226,6 +226,10 @@ def _kill_sequence(reference, workdir, stage, *, double_sigterm):
   # 3. During a checkpoint write: as soon as Orbax's temporary directory
   #    appears. Retried if the write won the race, while an intermediate
   #    checkpoint is left to interrupt.
+  if (_latest_step(workdir, stage) or 0) >= STEPS - EVERY:
+    # The kills above landed late (a slow or loaded machine): no
+    # intermediate checkpoint is left to interrupt, so the stage starts over.
+    shutil.rmtree(workdir / "checkpoints" / stage)
   while (_latest_step(workdir, stage) or 0) < STEPS - EVERY:
     proc = popen()
     killed = _kill_when(proc, lambda: bool(_tmp_dirs(workdir, stage)))
