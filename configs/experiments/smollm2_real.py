@@ -9,7 +9,8 @@ pretrained 30 layers, pre-distilled by SeqKD; then, from that one student and
 with the same budget (48 updates of 16 rows, lr 1e-5 constant, validation
 every 16 updates keeping the best): SeqKD continued, LLMR (K = 1) and
 KETCHUP at K = 4, the best K of the embedded experiments
-(docs/experiments.md). One seed: each seed costs about half an hour here.
+(docs/experiments.md). One seed: the sweep took 29 min here, each further
+seed about 20 (pre-distillation and the three runs).
 """
 
 from configs import smollm2_numbers
