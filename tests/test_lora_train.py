@@ -39,15 +39,9 @@ from test_kill_resume import _latest_step
 from test_pipeline import REPO
 from test_pipeline import _run_on_one_device
 
-V = 96
-LORA = lora_lib.LoraConfig(rank=4, alpha=8.0)
-
-
-@pytest.fixture(scope="module")
-def base(tmp_path_factory):
-  d = str(tmp_path_factory.mktemp("base"))
-  conftest.save_random_llama(d, layers=2, vocab=V)
-  return d, models.load(d, dtype=jnp.float32)
+from test_lora import LORA  # rank 4, alpha 8
+from test_lora import V
+from test_lora import base  # pylint: disable=unused-import (a fixture)
 
 
 def _drawn(lm, seed=2):

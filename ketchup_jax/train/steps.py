@@ -137,7 +137,7 @@ def length_mask(lengths: jax.Array, length: int) -> jax.Array:
 
 
 def minimize(state: state_lib.TrainState, optim: state_lib.OptimConfig,
-             rng: jax.Array, loss_fn: Any, models: StepModels | None = None
+             rng: jax.Array, loss_fn: Any, models: StepModels
              ) -> tuple[state_lib.TrainState, jax.Array, Any, Metrics]:
   """One guarded update; `loss_fn(student params) -> (loss, aux)`.
 
@@ -145,10 +145,9 @@ def minimize(state: state_lib.TrainState, optim: state_lib.OptimConfig,
   (`loss_fn` gets the base with them merged, `StepModels.student_params`;
   the base is a constant of the differentiation).
   """
-  apply = (lambda p: p) if models is None else (
-      lambda p: models.student_params(p, state.frozen))
   (loss, aux), grads = jax.value_and_grad(
-      lambda p: loss_fn(apply(p)), has_aux=True)(state.params)
+      lambda p: loss_fn(models.student_params(p, state.frozen)),
+      has_aux=True)(state.params)
   state, info = state_lib.apply_gradients(
       state, state_lib.make_optimizer(optim), grads, loss, rng)
   return state, loss, aux, info
